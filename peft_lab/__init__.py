@@ -1,0 +1,14 @@
+"""peft-lab: parameter-efficient fine-tuning derived, built and measured from scratch.
+
+The public names below are what the notebooks use; each is documented where it is defined.
+"""
+from .colab import REPO_URL
+from .data import collate, encode_task, encode_texts, evaluate_task, load_heldout, load_task, perplexity
+from .exercises import check
+from .measure import count_parameters, print_trainable_parameters
+from .models import build_from_config, load_base_model
+from .paths import data_dir, pick_device
+from .results import record
+from .train import History, train
+
+__version__ = "0.1.0"

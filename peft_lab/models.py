@@ -1,0 +1,87 @@
+"""Base models: the shipped offline "tiny", any Hugging Face model online, and real architectures from config.
+
+Notebook 00 ("Real architectures on the meta device") and 01 ("The tiny model").
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+
+from .paths import data_dir, pick_device
+
+TINY = "tiny"
+
+# Published architecture hyper-parameters, written here so that no download is needed to build them.
+# GPT-2: Radford et al. 2019, Table 2 (the Hugging Face configs of gpt2, gpt2-medium, -large, -xl).
+# LLaMA-2 7B: Touvron et al. 2023 (hidden 4096, 32 layers, 32 heads, MLP 11008, vocabulary 32000).
+ARCHITECTURES: dict[str, tuple[type, dict]] = {
+    "gpt2": (GPT2Config, dict(n_embd=768, n_layer=12, n_head=12)),
+    "gpt2-medium": (GPT2Config, dict(n_embd=1024, n_layer=24, n_head=16)),
+    "gpt2-large": (GPT2Config, dict(n_embd=1280, n_layer=36, n_head=20)),
+    "gpt2-xl": (GPT2Config, dict(n_embd=1600, n_layer=48, n_head=25)),
+    "llama-7b": (LlamaConfig, dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                   max_position_embeddings=4096, tie_word_embeddings=False)),
+}
+
+
+def architecture_config(name: str):
+    """The transformers config of a named architecture (see :data:`ARCHITECTURES`, or ``"tiny"``)."""
+    if name == TINY:
+        return AutoConfig.from_pretrained(_tiny_dir())
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {[TINY, *ARCHITECTURES]}")
+    cls, kwargs = ARCHITECTURES[name]
+    config = cls(**kwargs)
+    if cls is GPT2Config:  # dropout off, as in the tiny model, so runs are deterministic and comparable
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    return config
+
+
+def build_from_config(name, device: str | torch.device = "meta", dtype: torch.dtype | None = None,
+                      seed: int = 0):
+    """A causal LM with the architecture ``name`` (or a transformers config object), no weights downloaded.
+
+    ``device="meta"`` allocates nothing: shapes and parameter counts are exact, values do not exist — use it
+    for counting and memory estimates of models too large for the machine. ``device="cpu"`` (or ``"cuda"``)
+    gives a random initialisation, seeded by ``seed``, for equivalence tests and timing.
+    """
+    config = name if not isinstance(name, str) else architecture_config(name)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
+    return model.eval()
+
+
+def _tiny_dir():
+    path = data_dir() / TINY
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the tiny model is missing from {path}. Rebuild it with "
+            f"`python -m peft_lab.pretrain --out {path}` (about 12 minutes on a laptop CPU)."
+        )
+    return path
+
+
+def load_base_model(name: str = TINY, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None):
+    """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: cuda → mps → cpu).
+
+    ``"tiny"`` is the offline model shipped in ``data/tiny``; any other name goes to ``from_pretrained``
+    (a hub id such as ``"gpt2"`` when online, or a local folder). The tokenizer always has a pad token.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    source = _tiny_dir() if name == TINY else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **({"dtype": dtype} if dtype else {}))
+    except OSError as err:
+        raise OSError(
+            f"could not load {name!r}: it is not a local folder and the Hugging Face Hub could not provide "
+            "it (no network, or no such model id). Offline, use the shipped model: "
+            'load_base_model("tiny").'
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(pick_device(device)).eval(), tokenizer

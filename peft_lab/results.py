@@ -1,0 +1,35 @@
+"""A machine-readable record of what the notebooks measured (for ``build/results.json``).
+
+``record("accuracy_full_ft", 0.93)`` returns the value unchanged; when the notebook runner sets
+``PEFT_LAB_RESULTS`` to a JSON file, the value is also merged into that file. In a normal session it only
+returns the value, so notebooks stay runnable on their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+ENV_VAR = "PEFT_LAB_RESULTS"
+
+
+def _plain(value):
+    if hasattr(value, "item") and callable(value.item):  # torch / numpy scalars
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def record(key: str, value):
+    if not isinstance(key, str) or not key:
+        raise ValueError("record needs a non-empty string key")
+    target = os.environ.get(ENV_VAR)
+    if target:
+        path = Path(target)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[key] = _plain(value)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return value

@@ -1,0 +1,135 @@
+"""The short training loop, written out by hand on purpose (notebook 01, "Full fine-tuning baseline").
+
+It trains whatever parameters have ``requires_grad=True``. Full fine-tuning, LoRA, adapters and prefixes
+all differ only in *which* parameters those are, so every method notebook calls this same function.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import collate
+
+
+@dataclass
+class History:
+    """What :func:`train` observed: loss per step, eval metrics at intervals, wall time."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    metric: list[float] = field(default_factory=list)
+    wall_time: list[float] = field(default_factory=list)  # seconds since start, per training step
+    trainable_params: int = 0
+
+    @property
+    def final_metric(self) -> float | None:
+        return self.metric[-1] if self.metric else None
+
+    @property
+    def seconds(self) -> float:
+        return self.wall_time[-1] if self.wall_time else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quiet() -> bool:
+    # CI logs and nbval runs get no progress bar; notebooks opened by a person do.
+    return bool(os.environ.get("CI")) or bool(os.environ.get("PEFT_LAB_QUIET"))
+
+
+def _lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def train(
+    model: torch.nn.Module,
+    examples: list[dict],
+    *,
+    steps: int = 200,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    grad_clip: float | None = 1.0,
+    eval_fn: Callable[[torch.nn.Module], float] | None = None,
+    eval_every: int | None = None,
+    seed: int = 0,
+    pad_id: int = 0,
+    progress: bool | None = None,
+    desc: str = "train",
+) -> History:
+    """AdamW on the trainable parameters of ``model`` for ``steps`` steps over ``examples``.
+
+    ``examples`` are ``{"input_ids", "labels"}`` lists (see :func:`peft_lab.data.encode_task`); batches are
+    drawn without replacement from a permutation seeded by ``seed``, reshuffled each epoch. ``eval_fn(model)``
+    returns a number (e.g. accuracy), recorded at step 0, every ``eval_every`` steps and at the end.
+    ``progress=None`` shows a ``tqdm.auto`` bar except under CI (``CI`` or ``PEFT_LAB_QUIET`` set).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not examples:
+        raise ValueError("train needs at least one example")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    device = params[0].device
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup_steps, schedule))
+    hist = History(trainable_params=sum(p.numel() for p in params))
+
+    def evaluate(step: int) -> None:
+        if eval_fn is not None:
+            hist.eval_step.append(step)
+            hist.metric.append(float(eval_fn(model)))
+            model.train()
+
+    model.train()
+    evaluate(0)
+    order, pos = torch.randperm(len(examples), generator=gen), 0
+    start = time.perf_counter()
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=_quiet() if progress is None else not progress)
+    for step in bar:
+        if pos + batch_size > len(order):  # new epoch
+            order, pos = torch.randperm(len(examples), generator=gen), 0
+        idx = order[pos:pos + batch_size].tolist()
+        pos += batch_size
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        sched.step()
+        hist.step.append(step)
+        hist.loss.append(loss.item())
+        hist.wall_time.append(time.perf_counter() - start)
+        if eval_every and step % eval_every == 0 and step != steps:
+            evaluate(step)
+        bar.set_postfix(loss=f"{hist.loss[-1]:.3f}")
+    evaluate(steps)
+    model.eval()
+    return hist
