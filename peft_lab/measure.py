@@ -4,6 +4,10 @@ Notebook 00 ("The memory arithmetic of full fine-tuning") and every method noteb
 """
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
 import torch
 
 
@@ -22,3 +26,284 @@ def print_trainable_parameters(model: torch.nn.Module) -> None:
     """Print the line PEFT's ``print_trainable_parameters`` prints, character for character."""
     t, a = count_parameters(model)
     print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory of one training step (notebook 00, "The memory arithmetic of full fine-tuning")
+# ---------------------------------------------------------------------------------------------------------
+
+MEMORY_KEYS = ("parameters", "gradients", "optimizer", "activations")
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+
+
+def _check_batch(batch) -> None:
+    if not isinstance(batch, Mapping) or not batch:
+        raise ValueError("batch is empty: pass a dict with at least input_ids (and usually attention_mask, "
+                         "labels), e.g. peft_lab.collate(examples, pad_id)")
+    if "input_ids" not in batch:
+        raise ValueError(f"batch has no 'input_ids' (keys: {sorted(batch)})")
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"batch['input_ids'] must be a tensor, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"batch['input_ids'] must hold integer token ids, got dtype {ids.dtype}")
+    if ids.numel() == 0:
+        raise ValueError("batch['input_ids'] is empty (no tokens)")
+
+
+def measure_memory(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Bytes needed by ONE AdamW training step of ``model`` on ``batch``, by tensor accounting.
+
+    Returns ``{"parameters", "gradients", "optimizer", "activations", "total"}`` (bytes, ints), plus
+    ``"cuda_peak"`` when the model lives on a CUDA device. Notebook 00, "Measuring a training step".
+
+    How each part is counted (valid on any device, CPU included):
+
+    * ``parameters``: every parameter's ``numel * element_size`` (tied weights once).
+    * ``gradients``: the same for the trainable parameters only: ``.grad`` has the parameter's dtype.
+    * ``optimizer``: AdamW keeps ``exp_avg`` and ``exp_avg_sq`` per trainable parameter, in the parameter's
+      dtype, so twice the gradient bytes (the scalar ``step`` counter is ignored).
+    * ``activations``: one forward pass runs under ``torch.autograd.graph.saved_tensors_hooks``; every tensor
+      autograd saves for the backward pass goes through the pack hook. Each *storage* is counted once, at its
+      full size (a view keeps its whole storage alive), and storages that belong to parameters are left out
+      (autograd saves weights too, but they are already counted). Integer tensors the graph keeps (token ids,
+      targets) are included; they are small.
+
+    Assumptions and what this leaves out: it counts what is *live at the end of the forward pass* — the
+    usual peak of a step — not the allocator's view. Temporary buffers inside kernels, intermediate results
+    freed during the forward, the logits returned to the caller when autograd did not save them, CUDA
+    context and caching-allocator overhead and fragmentation are not included. The total is also a slight
+    *over*-estimate of a real peak: during backward activations are freed while gradients appear, and
+    AdamW's state is created after backward in the first step. It describes the model as given: in train
+    mode, without gradient checkpointing, at its current dtype (no autocast).
+
+    On CUDA a real step is run as well: two AdamW steps with ``lr=0`` (the weights do not move), and
+    ``torch.cuda.max_memory_allocated`` during the second one — the steady state, with optimizer state,
+    activations and gradients live together — is reported as ``"cuda_peak"`` (it also counts anything else
+    already allocated on that GPU).
+
+    The model's weights are not changed: forward and backward run, no update is applied; gradients are
+    restored to what they were before the call (usually ``None``), the train/eval mode too, and the random
+    number generator state is forked so dropout draws do not disturb the caller.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    _check_batch(batch)
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters")
+    device = params[0].device
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    trainable = [p for p in params if p.requires_grad]
+
+    out = {"parameters": sum(p.numel() * p.element_size() for p in params)}
+    out["gradients"] = sum(p.numel() * p.element_size() for p in trainable)
+    out["optimizer"] = 2 * out["gradients"]
+
+    param_storages = {_storage_key(p) for p in params}
+    saved: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in param_storages and key not in saved:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    was_training = model.training
+    old_grads = [p.grad for p in params]
+    devices = [device] if device.type == "cuda" else []
+    try:
+        model.train()
+        with torch.random.fork_rng(devices=devices):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = _loss(model, batch)
+            if loss.requires_grad:  # with every parameter frozen there is no graph and nothing to save
+                loss.backward()
+            del loss
+            out["activations"] = sum(saved.values())
+            out["total"] = sum(out[k] for k in MEMORY_KEYS)
+            if device.type == "cuda" and trainable:
+                out["cuda_peak"] = _cuda_peak(model, batch, trainable)
+    finally:
+        for p, g in zip(params, old_grads):
+            p.grad = g
+        model.train(was_training)
+    return out
+
+
+def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if "labels" not in batch:
+        batch = {**batch, "labels": batch["input_ids"]}
+    return model(**batch).loss
+
+
+def _cuda_peak(model, batch, trainable) -> int:
+    for p in trainable:
+        p.grad = None
+    opt = torch.optim.AdamW(trainable, lr=0.0, weight_decay=0.0)  # lr=0: p - 0 * update == p exactly
+    try:
+        for step in range(2):
+            opt.zero_grad(set_to_none=True)
+            if step == 1:  # the steady-state step: optimizer state already exists
+                torch.cuda.synchronize(trainable[0].device)
+                torch.cuda.reset_peak_memory_stats(trainable[0].device)
+            _loss(model, batch).backward()
+            opt.step()
+        torch.cuda.synchronize(trainable[0].device)
+        return int(torch.cuda.max_memory_allocated(trainable[0].device))
+    finally:
+        opt.zero_grad(set_to_none=True)
+        opt.state.clear()
+        del opt
+        torch.cuda.empty_cache()
+
+
+# Bytes per parameter for AdamW training, by precision (notebook 00, equations (1)–(2)).
+# "bf16-mixed" is the convention of Rajbhandari et al. 2020 (ZeRO, section 3.1): bf16/fp16 weights (2 B) and
+# gradients (2 B); an fp32 master copy of the weights (4 B) and Adam's two fp32 moments (8 B) — 16 B per
+# trained parameter. ZeRO books the master copy under "optimizer states" (K = 12); we book it under
+# "parameters", where it sits in memory next to the bf16 copy. Frozen parameters need only their 2 B.
+PRECISIONS = {
+    #               weight, master copy, gradient, Adam moments, activation element
+    "fp32": dict(weight=4, master=0, grad=4, adam=8, act=4),
+    "bf16-mixed": dict(weight=2, master=4, grad=2, adam=8, act=2),
+}
+
+# Tensors of width d_ff that the MLP activation function saves for backward (per token, per layer).
+# GPT-2's "gelu_new" is written out in Python (0.5·x·(1+tanh(√(2/π)(x+0.044715x³)))), and autograd keeps four
+# intermediate tensors of it; fused activations (F.gelu, SiLU, ReLU) keep one.
+_ACT_SAVED = {"gelu_new": 4}
+
+
+def activation_elements(config, batch_size: int, seq_len: int) -> tuple[int, int]:
+    """``(float_elements, int64_elements)`` autograd saves in one forward pass (notebook 00, eq. (4)).
+
+    Counted tensor by tensor for the Hugging Face GPT-2 and LLaMA blocks with PyTorch's SDPA attention
+    (which never stores the T×T attention matrix), dropout 0 and an unpadded batch. With ``n = B·T`` tokens,
+    ``d`` width, ``h`` heads, ``f`` MLP width, ``V`` vocabulary, ``L`` layers:
+
+    GPT-2 block, per token: LayerNorm saves its input and mean/rstd (d + 2), twice; c_attn's input (d);
+    SDPA keeps q, k, v (the 3d c_attn output plus two contiguous copies on CPU, 2d), its output (d, also
+    c_proj's input) and a log-sum-exp per head (h); c_fc's input (d); the activation (4f for gelu_new, else
+    f); c_proj's input (f)::
+
+        per_layer = 10d + h + 4 + (k_act + 1)·f        (= 30d + h + 4 for f = 4d, gelu_new)
+        head      = (d + 2) + d + V                    (final LayerNorm, lm_head input, logits for the loss)
+        floats    = n·(L·per_layer + head);  int64 = 2n + T (token ids, targets, position ids)
+
+    LLaMA block, per token: RMSNorm saves x, rstd and the normalised x (2d + 1), the projections' input (d),
+    twice; attention keeps rotated q (d), rotated k and v (2·d_kv), output (d) and log-sum-exp (h); the MLP
+    keeps gate output, SiLU output, up output and down_proj input (4f); RoPE's cos and sin are saved once for
+    all layers (2·T·d/h)::
+
+        per_layer = 8d + 2 + 2·d_kv + h + 4f;  head = 3d + 1 + V
+        floats    = n·(L·per_layer + head) + 2·T·d/h;  int64 = 2n
+
+    Not included: a padded batch adds one B×T×T mask shared by all layers; dropout > 0 adds masks;
+    ``attn_implementation="eager"`` adds the h·T attention probabilities per token per layer; CUDA SDPA
+    kernels may keep q, k, v without the two CPU copies (2d less per token per layer).
+    """
+    n, T = batch_size * seq_len, seq_len
+    kind = getattr(config, "model_type", None)
+    if kind == "gpt2":
+        d, h, L, V = config.n_embd, config.n_head, config.n_layer, config.vocab_size
+        f = config.n_inner or 4 * d
+        k_act = _ACT_SAVED.get(config.activation_function, 1)
+        per_layer = 10 * d + h + 4 + (k_act + 1) * f
+        head = (d + 2) + d + V
+        return n * (L * per_layer + head), 2 * n + T
+    if kind == "llama":
+        d, h, L, V = config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.vocab_size
+        hd = getattr(config, "head_dim", None) or d // h
+        d_kv = (config.num_key_value_heads or h) * hd
+        f = config.intermediate_size
+        per_layer = 8 * d + 2 + 2 * d_kv + h + 4 * f
+        head = 3 * d + 1 + V
+        return n * (L * per_layer + head) + 2 * T * hd, 2 * n
+    raise ValueError(f"no activation formula for model_type {kind!r}; known: 'gpt2', 'llama'")
+
+
+def estimate_memory(name_or_config, trainable_params: int | None = None, batch_size: int = 1,
+                    seq_len: int | None = None, precision: str = "fp32") -> dict[str, int]:
+    """Analytic bytes of one AdamW training step, for models too large to run (notebook 00, eqs. (1)–(4)).
+
+    Same keys as :func:`measure_memory`. ``name_or_config`` is an architecture name of
+    :func:`peft_lab.build_from_config` (``"gpt2"`` … ``"llama-7b"``, ``"tiny"``) or a transformers config;
+    the parameter count N comes from building it on the meta device (exact, nothing allocated).
+    ``trainable_params=None`` means full fine-tuning (every parameter trained); a number means a frozen base
+    plus that many trained parameters (LoRA, adapters, ...). Bytes per parameter (see :data:`PRECISIONS`):
+
+    * ``"fp32"``: weights 4·N, gradients 4·N_t, Adam moments 8·N_t — 16 B per trained parameter.
+    * ``"bf16-mixed"``: weights 2·N plus an fp32 master copy 4·N_t, bf16 gradients 2·N_t, fp32 Adam 8·N_t —
+      again 16 B per trained parameter, the mixed-precision Adam figure of Rajbhandari et al. 2020 (ZeRO);
+      activations are counted at 2 B each (a slight under-estimate: autocast keeps the loss in fp32).
+
+    Activations come from :func:`activation_elements` for a ``batch_size × seq_len`` batch (``seq_len`` defaults
+    to the model's context length; ``batch_size=0`` gives the model states alone). They are those of full
+    fine-tuning; with a frozen base autograd saves a little less (a frozen linear layer does not need its
+    input), so for PEFT they are an upper bound. For fp32 the formula matches :func:`measure_memory` on CPU to
+    within 1% for the tiny model and small GPT-2s (tests/test_measure.py).
+    """
+    from .models import build_from_config
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
+    model = build_from_config(name_or_config, device="meta")
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    del model
+    if trainable_params is None:
+        trainable_params = total
+    if isinstance(trainable_params, bool) or not isinstance(trainable_params, int) \
+            or not 0 <= trainable_params <= total:
+        raise ValueError(f"trainable_params must be an integer in [0, {total:,}] (the model's size), "
+                         f"got {trainable_params!r}")
+    if seq_len is None:
+        seq_len = getattr(config, "n_positions", None) or config.max_position_embeddings
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+    b = PRECISIONS[precision]
+    out = {
+        "parameters": b["weight"] * total + b["master"] * trainable_params,
+        "gradients": b["grad"] * trainable_params,
+        "optimizer": b["adam"] * trainable_params,
+    }
+    if batch_size == 0 or trainable_params == 0:
+        out["activations"] = 0
+    else:
+        floats, ints = activation_elements(config, batch_size, seq_len)
+        out["activations"] = b["act"] * floats + 8 * ints + 4  # + the fp32 scalar loss
+    out["total"] = sum(out[k] for k in MEMORY_KEYS)
+    return out
+
+
+def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls.
+
+    The median ignores the odd slow call (another process, a page fault). CUDA work is asynchronous, so
+    when CUDA is initialised the device is synchronised before each clock read. Used by the benchmarks of
+    every method notebook ("Measure" sections).
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (
+        lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
