@@ -1,0 +1,215 @@
+"""PEFT's on-disk adapter format, in and out (notebook 02, "Save, load, and share with PEFT").
+
+A PEFT adapter is a directory with two files:
+
+* ``adapter_config.json`` — the method (``peft_type``) and its settings, e.g. for LoRA ``r``, ``lora_alpha``,
+  ``lora_dropout``, ``target_modules``, ``fan_in_fan_out``, ``use_rslora``;
+* ``adapter_model.safetensors`` — only the adapter's tensors, named like the model's modules with the prefix
+  ``base_model.model.`` and without the adapter name, e.g.
+  ``base_model.model.transformer.h.0.attn.c_attn.lora_A.weight``.
+
+:func:`export_peft_adapter` writes that directory from a peft_lab model, so that
+``peft.PeftModel.from_pretrained(base, path)`` loads it; :func:`import_peft_adapter` reads a directory
+written by ``get_peft_model(...).save_pretrained(path)`` (or by us). Only safetensors is read or written —
+never pickle (``adapter_model.bin``), which can run arbitrary code when loaded.
+
+Each method registers a :class:`Method` in :data:`METHODS` under its PEFT ``peft_type``; both functions
+dispatch on it, so a new method (prefix tuning, prompt tuning, ...) adds an entry and nothing else.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import lora
+
+__all__ = ["export_peft_adapter", "import_peft_adapter", "read_adapter_config", "read_adapter_weights",
+           "METHODS", "Method", "CONFIG_NAME", "WEIGHTS_NAME", "KEY_PREFIX"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."  # PEFT's PeftModel → LoraModel → the transformers model
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one PEFT method travels: ``detect(model)`` says whether the model carries it;
+    ``export(model) -> (config fields, tensors without prefix)``; ``load(model, config, tensors) -> model``."""
+
+    detect: Callable[[nn.Module], bool]
+    export: Callable[[nn.Module], "tuple[dict, dict[str, torch.Tensor]]"]
+    load: Callable[[nn.Module, dict, "dict[str, torch.Tensor]"], nn.Module]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------------------
+
+def _has_lora(model: nn.Module) -> bool:
+    return any(True for _ in lora.lora_layers(model))
+
+
+def _export_lora(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    config = lora.lora_config(model)
+    layers = [layer for _, layer in lora.lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("the LoRA layers are merged into W; call unmerge_lora(model) before exporting, "
+                         "otherwise PEFT would add the update a second time")
+    settings = {(layer.rank, layer.alpha, layer.use_rslora) for layer in layers}
+    if len(settings) > 1:
+        raise ValueError(f"LoRA layers with different (rank, alpha, use_rslora) {sorted(settings)} cannot be "
+                         "described by one adapter_config.json")
+    targets = config.target_modules
+    fields = {
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets if isinstance(targets, str) else list(targets),
+        # PEFT's flag for weights stored d_in × d_out (GPT-2's Conv1D); PEFT corrects it per layer type anyway.
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
+        "use_rslora": config.use_rslora,
+        "bias": "none",
+        "init_lora_weights": True,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    return fields, lora.lora_state_dict(model)
+
+
+# settings a LoRA adapter may carry that peft_lab.lora does not implement (fine while off: None/False/"none"/empty)
+_LORA_UNSUPPORTED = ("use_dora", "bias", "modules_to_save", "layers_to_transform", "rank_pattern",
+                     "alpha_pattern", "exclude_modules", "lora_bias", "target_parameters", "layer_replication",
+                     "trainable_token_indices")
+
+
+def _load_lora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    for field in _LORA_UNSUPPORTED:
+        value = config.get(field)
+        if not (value is None or value is False or value == "none" or value == [] or value == {}):
+            raise ValueError(f"this LoRA adapter uses {field}={value!r}, which peft_lab.lora does not implement")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if field not in config:
+            raise ValueError(f"{CONFIG_NAME} lacks the LoRA field {field!r}")
+    targets = config["target_modules"]
+    if targets == "all-linear":
+        raise ValueError('target_modules="all-linear" is not supported here; list the module names instead')
+    try:
+        lora.apply_lora(model, rank=config["r"], alpha=config["lora_alpha"],
+                        dropout=config.get("lora_dropout", 0.0) or 0.0, target_modules=targets,
+                        use_rslora=bool(config.get("use_rslora", False)))
+    except ValueError as err:
+        base = config.get("base_model_name_or_path")
+        raise ValueError(f"this adapter does not fit the model (made for {base!r}, another architecture?): "
+                         f"{err}") from err
+    except TypeError as err:
+        raise TypeError(f"this adapter does not fit the model: {err}") from err
+    try:
+        lora.load_lora_state_dict(model, tensors)
+    except Exception:
+        lora.remove_lora(model, merge=False)  # leave the model as it came
+        raise
+    return model
+
+
+#: PEFT ``peft_type`` → how that method is exported and imported.
+METHODS: dict[str, Method] = {
+    "LORA": Method(detect=_has_lora, export=_export_lora, load=_load_lora),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two public functions and the readers they share
+# ----------------------------------------------------------------------------------------------------------
+
+def export_peft_adapter(model: nn.Module, path, task_type: str = "CAUSAL_LM") -> Path:
+    """Write ``model``'s adapter to the directory ``path`` in PEFT's format; return the directory.
+
+    ``peft.PeftModel.from_pretrained(base_model, path)`` then reproduces the model's outputs.
+    ``base_model_name_or_path`` comes from ``model.config._name_or_path`` (``"tiny"`` when empty).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    found = [peft_type for peft_type, method in METHODS.items() if method.detect(model)]
+    if not found:
+        raise ValueError(f"this model carries no adapter to export (supported: {sorted(METHODS)}); "
+                         "apply one first, e.g. apply_lora(model)")
+    if len(found) > 1:
+        raise ValueError(f"this model carries several adapters {found}; export supports one at a time")
+    peft_type = found[0]
+    fields, tensors = METHODS[peft_type].export(model)
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or "tiny"
+    config = {"peft_type": peft_type, "task_type": task_type, "base_model_name_or_path": str(name),
+              "inference_mode": True, "revision": None, **fields}
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+    save_file({KEY_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+              str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_adapter_config(path) -> dict:
+    """The parsed ``adapter_config.json`` of an adapter directory, with clear errors for missing/bad files."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter directory {folder} does not exist")
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_adapter_weights(path) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors`` (prefix ``base_model.model.`` removed). Never unpickles."""
+    folder = Path(path)
+    file = folder / WEIGHTS_NAME
+    if not file.is_file():
+        pickled = [p.name for p in (folder / "adapter_model.bin", folder / "adapter_model.pt") if p.is_file()]
+        hint = (f" Found {pickled[0]}: pickle files are not loaded (unsafe); re-save the adapter with "
+                "save_pretrained(path, safe_serialization=True).") if pickled else ""
+        raise FileNotFoundError(f"{file} is missing.{hint}")
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(str(file))
+    except Exception as err:  # safetensors raises its own SafetensorError for truncated/corrupt headers
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    return {k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k: v for k, v in tensors.items()}
+
+
+def import_peft_adapter(model: nn.Module, path) -> nn.Module:
+    """Load the PEFT adapter directory ``path`` into ``model`` (a plain base model); return ``model``.
+
+    The adapter's own settings are applied (for LoRA: ``apply_lora`` with ``r``, ``lora_alpha``,
+    ``lora_dropout``, ``target_modules``, ``use_rslora``), then its weights are copied in. Errors are
+    ``FileNotFoundError`` (missing files), ``ValueError`` (bad JSON, corrupt safetensors, unsupported
+    ``peft_type`` or option, an adapter for another architecture or size — the message names the key and
+    shapes). On failure the model is left without the adapter.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    config = read_adapter_config(path)
+    peft_type = config.get("peft_type")
+    if peft_type not in METHODS:
+        raise ValueError(f"unsupported peft_type {peft_type!r} in {Path(path) / CONFIG_NAME}; "
+                         f"peft_lab imports {sorted(METHODS)}")
+    tensors = read_adapter_weights(path)
+    bad = [k for k, v in tensors.items() if not torch.is_floating_point(v)]
+    if bad:
+        raise ValueError(f"{WEIGHTS_NAME} holds non-float tensors {bad[:3]}")
+    return METHODS[peft_type].load(model, config, tensors)

@@ -1,0 +1,393 @@
+"""LoRA: low-rank adaptation of linear layers (Hu et al. 2021), notebook 02.
+
+The equations of notebook 02 ("LoRA"), with shapes for a layer ``W: d_out × d_in``:
+
+* (02.1) ``h = W x + ΔW x``, with ``ΔW = s · B A``,  ``B: d_out × r``, ``A: r × d_in``, ``r ≪ min(d_in, d_out)``
+* (02.2) ``h = W x + s · B (A x)`` — the forward pass never forms ``ΔW``; it costs ``r (d_in + d_out)``
+  extra multiply-adds per token
+* (02.3) scaling ``s = α / r``, or ``s = α / √r`` with rank-stabilised LoRA (rsLoRA, Kalajdzievski 2023)
+* (02.4) initialisation ``A ~ kaiming_uniform(a=√5)``, ``B = 0``, hence ``ΔW = 0`` and ``h = W x`` at step 0
+* (02.5) trainable parameters per layer: ``r (d_in + d_out)`` instead of ``d_in · d_out``
+* (02.6) merge ``W ← W + s · B A`` (no extra inference cost), unmerge ``W ← W − s · B A``
+
+Layout is PEFT's, so weights copy one to one: ``lora_A = nn.Linear(d_in, r, bias=False)``,
+``lora_B = nn.Linear(r, d_out, bias=False)``, the wrapped layer is ``base_layer``, and dropout acts on the
+LoRA branch only: ``base_layer(x) + lora_B(lora_A(dropout(x))) · s``. GPT-2's ``Conv1D`` stores its weight
+as ``d_in × d_out`` (PEFT's ``fan_in_fan_out=True``); only the merge needs to transpose ``B A`` for it.
+
+Typical use::
+
+    model = apply_lora(model, rank=8, alpha=16)   # freezes the base; only A and B train
+    ...train...
+    with disable_lora(model):                       # exactly the base model
+        base_logits = model(ids).logits
+    merge_lora(model)                               # W ← W + s·BA: the adapter costs nothing at inference
+"""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from numbers import Real
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES", "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora",
+    "disable_lora", "remove_lora", "lora_layers", "lora_state_dict", "load_lora_state_dict", "lora_config",
+    "matches_target",
+]
+
+#: Layer types LoRA can wrap here.
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+
+#: Default ``target_modules`` per ``model.config.model_type``, the same as PEFT's
+#: ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`` for these architectures (the attention query and
+#: value projections, as in Hu et al. 2021 §7.1; GPT-2 fuses q, k, v into one ``c_attn``).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "t5": ["q", "v"],
+}
+
+_CONFIG_ATTR = "_peft_lab_lora_config"  # where apply_lora records its settings on the model
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """The settings :func:`apply_lora` used; :func:`lora_config` returns them, the PEFT export writes them.
+
+    ``target_modules`` is a tuple of names (suffix rule, see :func:`matches_target`) or one regular
+    expression string.
+    """
+
+    rank: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = ("c_attn",)
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        """Equation (02.3): ``α / r``, or ``α / √r`` with rsLoRA."""
+        return lora_scaling(self.rank, self.alpha, self.use_rslora)
+
+
+def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """Equation (02.3): the factor ``s`` in ``h = W x + s · B A x`` — ``α / r``, or ``α / √r`` (rsLoRA)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` plus a trainable low-rank update (equations 02.1–02.6).
+
+    ``forward(x) = base_layer(x) + lora_B(lora_A(lora_dropout(x))) · scaling`` (02.2), or ``base_layer(x)``
+    alone while merged (the update then lives inside the weight, 02.6) or disabled (:func:`disable_lora`).
+    Attributes: ``in_features`` (d_in), ``out_features`` (d_out), ``rank`` (r), ``alpha`` (α), ``scaling`` (s),
+    ``fan_in_fan_out`` (True for ``Conv1D``, whose weight is stored d_in × d_out), ``merged``, ``disabled``.
+    """
+
+    def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        _check_hyperparameters(rank, alpha, dropout, use_rslora)
+        if not isinstance(base_layer, SUPPORTED_LAYERS):
+            raise TypeError(f"LoRALinear wraps nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}")
+        weight = base_layer.weight
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        # nn.Linear stores W as (d_out, d_in); Conv1D as (d_in, d_out).
+        d_in, d_out = (weight.shape if self.fan_in_fan_out else weight.shape[::-1])
+        self.in_features, self.out_features = int(d_in), int(d_out)
+        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.scaling = lora_scaling(rank, alpha, use_rslora)
+        self.base_layer = base_layer
+        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        # Half-precision bases get float32 adapters, as PEFT does by default (autocast_adapter_dtype=True).
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        self.merged = False
+        self.disabled = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """Equation (02.4): ``A`` kaiming-uniform (a = √5, PEFT's choice), ``B = 0`` — so ``ΔW = 0`` at start."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """Equation (02.1): ``ΔW = s · B A`` in the base weight's layout (transposed for ``Conv1D``)."""
+        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Equation (02.6): ``W ← W + s · B A``; afterwards forward is a plain ``base_layer(x)``."""
+        if not self.merged:
+            w = self.base_layer.weight
+            w += self.delta_weight().to(w.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: ``W ← W − s · B A`` (equal to the old ``W`` up to float rounding, ~1e-7)."""
+        if self.merged:
+            w = self.base_layer.weight
+            w -= self.delta_weight().to(w.dtype)
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged or self.disabled:
+            return result
+        out_dtype = result.dtype
+        x = x.to(self.lora_A.weight.dtype)
+        result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (02.2)
+        return result.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+                f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Choosing layers
+# ----------------------------------------------------------------------------------------------------------
+
+def matches_target(name: str, target_modules: Sequence[str] | str) -> bool:
+    """Whether the module called ``name`` (as in ``model.named_modules()``) is a LoRA target — PEFT's rule.
+
+    * a list of strings: ``name`` equals an entry or ends with ``"." + entry``. So ``"c_attn"`` matches
+      ``transformer.h.0.attn.c_attn``; ``"c_proj"`` matches *both* ``attn.c_proj`` and ``mlp.c_proj``;
+      ``"attn.c_proj"`` only the attention one. Partial words do not match (``"attn"`` ≠ ``c_attn``).
+    * one string: a regular expression that must match the whole name (``re.fullmatch``), e.g.
+      ``r".*\\.h\\.[01]\\.attn\\.c_attn"`` for the first two blocks only.
+    """
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)]
+
+
+def _candidates(model: nn.Module) -> str:
+    names = _linear_names(model)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    example = f" (e.g. {names[0]!r})" if names else ""
+    return f"linear layers in this model, by name suffix: {suffixes}{example}"
+
+
+def _resolve_targets(model: nn.Module, target_modules) -> tuple[str, ...] | str:
+    if target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(
+                f"no default target_modules for model type {model_type!r}; pass target_modules=[...] "
+                f"explicitly. {_candidates(model)}")
+        return tuple(DEFAULT_TARGET_MODULES[model_type])
+    if isinstance(target_modules, str):
+        if not target_modules:
+            raise ValueError("target_modules is an empty string")
+        return target_modules
+    if not isinstance(target_modules, (list, tuple, set, frozenset)):
+        raise TypeError(f"target_modules must be None, a list of module names or a regex string, "
+                        f"got {type(target_modules).__name__}")
+    targets = tuple(sorted(target_modules)) if isinstance(target_modules, (set, frozenset)) else tuple(target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"target_modules must be a non-empty list of non-empty strings, got {target_modules!r}")
+    return targets
+
+
+def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be a positive int, got {rank!r} ({type(rank).__name__})")
+    if rank <= 0:
+        raise ValueError(f"rank must be a positive int (r ≥ 1), got {rank}")
+    if isinstance(alpha, bool) or not isinstance(alpha, Real):
+        raise TypeError(f"alpha must be a positive number, got {alpha!r} ({type(alpha).__name__})")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a positive finite number, got {alpha}")
+    if isinstance(dropout, bool) or not isinstance(dropout, Real):
+        raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r} ({type(dropout).__name__})")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1) (a probability of zeroing an input), got {dropout}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole-model operations
+# ----------------------------------------------------------------------------------------------------------
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """``(name, layer)`` for every :class:`LoRALinear` in ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def _require_lora(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError("this model has no LoRA layers; call apply_lora(model, ...) first")
+    return layers
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
+               target_modules: Sequence[str] | str | None = None, use_rslora: bool = False) -> nn.Module:
+    """Wrap the target layers of ``model`` in :class:`LoRALinear`, freeze everything else; return ``model``.
+
+    The model is changed in place (as PEFT's ``get_peft_model`` does). ``target_modules=None`` takes the
+    default of the architecture (:data:`DEFAULT_TARGET_MODULES`, e.g. GPT-2 → ``["c_attn"]``, LLaMA/OPT →
+    ``["q_proj", "v_proj"]``, BERT → ``["query", "value"]``); matching follows :func:`matches_target`.
+    Afterwards only the ``lora_A``/``lora_B`` weights have ``requires_grad=True`` (equation 02.5 counts them).
+
+    Raises ``ValueError`` for ``rank ≤ 0``, ``alpha ≤ 0``, ``dropout`` outside [0, 1), targets that match
+    nothing (the message lists the linear layers present) or a model that already has LoRA, and
+    ``TypeError`` when a target is not an ``nn.Linear``/``Conv1D`` or an argument has the wrong type.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_lora expects a torch.nn.Module, got {type(model).__name__}")
+    _check_hyperparameters(rank, alpha, dropout, use_rslora)
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("this model already has LoRA layers; applying LoRA twice is not supported. "
+                         "Call remove_lora(model) first, or use a fresh copy of the base model.")
+    targets = _resolve_targets(model, target_modules)
+    matched = [(n, m) for n, m in model.named_modules() if n and matches_target(n, targets)]
+    if not matched:
+        raise ValueError(f"target_modules {targets!r} matched no module. {_candidates(model)}")
+    wrong = [(n, type(m).__name__) for n, m in matched if not isinstance(m, SUPPORTED_LAYERS)]
+    if wrong:
+        listed = ", ".join(f"{n} ({t})" for n, t in wrong[:5]) + (" ..." if len(wrong) > 5 else "")
+        raise TypeError(f"LoRA here wraps nn.Linear and Conv1D layers only, but target_modules {targets!r} "
+                        f"matched {listed}. {_candidates(model)}")
+    model.requires_grad_(False)  # freeze the base: W, biases, embeddings, norms
+    for name, module in matched:
+        _replace(model, name, LoRALinear(module, rank, alpha, dropout, use_rslora))
+    setattr(model, _CONFIG_ATTR, LoRAConfig(rank, alpha, dropout, targets, use_rslora))
+    return model
+
+
+def lora_config(model: nn.Module) -> LoRAConfig:
+    """The :class:`LoRAConfig` that :func:`apply_lora` recorded on ``model``."""
+    layers = _require_lora(model)
+    config = getattr(model, _CONFIG_ATTR, None)
+    if config is None:  # LoRA layers placed by hand: describe them by their exact names
+        first = layers[0][1]
+        p = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+        config = LoRAConfig(first.rank, first.alpha, p, tuple(n for n, _ in layers), first.use_rslora)
+    return config
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Equation (02.6) in every LoRA layer: ``W ← W + s · B A``. Outputs stay equal up to float rounding."""
+    for _, layer in _require_lora(model):
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_lora`: ``W ← W − s · B A`` (restores ``W`` up to float rounding)."""
+    for _, layer in _require_lora(model):
+        layer.unmerge()
+    return model
+
+
+@contextmanager
+def disable_lora(model: nn.Module):
+    """Context manager: inside it the model computes the base model alone, ``h = W x``.
+
+    Unmerged layers skip the LoRA branch, so the output equals the base model's *exactly*. Merged layers
+    are unmerged on entry and merged again on exit (then the base output is reproduced up to rounding).
+    """
+    layers = [layer for _, layer in _require_lora(model)]
+    merged = [layer for layer in layers if layer.merged]
+    before = [layer.disabled for layer in layers]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was
+        for layer in merged:
+            layer.merge()
+
+
+def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Put the plain layers back. ``merge=True`` keeps the learned update inside ``W`` (equation 02.6);
+    ``merge=False`` drops it (the base model again). Base parameters stay frozen (``requires_grad=False``)."""
+    for name, layer in _require_lora(model):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        _replace(model, name, layer.base_layer)
+    if hasattr(model, _CONFIG_ATTR):
+        delattr(model, _CONFIG_ATTR)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA weights: ``{"<layer>.lora_A.weight": A, "<layer>.lora_B.weight": B, ...}``.
+
+    Names are the model's own module names (e.g. ``transformer.h.0.attn.c_attn.lora_A.weight``); PEFT's
+    files add the prefix ``base_model.model.``. Tensors are detached and share storage, like ``state_dict``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in _require_lora(model):
+        out[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
+        out[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+    return out
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Copy LoRA weights (keys as in :func:`lora_state_dict`) into ``model``; every key must match exactly.
+
+    Checks everything before copying anything: missing or unexpected keys and shape mismatches raise
+    ``ValueError`` naming the key and both shapes. Merged layers are refused (unmerge first).
+    """
+    expected = lora_state_dict(model)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"LoRA weights do not fit this model: missing keys {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}, unexpected keys {unexpected[:4]}"
+                         f"{' ...' if len(unexpected) > 4 else ''} (was the adapter made for another "
+                         "architecture or other target_modules?)")
+    for key, target in expected.items():
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{key}: expected a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"shape mismatch for {key}: the file has {tuple(value.shape)}, this model needs "
+                             f"{tuple(target.shape)} (an adapter for another model size or rank?)")
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise ValueError("cannot load LoRA weights into merged layers; call unmerge_lora(model) first")
+    for key, target in expected.items():
+        target.copy_(state_dict[key])
+    return model
