@@ -66,7 +66,7 @@ def lora_pair(base, **kw):
     """(ours, peft) from two copies of ``base`` with the same settings and the same (random) A, B."""
     peft_kw = dict(r=kw.get("rank", 8), lora_alpha=kw.get("alpha", 16), lora_dropout=kw.get("dropout", 0.0),
                    target_modules=kw.get("target_modules"), use_rslora=kw.get("use_rslora", False),
-                   task_type="CAUSAL_LM")
+                   fan_in_fan_out=base.config.model_type == "gpt2", task_type="CAUSAL_LM")
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(**peft_kw))
     ours = apply_lora(base, **kw)
     randomise_lora(ours)
