@@ -1,0 +1,132 @@
+"""Figures shared by the notebooks: training curves, memory breakdowns, trainable-parameter counts.
+
+Each helper draws on ``ax`` (new figure when ``None``), labels its axes with units and returns what it drew
+on, so a notebook can add to it. Notebook 00 introduces the memory plot; every method notebook's "Train" and
+"Measure" sections use all three.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+MEMORY_PARTS = ("parameters", "gradients", "optimizer", "activations")
+_PART_COLORS = {"parameters": "#4c72b0", "gradients": "#dd8452", "optimizer": "#c44e52",
+                "activations": "#55a868"}
+_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+
+
+def memory_unit(num_bytes: float) -> tuple[str, int]:
+    """The largest binary unit in which ``num_bytes`` is at least 1: ``("GiB", 2**30)``, ``("MiB", 2**20)`` …"""
+    for name, size in _UNITS:
+        if num_bytes >= size:
+            return name, size
+    return "B", 1
+
+
+def _nonempty(mapping, what: str) -> None:
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise ValueError(f"{what} must be a non-empty dict of label -> value")
+
+
+def plot_history(histories: Mapping, metric_name: str = "accuracy", axes=None, smooth: int = 1):
+    """Loss vs step (left) and ``metric_name`` vs step (right) for each labelled :class:`~peft_lab.train.History`.
+
+    ``smooth`` > 1 overlays a running mean over that many steps on the (noisy) per-batch loss.
+    Returns the two Axes.
+    """
+    _nonempty(histories, "histories")
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss, ax_metric = axes
+    for i, (label, h) in enumerate(histories.items()):
+        color = f"C{i}"
+        steps, loss = np.asarray(h.step), np.asarray(h.loss, dtype=float)
+        if smooth > 1 and len(loss) >= smooth:
+            ax_loss.plot(steps, loss, color=color, alpha=0.25, lw=0.8)
+            kernel = np.ones(smooth) / smooth
+            ax_loss.plot(steps[smooth - 1:], np.convolve(loss, kernel, mode="valid"), color=color, label=label)
+        else:
+            ax_loss.plot(steps, loss, color=color, label=label)
+        if h.metric:
+            ax_metric.plot(h.eval_step, h.metric, "o-", color=color, ms=3, label=label)
+    ax_loss.set(xlabel="training step", ylabel="training loss (cross-entropy, nats/token)",
+                title="Training loss")
+    ax_metric.set(xlabel="training step", ylabel=metric_name, title=f"Validation {metric_name}")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    ax_loss.figure.tight_layout()
+    return axes
+
+
+def plot_memory(breakdowns: Mapping, ax=None, unit: str | None = None,
+                title: str = "Memory of one training step", xlabel: str = "configuration"):
+    """Stacked bars of parameters / gradients / optimizer state / activations per labelled breakdown.
+
+    ``breakdowns`` maps a label to a dict like :func:`peft_lab.measure.measure_memory` returns (bytes). The
+    unit (MiB, GiB, …) is chosen from the largest total unless given. Totals are written above the bars; a
+    ``"cuda_peak"`` entry, when present, is marked with a black line. Returns the Axes.
+    """
+    _nonempty(breakdowns, "breakdowns")
+    for label, b in breakdowns.items():
+        missing = [k for k in MEMORY_PARTS if k not in b]
+        if missing:
+            raise ValueError(f"breakdown {label!r} lacks {missing}")
+    largest = max(sum(b[k] for k in MEMORY_PARTS) for b in breakdowns.values())
+    if unit is None:
+        unit, size = memory_unit(largest)
+    else:
+        sizes = dict(_UNITS)
+        if unit not in sizes:
+            raise ValueError(f"unit must be one of {list(sizes)}, got {unit!r}")
+        size = sizes[unit]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(breakdowns) + 2), 3.8))
+    labels = list(breakdowns)
+    x = np.arange(len(labels))
+    bottom = np.zeros(len(labels))
+    for part in MEMORY_PARTS:
+        values = np.array([breakdowns[k][part] / size for k in labels])
+        ax.bar(x, values, bottom=bottom, color=_PART_COLORS[part], label=part, width=0.6)
+        bottom += values
+    for xi, total in zip(x, bottom):
+        ax.annotate(f"{total:.3g}", (xi, total), ha="center", va="bottom", fontsize="small",
+                    xytext=(0, 2), textcoords="offset points")
+    peaks = [(xi, breakdowns[k]["cuda_peak"] / size) for xi, k in zip(x, labels) if "cuda_peak" in breakdowns[k]]
+    if peaks:
+        ax.hlines([p for _, p in peaks], [xi - 0.35 for xi, _ in peaks], [xi + 0.35 for xi, _ in peaks],
+                  colors="black", lw=2, label="CUDA peak (measured)")
+    ax.set_xticks(x, labels)
+    ax.set(xlabel=xlabel, ylabel=f"memory ({unit})", title=title)
+    ax.set_ylim(0, bottom.max() * 1.15 if bottom.max() > 0 else 1)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    ax.figure.tight_layout()
+    return ax
+
+
+def plot_parameters(counts: Mapping, log: bool = True, ax=None, title: str = "Trainable parameters",
+                    xlabel: str = "method"):
+    """Bar chart of trainable-parameter counts per label (log scale by default); counts written on the bars."""
+    _nonempty(counts, "counts")
+    values = [int(v) for v in counts.values()]
+    if any(v < 0 for v in values):
+        raise ValueError("parameter counts must be >= 0")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(counts) + 1.5), 3.6))
+    x = np.arange(len(values))
+    ax.bar(x, values, color=[f"C{i}" for i in range(len(values))], width=0.6)
+    for xi, v in zip(x, values):
+        ax.annotate(f"{v:,}", (xi, v), ha="center", va="bottom", fontsize="small", xytext=(0, 2),
+                    textcoords="offset points")
+    ax.set_xticks(x, list(counts))
+    if log and max(values) > 0:
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=max(1, min(v for v in values if v > 0) / 3), top=max(values) * 5)
+    ax.set(xlabel=xlabel, ylabel="trainable parameters (count" + (", log scale)" if log else ")"), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.figure.tight_layout()
+    return ax

@@ -1,0 +1,89 @@
+"""Base models: exact architecture counts on the meta device, seeding, bad inputs, PEFT's count format."""
+import time
+
+import pytest
+import torch
+from transformers import GPT2Config
+
+from peft_lab.measure import count_parameters, print_trainable_parameters
+from peft_lab.models import build_from_config, load_base_model
+
+# Counted by building each architecture (meta device) and cross-checked against the published sizes:
+# GPT-2 124M/355M/774M/1.5B (Radford et al. 2019), LLaMA-2 7B (Touvron et al. 2023).
+EXPECTED = {
+    "gpt2": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+    "llama-7b": 6_738_415_616,
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_architecture_counts_on_meta(name):
+    model = build_from_config(name, device="meta")
+    assert count_parameters(model) == (EXPECTED[name], EXPECTED[name])
+    assert sum(p.numel() for p in model.parameters()) == EXPECTED[name]
+
+
+def test_gpt2_count_formula():
+    # Notebook 00, eq. (5): 12·L·d² + 13·L·d + V·d + P·d + 2d (tied lm_head, biases everywhere).
+    for name in ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]:
+        c = build_from_config(name, device="meta").config
+        L, d, V, P = c.n_layer, c.n_embd, c.vocab_size, c.n_positions
+        assert 12 * L * d * d + 13 * L * d + V * d + P * d + 2 * d == EXPECTED[name]
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError) as err:
+        build_from_config("gpt5", device="meta")
+    for name in ["tiny", *EXPECTED]:
+        assert repr(name) in str(err.value)
+
+
+def test_meta_device_holds_no_data():
+    model = build_from_config("gpt2-xl", device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        next(model.parameters()).sum().item()
+
+
+def _small():
+    return GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def test_cpu_build_is_seeded():
+    a = build_from_config(_small(), device="cpu", seed=0).state_dict()
+    b = build_from_config(_small(), device="cpu", seed=0).state_dict()
+    c = build_from_config(_small(), device="cpu", seed=1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert all(v.device.type == "cpu" for v in a.values())
+
+
+@pytest.mark.parametrize("bad", [None, 123, "", ["gpt2"]])
+def test_load_base_model_rejects_non_strings(bad):
+    with pytest.raises(TypeError):
+        load_base_model(bad)
+
+
+def test_load_base_model_missing_folder_points_to_tiny(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="tiny"):
+        load_base_model("./no-such-model-dir", device="cpu")
+    assert time.perf_counter() - start < 10, "a missing local folder must fail fast, not wait on the network"
+
+
+def test_print_trainable_parameters_matches_peft(capsys):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_from_config("gpt2", device="meta"),
+                           LoraConfig(r=8, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    model.print_trainable_parameters()
+    peft_line = capsys.readouterr().out.strip()
+    print_trainable_parameters(model)
+    ours = capsys.readouterr().out.strip()
+    assert ours == peft_line
+    assert ours == "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
