@@ -234,7 +234,8 @@ def estimate_memory(name_or_config, trainable_params: int | None = None, batch_s
     :func:`peft_lab.build_from_config` (``"gpt2"`` … ``"llama-7b"``, ``"tiny"``) or a transformers config;
     the parameter count N comes from building it on the meta device (exact, nothing allocated).
     ``trainable_params=None`` means full fine-tuning (every parameter trained); a number means a frozen base
-    plus that many trained parameters (LoRA, adapters, ...). Bytes per parameter (see :data:`PRECISIONS`):
+    plus that many trained parameters (LoRA, adapters, ...), counted *among* the model's N (an adapter's own
+    weights, a fraction of a percent of N, are not added). Bytes per parameter (see :data:`PRECISIONS`):
 
     * ``"fp32"``: weights 4·N, gradients 4·N_t, Adam moments 8·N_t — 16 B per trained parameter.
     * ``"bf16-mixed"``: weights 2·N plus an fp32 master copy 4·N_t, bf16 gradients 2·N_t, fp32 Adam 8·N_t —

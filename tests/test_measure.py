@@ -1,0 +1,136 @@
+"""Memory of a training step: the tensor accounting of measure_memory and the analytic estimate_memory."""
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig
+
+from peft_lab.measure import MEMORY_KEYS, estimate_memory, measure_memory, time_fn
+from peft_lab.models import build_from_config
+
+# measured on CPU: the per-layer formula of activation_elements counts the very tensors autograd saves, so
+# the estimate and the measurement agree to well under 1% (padding mask, label storage rounding aside).
+REL_TOL = 0.01
+
+
+def _batch(vocab, B=2, T=24, pad=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[0, -pad:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def gpt2_2layer():
+    """A 2-layer GPT-2 with the real vocabulary and context (width 256 to stay fast)."""
+    cfg = GPT2Config(n_layer=2, n_embd=256, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return build_from_config(cfg, device="cpu", seed=0)
+
+
+def test_keys_and_arithmetic(small_gpt2):
+    m = measure_memory(small_gpt2, _batch(1024))
+    assert set(m) == {*MEMORY_KEYS, "total"}
+    n = sum(p.numel() for p in small_gpt2.parameters())
+    assert m["parameters"] == m["gradients"] == 4 * n
+    assert m["optimizer"] == 2 * m["gradients"]
+    assert m["total"] == sum(m[k] for k in MEMORY_KEYS)
+    assert m["activations"] > 0
+    assert all(isinstance(v, int) for v in m.values())
+
+
+def test_weights_grads_mode_untouched(small_gpt2):
+    before = {k: v.clone() for k, v in small_gpt2.state_dict().items()}
+    small_gpt2.eval()
+    measure_memory(small_gpt2, _batch(1024))
+    assert all(torch.equal(before[k], v) for k, v in small_gpt2.state_dict().items())
+    assert all(p.grad is None for p in small_gpt2.parameters())
+    assert not small_gpt2.training
+
+
+def test_everything_frozen(small_gpt2):
+    for p in small_gpt2.parameters():
+        p.requires_grad_(False)
+    m = measure_memory(small_gpt2, _batch(1024))
+    assert m["gradients"] == m["optimizer"] == m["activations"] == 0
+    assert m["total"] == m["parameters"] > 0
+
+
+def test_partly_frozen_counts_only_trainable(small_gpt2):
+    for name, p in small_gpt2.named_parameters():
+        p.requires_grad_("h.1." in name)
+    m = measure_memory(small_gpt2, _batch(1024))
+    trainable = sum(p.numel() for p in small_gpt2.parameters() if p.requires_grad)
+    assert m["gradients"] == 4 * trainable and m["optimizer"] == 8 * trainable
+    assert 0 < m["activations"] < measure_memory(small_gpt2.requires_grad_(True), _batch(1024))["activations"]
+
+
+def test_bad_batches(small_gpt2):
+    with pytest.raises(ValueError, match="empty"):
+        measure_memory(small_gpt2, {})
+    with pytest.raises(ValueError, match="input_ids"):
+        measure_memory(small_gpt2, {"labels": torch.zeros(1, 4, dtype=torch.long)})
+    with pytest.raises(TypeError, match="integer"):
+        measure_memory(small_gpt2, {"input_ids": torch.zeros(1, 4)})
+    with pytest.raises(ValueError, match="empty"):
+        measure_memory(small_gpt2, {"input_ids": torch.zeros(1, 0, dtype=torch.long)})
+    with pytest.raises(TypeError):
+        measure_memory("not a model", _batch(1024))
+
+
+def _close(measured, estimated, keys=(*MEMORY_KEYS, "total")):
+    for k in keys:
+        assert estimated[k] == pytest.approx(measured[k], rel=REL_TOL), k
+
+
+def test_estimate_matches_measurement_small_gpt2(gpt2_2layer):
+    batch = _batch(gpt2_2layer.config.vocab_size, B=2, T=64)
+    _close(measure_memory(gpt2_2layer, batch), estimate_memory(gpt2_2layer.config, batch_size=2, seq_len=64))
+
+
+def test_estimate_matches_measurement_llama_gqa():
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    model = build_from_config(cfg, device="cpu")
+    _close(measure_memory(model, _batch(512, B=3, T=32)), estimate_memory(cfg, batch_size=3, seq_len=32))
+
+
+def test_estimate_matches_measurement_tiny(tiny):
+    from peft_lab.data import collate, encode_task, load_task
+
+    model, tok = tiny
+    examples = encode_task(load_task("train", n=8), tok)
+    batch = collate(examples, tok.pad_token_id)  # a real, padded task batch
+    B, T = batch["input_ids"].shape
+    _close(measure_memory(model, batch), estimate_memory("tiny", batch_size=B, seq_len=T))
+
+
+def test_estimate_model_states():
+    n = 124_439_808
+    full = estimate_memory("gpt2", batch_size=0)
+    assert (full["parameters"], full["gradients"], full["optimizer"], full["activations"]) == (4 * n, 4 * n, 8 * n, 0)
+    mixed = estimate_memory("gpt2", batch_size=0, precision="bf16-mixed")
+    assert mixed["total"] == full["total"] == 16 * n  # ZeRO: 16 bytes per parameter for mixed-precision Adam
+    lora = estimate_memory("gpt2", trainable_params=294_912, batch_size=0)
+    assert lora["total"] == 4 * n + 12 * 294_912  # trained parameters are counted among the model's n
+    assert estimate_memory("gpt2", trainable_params=0, batch_size=4)["activations"] == 0
+    big = estimate_memory("llama-7b", batch_size=1, seq_len=2048, precision="bf16-mixed")
+    assert big["parameters"] == 6 * 6_738_415_616 and big["activations"] > 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(precision="fp16"), dict(batch_size=-1), dict(seq_len=0),
+                                    dict(trainable_params=10**12), dict(trainable_params=1.5)])
+def test_estimate_rejects_bad_input(kwargs):
+    with pytest.raises(ValueError):
+        estimate_memory("gpt2", **kwargs)
+
+
+def test_time_fn():
+    calls = []
+    t = time_fn(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and 0 <= t < 1
+    with pytest.raises(ValueError):
+        time_fn(lambda: None, repeats=0)
+    with pytest.raises(TypeError):
+        time_fn(42)
