@@ -112,9 +112,28 @@ def test_rslora_and_dropout_settings_match_peft():
 
 
 def test_gpt2_small_architecture_matches_peft():
+    # 124M parameters: instead of a second copy, run PEFT first, unload it (the base layers come back
+    # untouched), then apply ours to the same base model.
     base = peft_lab.build_from_config("gpt2", device="cpu")
-    ours, theirs = lora_pair(base, rank=8, alpha=16)
-    assert_same_forward_backward(ours, theirs, input_ids(2, 16, vocab=base.config.vocab_size))
+    ids = input_ids(2, 16, vocab=base.config.vocab_size)
+    theirs = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted((n, p) for n, p in theirs.named_parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    out = theirs(ids, labels=ids)
+    out.loss.backward()
+    peft_lora = {n.removeprefix("base_model.model.").replace(".default", ""): (p.detach().clone(), p.grad)
+                 for n, p in theirs.named_parameters() if p.requires_grad}
+    ours = apply_lora(theirs.unload(), rank=8, alpha=16)
+    load_lora_state_dict(ours, {k: w for k, (w, _) in peft_lora.items()})
+    mine = ours(ids, labels=ids)
+    assert (mine.logits - out.logits).abs().max().item() <= 1e-6
+    mine.loss.backward()
+    for name, layer in lora_layers(ours):
+        for ab in ("lora_A", "lora_B"):
+            grad = getattr(layer, ab).weight.grad
+            assert torch.allclose(grad, peft_lora[f"{name}.{ab}.weight"][1], rtol=0, atol=1e-7), name
 
 
 @pytest.mark.parametrize("targets, trainable", [(["c_attn"], 294_912), (["c_attn", "c_proj"], 811_008)])

@@ -1,0 +1,33 @@
+"""Benchmarks: scripts, not tests, that time a peft_lab method against its reference implementation.
+
+Run one with ``python -m peft_lab.benchmarks.<method>`` (e.g. ``python -m peft_lab.benchmarks.lora``); each
+prints a small table. They share :func:`interleaved_medians`, which alternates the contenders so that a
+slow drift of the machine (heat, another process) hits both alike.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating order (ABBA...), after ``warmup`` calls."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync()
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}

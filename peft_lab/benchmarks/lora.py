@@ -1,0 +1,110 @@
+"""Benchmark peft_lab's LoRA against PEFT's, on CPU (notebook 02, "Measure").
+
+    python -m peft_lab.benchmarks.lora [--repeats 7] [--models tiny gpt2] [--batch 2] [--seq 32]
+
+Two comparisons per model, each the median of ``--repeats`` interleaved runs:
+
+* training step (forward, backward, AdamW step) of peft_lab LoRA vs PEFT LoRA — same rank, targets and
+  weights; goal: ratio ≤ 1.0 (both do the same arithmetic; differences are Python overhead and noise);
+* inference forward of the merged peft_lab model vs the plain base model — goal: ratio ≤ 1.02 (Hu et al.
+  2021: a merged LoRA adds no latency). "merged" keeps the LoRALinear wrappers (one flag test per layer);
+  "merged+removed" has them replaced by the plain layers (:func:`peft_lab.lora.remove_lora`).
+
+Models: ``tiny`` (data/tiny, skipped if absent) and the gpt2-small architecture with random weights.
+Threads: torch's default (``torch.get_num_threads()``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from .. import lora
+from ..models import build_from_config, load_base_model
+from ..paths import data_dir
+from . import interleaved_medians
+
+
+def _base(name: str):
+    if name == "tiny":
+        if not (data_dir() / "tiny" / "config.json").is_file():
+            return None
+        return load_base_model("tiny", device="cpu")[0]
+    return build_from_config(name, device="cpu")
+
+
+def _train_step(model, ids):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _forward(model, ids):
+    @torch.no_grad()
+    def fwd():
+        model(ids)
+    return fwd
+
+
+def bench_model(name: str, rank: int, batch: int, seq: int, repeats: int) -> dict | None:
+    """Times for one model; ``None`` when the model is not available."""
+    from peft import LoraConfig, get_peft_model
+
+    base = _base(name)
+    if base is None:
+        return None
+    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ours = lora.apply_lora(copy.deepcopy(base), rank=rank, alpha=2 * rank)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM",
+                                                            fan_in_fan_out=base.config.model_type == "gpt2"))
+    ours.train(), theirs.train()
+    train = interleaved_medians({"peft_lab": _train_step(ours, ids), "peft": _train_step(theirs, ids)},
+                                repeats=repeats)
+    del theirs
+    ours.eval()
+    with torch.no_grad():
+        for t in lora.lora_state_dict(ours).values():
+            t.normal_(0, 0.02)
+    merged = lora.merge_lora(ours)
+    removed = lora.remove_lora(copy.deepcopy(merged), merge=True)
+    infer = interleaved_medians({"base": _forward(base, ids), "merged": _forward(merged, ids),
+                                 "merged+removed": _forward(removed, ids)}, repeats=3 * repeats)
+    return {"name": name, "params": sum(p.numel() for p in base.parameters()), "train": train, "infer": infer}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "gpt2"])
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}×{args.seq} tokens, "
+          f"rank {args.rank}, default target modules, medians of {args.repeats} (inference: "
+          f"{3 * args.repeats}) interleaved runs")
+    header = f"{'model':<8}{'params':>12}  {'':<36}{'peft_lab':>11}{'reference':>11}{'ratio':>8}  goal"
+    print(header)
+    print("-" * len(header))
+    for name in args.models:
+        r = bench_model(name, args.rank, args.batch, args.seq, args.repeats)
+        if r is None:
+            print(f"{name:<8}  (not available: build data/tiny first)")
+            continue
+        t, i = r["train"], r["infer"]
+        rows = [("train step: peft_lab LoRA vs PEFT LoRA", t["peft_lab"], t["peft"], "<= 1.00"),
+                ("inference: merged vs base", i["merged"], i["base"], "<= 1.02"),
+                ("inference: merged+removed vs base", i["merged+removed"], i["base"], "<= 1.02")]
+        for k, (label, a, b, goal) in enumerate(rows):
+            first = f"{name:<8}{r['params']:>12,}" if k == 0 else " " * 20
+            print(f"{first}  {label:<36}{a * 1e3:>9.1f}ms{b * 1e3:>9.1f}ms{a / b:>8.3f}  {goal}")
+
+
+if __name__ == "__main__":
+    main()
