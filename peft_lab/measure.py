@@ -96,6 +96,8 @@ def measure_memory(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) ->
     if not params:
         raise ValueError("the model has no parameters")
     device = params[0].device
+    if device.type == "meta":
+        raise ValueError("a model on the meta device has no data to run; use estimate_memory for its size")
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     trainable = [p for p in params if p.requires_grad]
 
@@ -161,7 +163,7 @@ def _cuda_peak(model, batch, trainable) -> int:
         torch.cuda.empty_cache()
 
 
-# Bytes per parameter for AdamW training, by precision (notebook 00, equations (1)–(2)).
+# Bytes per parameter for AdamW training, by precision (notebook 00, equations (1)–(3)).
 # "bf16-mixed" is the convention of Rajbhandari et al. 2020 (ZeRO, section 3.1): bf16/fp16 weights (2 B) and
 # gradients (2 B); an fp32 master copy of the weights (4 B) and Adam's two fp32 moments (8 B) — 16 B per
 # trained parameter. ZeRO books the master copy under "optimizer states" (K = 12); we book it under
@@ -179,7 +181,7 @@ _ACT_SAVED = {"gelu_new": 4}
 
 
 def activation_elements(config, batch_size: int, seq_len: int) -> tuple[int, int]:
-    """``(float_elements, int64_elements)`` autograd saves in one forward pass (notebook 00, eq. (4)).
+    """``(float_elements, int64_elements)`` autograd saves in one forward pass (notebook 00, eq. (6)).
 
     Counted tensor by tensor for the Hugging Face GPT-2 and LLaMA blocks with PyTorch's SDPA attention
     (which never stores the T×T attention matrix), dropout 0 and an unpadded batch. With ``n = B·T`` tokens,
@@ -228,7 +230,7 @@ def activation_elements(config, batch_size: int, seq_len: int) -> tuple[int, int
 
 def estimate_memory(name_or_config, trainable_params: int | None = None, batch_size: int = 1,
                     seq_len: int | None = None, precision: str = "fp32") -> dict[str, int]:
-    """Analytic bytes of one AdamW training step, for models too large to run (notebook 00, eqs. (1)–(4)).
+    """Analytic bytes of one AdamW training step, for models too large to run (notebook 00, eqs. (1)–(3), (6)).
 
     Same keys as :func:`measure_memory`. ``name_or_config`` is an architecture name of
     :func:`peft_lab.build_from_config` (``"gpt2"`` … ``"llama-7b"``, ``"tiny"``) or a transformers config;

@@ -76,6 +76,8 @@ def test_bad_batches(small_gpt2):
         measure_memory(small_gpt2, {"input_ids": torch.zeros(1, 0, dtype=torch.long)})
     with pytest.raises(TypeError):
         measure_memory("not a model", _batch(1024))
+    with pytest.raises(ValueError, match="estimate_memory"):
+        measure_memory(build_from_config("gpt2", device="meta"), _batch(1024))
 
 
 def _close(measured, estimated, keys=(*MEMORY_KEYS, "total")):
