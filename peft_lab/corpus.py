@@ -163,3 +163,16 @@ def generate_task(n: int, seed: int, num_clauses: int = 3) -> list[dict]:
                 break
         out.append({"prompt": review_prompt([c for c, _ in pairs]), "answer": verdict})
     return out
+
+
+def review_verdict(prompt: str) -> str:
+    """Recompute a review's verdict from its text alone (the rule the task encodes; used to check labels)."""
+    body = prompt.removeprefix("review: ").removesuffix(" verdict:").strip()
+    score = 0
+    for clause in body.split(" . "):
+        words = clause.strip(" .").split()
+        if not words or words[-1] not in POSITIVE + NEGATIVE:
+            raise ValueError(f"not a review clause: {clause!r}")
+        polarity = 1 if words[-1] in POSITIVE else -1
+        score += -polarity if any(w in NEGATORS for w in words) else polarity
+    return "good" if score > 0 else "bad"

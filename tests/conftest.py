@@ -1,0 +1,24 @@
+import os
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+os.environ.setdefault("PEFT_LAB_QUIET", "1")  # no progress bars in test logs
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The shipped offline model and tokenizer, loaded once per test session."""
+    from peft_lab import load_base_model
+    return load_base_model("tiny", device="cpu")
+
+
+@pytest.fixture()
+def small_gpt2():
+    """A 2-layer random GPT-2 with the tiny vocabulary: fast, for loop mechanics."""
+    from transformers import GPT2Config
+    from peft_lab import build_from_config
+    cfg = GPT2Config(vocab_size=1024, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return build_from_config(cfg, device="cpu", seed=0)

@@ -1,0 +1,116 @@
+"""The course machinery: exercises, results record, Colab header, notebook runner, notebook hygiene."""
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import peft_lab
+from peft_lab import check, record
+from peft_lab.colab import REPO_URL, badge, repo_urls, retarget, setup_cell
+from peft_lab.exercises import exercise, exercises, number
+from peft_lab.run_notebooks import ROOT, all_notebooks, main as run_main
+
+STUDENT_NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_check_says_right_wrong_and_why(capsys):
+    ex = exercises("01")
+    assert ex, "notebook 01 has exercises"
+    assert check("01.1", None) is False
+    assert "no answer yet" in capsys.readouterr().out
+    with pytest.raises(KeyError, match="known"):
+        check("99.9", 1)
+    assert check("01.1", "not a number") is False
+    assert "could not read" in capsys.readouterr().out
+
+
+def test_number_helper_explains_known_mistakes():
+    assert number(16, 16)[0]
+    ok, why = number(12, 16, mistakes={12: "forgot a moment"})
+    assert not ok and why == "forgot a moment"
+    ok, why = number(20, 16)
+    assert not ok and "too high" in why
+    with pytest.raises(TypeError):
+        number(True, 1)
+    with pytest.raises(ValueError, match="twice"):
+        exercise("01.1", "duplicate")(lambda a: (True, ""))
+
+
+def test_record_is_a_no_op_unless_asked(monkeypatch, tmp_path):
+    monkeypatch.delenv("PEFT_LAB_RESULTS", raising=False)
+    assert record("x", 3) == 3
+    target = tmp_path / "r.json"
+    monkeypatch.setenv("PEFT_LAB_RESULTS", str(target))
+    record("a", 1)
+    record("b", {"c": 0.5})
+    assert json.loads(target.read_text()) == {"a": 1, "b": {"c": 0.5}}
+    with pytest.raises(ValueError):
+        record("", 1)
+
+
+def test_runner_collects_status_time_and_records(tmp_path):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    good = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import peft_lab\npeft_lab.record('answer', 42)\nprint('hi')")])
+    bad = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1/0")])
+    nbformat.write(good, nbdir / "good.ipynb")
+    nbformat.write(bad, nbdir / "bad.ipynb")
+    out = tmp_path / "build"
+    assert run_main([str(nbdir / "good.ipynb"), str(nbdir / "bad.ipynb"), "--out", str(out)]) == 1
+    res = json.loads((out / "results.json").read_text())["notebooks"]
+    assert res["good.ipynb"]["status"] == "ok" and res["good.ipynb"]["results"] == {"answer": 42}
+    assert res["bad.ipynb"]["status"] == "error" and "ZeroDivisionError" in res["bad.ipynb"]["error"]
+    assert (out / "html" / "good.html").is_file() and (out / "notebooks" / "good.ipynb").is_file()
+    with pytest.raises(SystemExit):
+        run_main([str(nbdir / "good.ipynb")])  # neither --out nor --inplace
+
+
+def test_retarget_rewrites_badge_and_setup(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(badge("x.ipynb")),
+                                         nbformat.v4.new_code_cell(setup_cell())])
+    nbformat.write(nb, tmp_path / "x.ipynb")
+    assert repo_urls(tmp_path / "x.ipynb") == {REPO_URL}
+    retarget("https://github.com/someone/fork", tmp_path)
+    assert repo_urls(tmp_path / "x.ipynb") == {"https://github.com/someone/fork"}
+
+
+@pytest.mark.parametrize("path", all_notebooks(), ids=lambda p: p.name)
+def test_notebook_hygiene(path):
+    """Executed in order, no stored errors, no machine paths, one repository URL (peft_lab.REPO_URL)."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+    counts = [c.execution_count for c in code]
+    assert None not in counts, "commit notebooks executed"
+    assert counts == sorted(counts), "execution counts out of order: re-run top to bottom"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    text = path.read_text(encoding="utf-8")
+    for bad in ("/work/", "/tmp/", "/root/", "/home/"):
+        assert bad not in text, f"machine path {bad} in {path.name}"
+    assert repo_urls(path) <= {REPO_URL}
+
+
+@pytest.mark.parametrize("path", STUDENT_NOTEBOOKS, ids=lambda p: p.name)
+def test_student_notebook_pattern(path):
+    nb = nbformat.read(path, as_version=4)
+    assert badge(path.name) in nb.cells[0].source
+    assert any(c.cell_type == "code" and c.source.strip() == setup_cell().strip() for c in nb.cells)
+    assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), "a tagged parameters cell"
+    assert any("# NBVAL_CHECK_OUTPUT" in c.source for c in nb.cells if c.cell_type == "code")
+    number_ = path.name[:2]
+    ids = {e.id for e in exercises(number_)}
+    used = {i for c in nb.cells if c.cell_type == "code" for i in ids if f'check("{i}"' in c.source}
+    assert ids and used == ids, "every exercise of the notebook is posed in it"
+    solutions = ROOT / "notebooks" / "solutions" / path.name.replace(".ipynb", "_solutions.ipynb")
+    assert solutions.is_file(), f"worked solutions for {path.name} live in {solutions.name}"
+    sol = nbformat.read(solutions, as_version=4)
+    printed = "".join(o.get("text", "") for c in sol.cells if c.cell_type == "code" for o in c.outputs)
+    for i in ids:
+        assert f"Right [{i}]" in printed, f"solution of {i} checks as right"
+
+
+def test_public_names():
+    for name in ("load_base_model", "build_from_config", "count_parameters", "print_trainable_parameters",
+                 "train", "measure_memory", "check", "REPO_URL"):
+        assert hasattr(peft_lab, name), name
