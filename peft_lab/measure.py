@@ -204,7 +204,8 @@ def activation_elements(config, batch_size: int, seq_len: int) -> tuple[int, int
         per_layer = 8d + 2 + 2·d_kv + h + 4f;  head = 3d + 1 + V
         floats    = n·(L·per_layer + head) + 2·T·d/h;  int64 = 2n
 
-    Not included: a padded batch adds one B×T×T mask shared by all layers; dropout > 0 adds masks;
+    Not included: a padded batch makes every layer's attention save a B×1×T×T float mask (4·L·B·T² bytes, 0.5%
+    of the tiny model's activations on a task batch); dropout > 0 adds masks;
     ``attn_implementation="eager"`` adds the h·T attention probabilities per token per layer; CUDA SDPA
     kernels may keep q, k, v without the two CPU copies (2d less per token per layer).
     """
