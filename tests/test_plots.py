@@ -50,3 +50,12 @@ def test_plot_parameters(log):
     assert _labelled(ax) and "log" in ax.get_ylabel() if log else _labelled(ax)
     assert ax.get_yscale() == ("log" if log else "linear")
     plt.close("all")
+
+
+def test_memory_explorer_static_and_widget():
+    from peft_lab.widgets import memory_explorer, show_memory
+
+    ax = show_memory("gpt2", "bf16-mixed", trainable_percent=1.0, batch_size=2, seq_len=128)
+    assert "GiB" in ax.get_ylabel() and len(ax.get_xticklabels()) == 2
+    assert memory_explorer().children  # the interactive builds its controls
+    plt.close("all")
