@@ -139,7 +139,8 @@ def test_gpt2_small_architecture_matches_peft():
 @pytest.mark.parametrize("targets, trainable", [(["c_attn"], 294_912), (["c_attn", "c_proj"], 811_008)])
 def test_trainable_parameter_line_matches_peft_on_gpt2_small(capsys, targets, trainable):
     base = peft_lab.build_from_config("gpt2", device="meta")  # counting needs shapes only
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, target_modules=targets, fan_in_fan_out=True,
+                                                         task_type="CAUSAL_LM"))
     theirs.print_trainable_parameters()
     ours = apply_lora(base, rank=8, target_modules=targets)
     print_trainable_parameters(ours)

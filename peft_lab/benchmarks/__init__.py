@@ -13,8 +13,10 @@ from typing import Callable
 import torch
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternating order (ABBA...), after ``warmup`` calls."""
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 7,
+                      warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each function: ``repeats`` rounds, the order reversed every other round
+    (A B, B A, A B, ...), after ``warmup`` untimed rounds. Entry ``i`` of every list comes from round ``i``."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
@@ -30,4 +32,14 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, 
             fns[name]()
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed by :func:`interleaved_times`."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats, warmup).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of ``time[a] / time[b]`` measured in the same round: robust to machine-load drift."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))

@@ -1,8 +1,9 @@
 """Benchmark peft_lab's LoRA against PEFT's, on CPU (notebook 02, "Measure").
 
-    python -m peft_lab.benchmarks.lora [--repeats 7] [--models tiny gpt2] [--batch 2] [--seq 32]
+    python -m peft_lab.benchmarks.lora [--models tiny gpt2] [--batch 2] [--seq 32] [--repeats N] [--threads T]
 
-Two comparisons per model, each the median of ``--repeats`` interleaved runs:
+Two comparisons per model. Times are medians over interleaved rounds (A B, B A, ...); the ratio is the
+median over rounds of the two times measured in the same round, which cancels most drift in machine load:
 
 * training step (forward, backward, AdamW step) of peft_lab LoRA vs PEFT LoRA — same rank, targets and
   weights; goal: ratio ≤ 1.0 (both do the same arithmetic; differences are Python overhead and noise);
@@ -11,19 +12,23 @@ Two comparisons per model, each the median of ``--repeats`` interleaved runs:
   "merged+removed" has them replaced by the plain layers (:func:`peft_lab.lora.remove_lora`).
 
 Models: ``tiny`` (data/tiny, skipped if absent) and the gpt2-small architecture with random weights.
-Threads: torch's default (``torch.get_num_threads()``).
+Threads: torch's default (``torch.get_num_threads()``) unless ``--threads``. On a machine shared with other
+busy processes, multi-threaded steps can slow down many times over (threads wait for each other); the
+header prints the load average, and ``--threads 1`` gives steadier figures there.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import statistics
 
 import torch
 
 from .. import lora
 from ..models import build_from_config, load_base_model
 from ..paths import data_dir
-from . import interleaved_medians
+from . import interleaved_times, paired_ratio
 
 
 def _base(name: str):
@@ -64,8 +69,8 @@ def bench_model(name: str, rank: int, batch: int, seq: int, repeats: int) -> dic
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM",
                                                             fan_in_fan_out=base.config.model_type == "gpt2"))
     ours.train(), theirs.train()
-    train = interleaved_medians({"peft_lab": _train_step(ours, ids), "peft": _train_step(theirs, ids)},
-                                repeats=repeats)
+    train = interleaved_times({"peft_lab": _train_step(ours, ids), "peft": _train_step(theirs, ids)},
+                              repeats=repeats)
     del theirs
     ours.eval()
     with torch.no_grad():
@@ -73,8 +78,8 @@ def bench_model(name: str, rank: int, batch: int, seq: int, repeats: int) -> dic
             t.normal_(0, 0.02)
     merged = lora.merge_lora(ours)
     removed = lora.remove_lora(copy.deepcopy(merged), merge=True)
-    infer = interleaved_medians({"base": _forward(base, ids), "merged": _forward(merged, ids),
-                                 "merged+removed": _forward(removed, ids)}, repeats=3 * repeats)
+    infer = interleaved_times({"base": _forward(base, ids), "merged": _forward(merged, ids),
+                               "merged+removed": _forward(removed, ids)}, repeats=3 * repeats)
     return {"name": name, "params": sum(p.numel() for p in base.parameters()), "train": train, "infer": infer}
 
 
@@ -84,26 +89,33 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="training rounds per model (inference: 3×); default 25 for tiny, 7 otherwise")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}×{args.seq} tokens, "
-          f"rank {args.rank}, default target modules, medians of {args.repeats} (inference: "
-          f"{3 * args.repeats}) interleaved runs")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs (load average "
+          f"{load:.1f}: a busy machine makes every time noisy), batch {args.batch}×{args.seq} tokens, "
+          f"rank {args.rank}, default target modules; times: medians of interleaved rounds, ratio: median of "
+          f"per-round ratios")
     header = f"{'model':<8}{'params':>12}  {'':<36}{'peft_lab':>11}{'reference':>11}{'ratio':>8}  goal"
     print(header)
     print("-" * len(header))
     for name in args.models:
-        r = bench_model(name, args.rank, args.batch, args.seq, args.repeats)
+        repeats = args.repeats or (25 if name == "tiny" else 7)
+        r = bench_model(name, args.rank, args.batch, args.seq, repeats)
         if r is None:
             print(f"{name:<8}  (not available: build data/tiny first)")
             continue
-        t, i = r["train"], r["infer"]
-        rows = [("train step: peft_lab LoRA vs PEFT LoRA", t["peft_lab"], t["peft"], "<= 1.00"),
-                ("inference: merged vs base", i["merged"], i["base"], "<= 1.02"),
-                ("inference: merged+removed vs base", i["merged+removed"], i["base"], "<= 1.02")]
-        for k, (label, a, b, goal) in enumerate(rows):
+        rows = [("train step: peft_lab LoRA vs PEFT LoRA", r["train"], "peft_lab", "peft", "<= 1.00"),
+                ("inference: merged vs base", r["infer"], "merged", "base", "<= 1.02"),
+                ("inference: merged+removed vs base", r["infer"], "merged+removed", "base", "<= 1.02")]
+        for k, (label, times, a, b, goal) in enumerate(rows):
             first = f"{name:<8}{r['params']:>12,}" if k == 0 else " " * 20
-            print(f"{first}  {label:<36}{a * 1e3:>9.1f}ms{b * 1e3:>9.1f}ms{a / b:>8.3f}  {goal}")
+            ta, tb = statistics.median(times[a]), statistics.median(times[b])
+            print(f"{first}  {label:<36}{ta * 1e3:>9.1f}ms{tb * 1e3:>9.1f}ms{paired_ratio(times, a, b):>8.3f}  {goal}")
 
 
 if __name__ == "__main__":
