@@ -5,9 +5,10 @@ The public names below are what the notebooks use; each is documented where it i
 from .colab import REPO_URL
 from .data import collate, encode_task, encode_texts, evaluate_task, load_heldout, load_task, perplexity
 from .exercises import check
-from .measure import count_parameters, print_trainable_parameters
+from .measure import count_parameters, estimate_memory, measure_memory, print_trainable_parameters, time_fn
 from .models import build_from_config, load_base_model
 from .paths import data_dir, pick_device
+from .plots import plot_history, plot_memory, plot_parameters
 from .results import record
 from .train import History, train
 

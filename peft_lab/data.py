@@ -4,11 +4,10 @@ Examples are ``{"prompt": "review: ... verdict:", "answer": "good"}``. For train
 (label -100) and only the answer token plus the end-of-text token are supervised. For evaluation the model
 chooses between the candidate answers by their next-token logit, so accuracy has a clear chance level.
 
-``python -m peft_lab.data`` rewrites ``data/task/*.jsonl`` and ``data/heldout.jsonl`` from their seeds.
+``python -m peft_lab.build_data`` rewrites ``data/task/*.jsonl`` and ``data/heldout.jsonl`` from their seeds.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import Counter
@@ -27,7 +26,7 @@ def load_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"data file not found: {path}. Rebuild the task data with `python -m peft_lab.data`, "
+            f"data file not found: {path}. Rebuild the task data with `python -m peft_lab.build_data`, "
             "or set PEFT_LAB_DATA to the repository's data/ folder."
         )
     with path.open(encoding="utf-8") as f:
@@ -190,13 +189,3 @@ def build_task_files(out: Path | None = None) -> dict[str, int]:
     write_jsonl([{"text": t} for t in generate_corpus(n, seed)], out / "heldout.jsonl")
     sizes["heldout"] = n
     return sizes
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Rebuild data/task/*.jsonl and data/heldout.jsonl")
-    ap.add_argument("--out", type=Path, default=None)
-    print(build_task_files(ap.parse_args(argv).out))
-
-
-if __name__ == "__main__":
-    main()

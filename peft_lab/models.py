@@ -4,6 +4,11 @@ Notebook 00 ("Real architectures on the meta device") and 01 ("The tiny model").
 """
 from __future__ import annotations
 
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
@@ -50,6 +55,7 @@ def build_from_config(name, device: str | torch.device = "meta", dtype: torch.dt
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
+    _set_loss_type(model)
     return model.eval()
 
 
@@ -73,15 +79,41 @@ def load_base_model(name: str = TINY, device: str | torch.device | None = None,
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string, got {name!r}")
     source = _tiny_dir() if name == TINY else name
+    kwargs = {"dtype": dtype} if dtype else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, **({"dtype": dtype} if dtype else {}))
+        try:  # a local folder, or a hub model already in the local cache: no network needed
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
+        except OSError:
+            if Path(str(source)).exists() or not _hub_reachable():
+                raise  # fail at once rather than after the hub client's retries
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise OSError(
-            f"could not load {name!r}: it is not a local folder and the Hugging Face Hub could not provide "
-            "it (no network, or no such model id). Offline, use the shipped model: "
+            f"could not load {name!r}: it is not a local folder or cached model, and the Hugging Face Hub "
+            "could not provide it (no network, or no such model id). Offline, use the shipped model: "
             'load_base_model("tiny").'
         ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _set_loss_type(model)
     return model.to(pick_device(device)).eval(), tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers at all (offline machines fail in well under a second)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _set_loss_type(model) -> None:
+    # GPT-2's class name does not tell transformers which loss to use; say it, and skip a warning per model.
+    if getattr(model, "loss_type", None) is None and hasattr(model, "loss_type"):
+        model.loss_type = "ForCausalLM"

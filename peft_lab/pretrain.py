@@ -111,7 +111,7 @@ Load it with `AutoModelForCausalLM.from_pretrained("data/tiny")` or `peft_lab.lo
 - **Not** trained on the review task (`data/task/`): its `review: ... verdict:` format never occurs in
   the corpus.
 
-Reproduce: `python -m peft_lab.data && python -m peft_lab.pretrain --out data/tiny`
+Reproduce: `python -m peft_lab.build_data && python -m peft_lab.pretrain --out data/tiny`
 (figures in `pretrain_stats.json`).
 """
 

@@ -48,7 +48,7 @@ def test_bad_split_and_missing_files(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="unknown split"):
         load_task("dev")
     monkeypatch.setenv("PEFT_LAB_DATA", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="python -m peft_lab.data"):
+    with pytest.raises(FileNotFoundError, match="python -m peft_lab.build_data"):
         load_task("train")
     monkeypatch.setenv("PEFT_LAB_DATA", str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="not a folder"):
