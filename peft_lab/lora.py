@@ -39,7 +39,7 @@ from transformers.pytorch_utils import Conv1D
 __all__ = [
     "DEFAULT_TARGET_MODULES", "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora",
     "disable_lora", "remove_lora", "lora_layers", "lora_state_dict", "load_lora_state_dict", "lora_config",
-    "matches_target",
+    "matches_target", "lora_scaling", "SUPPORTED_LAYERS",
 ]
 
 #: Layer types LoRA can wrap here.

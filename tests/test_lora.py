@@ -300,6 +300,19 @@ def test_matching_rule():
     assert [n for n, _ in lora_layers(model)] == ["transformer.h.1.attn.c_attn"]
 
 
+def test_half_precision_base_gets_float32_adapter():
+    model = apply_lora(small_gpt2().to(torch.bfloat16), rank=4)
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    randomise_lora(model)
+    ids = input_ids()
+    out = model(ids).logits
+    assert out.dtype == torch.bfloat16
+    merge_lora(model)
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert (model(ids).logits.float() - out.float()).abs().max() < 0.1  # bf16 rounding of the merged W
+
+
 def test_meta_device_counts():
     model = apply_lora(peft_lab.build_from_config("llama-7b", device="meta"), rank=8)
     # 32 layers × (q_proj + v_proj) × r (d_in + d_out), equation (02.5)
