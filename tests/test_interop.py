@@ -17,6 +17,15 @@ from peft_lab.lora import apply_lora, lora_config, lora_layers, lora_state_dict
 VOCAB = 100
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are small: one thread is as fast, and stays fast when other processes load the CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_gpt2(width: int = 64, seed: int = 0):
     cfg = GPT2Config(n_layer=2, n_embd=width, n_head=4, vocab_size=VOCAB, n_positions=64,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)

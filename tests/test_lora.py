@@ -19,6 +19,15 @@ from peft_lab.measure import print_trainable_parameters
 VOCAB = 100
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are small: one thread is as fast, and stays fast when other processes load the CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_gpt2(seed: int = 0):
     """A random 2-layer GPT-2, width 64 (Conv1D layers)."""
     cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64,
