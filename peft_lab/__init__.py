@@ -5,6 +5,9 @@ The public names below are what the notebooks use; each is documented where it i
 from .colab import REPO_URL
 from .data import collate, encode_task, encode_texts, evaluate_task, load_heldout, load_task, perplexity
 from .exercises import check
+from .interop import export_peft_adapter, import_peft_adapter
+from .lora import (LoRAConfig, LoRALinear, apply_lora, disable_lora, load_lora_state_dict, lora_config,
+                   lora_layers, lora_scaling, lora_state_dict, merge_lora, remove_lora, unmerge_lora)
 from .measure import count_parameters, estimate_memory, measure_memory, print_trainable_parameters, time_fn
 from .models import build_from_config, load_base_model
 from .paths import data_dir, pick_device

@@ -76,6 +76,16 @@ def test_load_base_model_missing_folder_points_to_tiny(monkeypatch):
     assert time.perf_counter() - start < 10, "a missing local folder must fail fast, not wait on the network"
 
 
+def test_load_base_model_unreachable_hub_id_fails_fast(monkeypatch):
+    """A hub id with no network (simulated with a host that cannot resolve): a clear error within seconds."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    start = time.perf_counter()
+    with pytest.raises(OSError, match='load_base_model\\("tiny"\\)'):
+        load_base_model("no-such-org/no-such-model", device="cpu")
+    assert time.perf_counter() - start < 10
+
+
 def test_print_trainable_parameters_matches_peft(capsys):
     from peft import LoraConfig, get_peft_model
 
