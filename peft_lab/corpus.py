@@ -4,13 +4,16 @@ Notebook 01, section "How the corpus and the task were made". Everything here is
 file from a seed, so the data in ``data/`` can be rebuilt bit for bit and no third-party text is shipped.
 
 * :func:`generate_corpus` writes short stories, descriptions and dialogues. Opinions appear inside stories
-  ("mia said the soup was not warm ."), so the pretrained model knows the adjectives and negations.
+  ("the soup was not warm , so mia felt sad ."): the feeling that follows agrees with the opinion, so the
+  pretrained model learns the adjectives' polarity and what negation does to it, without any label.
 * :func:`generate_task` writes *reviews* in a format the corpus never shows::
 
-      review: the soup was not warm . the waiter was very kind . the room was dirty . verdict: bad
+      review: the soup was warm . the waiter was very rude . the room was dirty . verdict: bad
 
-  The verdict is the majority of the clause polarities, where "not"/"never" flip a clause. The model has to
-  learn both a new format (answer after ``verdict:``) and a small computation (negation + majority vote).
+  The verdict is the majority of the clause polarities. The model has to learn a new format (answer after
+  ``verdict:``) and a small computation (judge each adjective, take the majority vote). With
+  ``negation_rate > 0`` clauses may be negated ("was not warm" counts as negative): a harder variant that a
+  tiny model learns far more slowly (the shipped task uses 0; notebook 01 shows why).
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ def _opinion(rng: random.Random, with_polarity: bool = False):
     """An opinion clause as it appears inside stories; polarity words and negation in free text."""
     positive = rng.random() < 0.5
     adj = _a(rng, POSITIVE if positive else NEGATIVE)
-    negated = rng.random() < 0.35
+    negated = rng.random() < 0.4
     neg = _a(rng, NEGATORS) + " " if negated else ""
     inten = _a(rng, INTENSIFIERS) + " " if rng.random() < 0.25 else ""
     text = f"the {_a(rng, ASPECTS)} was {neg}{inten}{adj}"
@@ -79,13 +82,14 @@ def _story(rng: random.Random) -> str:
             s.append(f"{who} {_a(rng, ACTIONS)} {_np(rng)} near the {_a(rng, PLACES)} .")
         elif r < 0.4:
             s.append(f"{a} met {b} and they {_a(rng, MOTION)} to the {place2} .")
-        elif r < 0.6:
+        elif r < 0.5:
             speaker = _a(rng, [a, b])
             s.append(f"{speaker} said {_opinion(rng)} .")
         elif r < 0.75:
-            # The feeling agrees with the opinion, so sentiment is latent in the corpus (never labelled).
+            # The feeling follows the opinion and agrees with it, so predicting it means working out the
+            # opinion's polarity (negation included): sentiment is latent in the corpus, never labelled.
             text, good = _opinion(rng, with_polarity=True)
-            s.append(f"{who} felt {_a(rng, GOOD_FEELINGS if good else BAD_FEELINGS)} because {text} .")
+            s.append(f"{text} , so {who} felt {_a(rng, GOOD_FEELINGS if good else BAD_FEELINGS)} .")
         elif r < 0.88:
             s.append(f"{a} gave {b} {_np(rng)} .")
         else:
@@ -113,7 +117,9 @@ def _dialogue(rng: random.Random) -> str:
     obj, place = _a(rng, OBJECTS), _a(rng, PLACES)
     turns = [f"{a} : where is the {obj} ?", f"{b} : it is in the {place} ."]
     if rng.random() < 0.7:
-        turns += [f"{a} : how was the {place} ?", f"{b} : {_opinion(rng)} ."]
+        text, good = _opinion(rng, with_polarity=True)
+        turns += [f"{a} : how was the {place} ?", f"{b} : {text} .",
+                  f"{a} : {'i am glad' if good else 'i am sorry'} to hear that ."]
     if rng.random() < 0.5:
         turns += [f"{a} : thank you {b} .", f"{b} : you are welcome ."]
     return " ".join(turns)
@@ -128,11 +134,11 @@ def generate_corpus(n_docs: int, seed: int = 0) -> list[str]:
     return [rng.choice(kinds)(rng) for _ in range(n_docs)]
 
 
-def _review_clause(rng: random.Random) -> tuple[str, int]:
+def _review_clause(rng: random.Random, negation_rate: float) -> tuple[str, int]:
     """One judged clause and its polarity (+1 / -1): adjective polarity, flipped by a negator."""
     positive = rng.random() < 0.5
     adj = _a(rng, POSITIVE if positive else NEGATIVE)
-    negated = rng.random() < 0.4
+    negated = rng.random() < negation_rate
     neg = _a(rng, NEGATORS) + " " if negated else ""
     inten = _a(rng, INTENSIFIERS) + " " if rng.random() < 0.2 else ""
     polarity = (1 if positive else -1) * (-1 if negated else 1)
@@ -144,20 +150,23 @@ def review_prompt(clauses: list[str]) -> str:
     return "review: " + " ".join(clauses) + " verdict:"
 
 
-def generate_task(n: int, seed: int, num_clauses: int = 3) -> list[dict]:
+def generate_task(n: int, seed: int, num_clauses: int = 3, negation_rate: float = 0.0) -> list[dict]:
     """``n`` review examples ``{"prompt", "answer"}``, labels balanced, deterministic in ``seed``.
 
-    ``num_clauses`` must be odd so that the majority vote never ties.
+    ``num_clauses`` must be odd so that the majority vote never ties; ``negation_rate`` is the chance that a
+    clause is negated (which flips its polarity).
     """
     if num_clauses < 1 or num_clauses % 2 == 0:
         raise ValueError(f"num_clauses must be a positive odd number, got {num_clauses}")
+    if not 0.0 <= negation_rate <= 1.0:
+        raise ValueError(f"negation_rate must be in [0, 1], got {negation_rate}")
     rng = random.Random(seed)
     out: list[dict] = []
     want = [VERDICTS[i % 2] for i in range(n)]  # exactly balanced, then shuffled
     rng.shuffle(want)
     for target in want:
         while True:
-            pairs = [_review_clause(rng) for _ in range(num_clauses)]
+            pairs = [_review_clause(rng, negation_rate) for _ in range(num_clauses)]
             verdict = "good" if sum(p for _, p in pairs) > 0 else "bad"
             if verdict == target:
                 break
