@@ -56,7 +56,7 @@ def load_heldout(n: int | None = None) -> list[str]:
 
 
 def _check_tokenizer(tokenizer) -> None:
-    if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
+    if not callable(getattr(tokenizer, "encode", None)) or not hasattr(tokenizer, "eos_token_id"):
         raise TypeError(f"expected a Hugging Face tokenizer, got {type(tokenizer).__name__}")
 
 
