@@ -7,6 +7,16 @@ matplotlib.use("Agg")
 os.environ.setdefault("PEFT_LAB_QUIET", "1")  # no progress bars in test logs
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models run as fast on one thread, and stay fast when other processes load the CPUs."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The shipped offline model and tokenizer, loaded once per test session."""

@@ -8,44 +8,15 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import GPT2Config, LlamaConfig
 
 import peft_lab
 from peft_lab.interop import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, import_peft_adapter
 from peft_lab.lora import apply_lora, lora_config, lora_layers, lora_state_dict
 
-VOCAB = 100
+from builders import MODELS, VOCAB, small_gpt2, small_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are small: one thread is as fast, and stays fast when other processes load the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def small_gpt2(width: int = 64, seed: int = 0):
-    cfg = GPT2Config(n_layer=2, n_embd=width, n_head=4, vocab_size=VOCAB, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return peft_lab.build_from_config(cfg, device="cpu", seed=seed)
-
-
-def small_llama(seed: int = 0):
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return peft_lab.build_from_config(cfg, device="cpu", seed=seed)
-
-
-def tiny_or_skip():
-    if not (peft_lab.data_dir() / "tiny" / "config.json").is_file():
-        pytest.skip("data/tiny is not built yet")
-    return peft_lab.load_base_model("tiny", device="cpu")[0]
-
-
-MODELS = {"gpt2": small_gpt2, "llama": small_llama, "tiny": tiny_or_skip}
+pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
 
 

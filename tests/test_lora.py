@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import peft_lab
@@ -16,42 +16,14 @@ from peft_lab.lora import (DEFAULT_TARGET_MODULES, LoRALinear, apply_lora, disab
                            unmerge_lora)
 from peft_lab.measure import print_trainable_parameters
 
-VOCAB = 100
+from builders import MODELS, VOCAB, small_gpt2, small_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are small: one thread is as fast, and stays fast when other processes load the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def small_gpt2(seed: int = 0):
-    """A random 2-layer GPT-2, width 64 (Conv1D layers)."""
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return peft_lab.build_from_config(cfg, device="cpu", seed=seed)
-
-
-def small_llama(seed: int = 0):
-    """A random 2-layer LLaMA, hidden 64 (nn.Linear layers)."""
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return peft_lab.build_from_config(cfg, device="cpu", seed=seed)
-
-
-def tiny_or_skip():
-    if not (peft_lab.data_dir() / "tiny" / "config.json").is_file():
-        pytest.skip("data/tiny is not built yet")
-    model, _ = peft_lab.load_base_model("tiny", device="cpu")
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(kind: str):
-    return {"gpt2": small_gpt2, "llama": small_llama, "tiny": tiny_or_skip}[kind]()
+    return MODELS[kind]()
 
 
 def randomise_lora(model, seed: int = 1, std: float = 0.02):

@@ -1,0 +1,31 @@
+"""Small models shared by the LoRA and interop tests (random init, no download)."""
+from __future__ import annotations
+
+from transformers import GPT2Config, LlamaConfig
+
+import peft_lab
+
+VOCAB = 100
+
+
+def small_gpt2(width: int = 64, seed: int = 0):
+    """A random 2-layer GPT-2 (Conv1D layers)."""
+    cfg = GPT2Config(n_layer=2, n_embd=width, n_head=4, vocab_size=VOCAB, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return peft_lab.build_from_config(cfg, device="cpu", seed=seed)
+
+
+def small_llama(seed: int = 0):
+    """A random 2-layer LLaMA, hidden 64 (nn.Linear layers)."""
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return peft_lab.build_from_config(cfg, device="cpu", seed=seed)
+
+
+def tiny():
+    """The shipped model (always present in data/; a missing one is a failure, not a skip)."""
+    return peft_lab.load_base_model("tiny", device="cpu")[0]
+
+
+MODELS = {"gpt2": small_gpt2, "llama": small_llama, "tiny": tiny}
