@@ -7,6 +7,7 @@ from transformers import GPT2Config
 
 from peft_lab.measure import count_parameters, print_trainable_parameters
 from peft_lab.models import build_from_config, load_base_model
+from peft_lab.paths import data_dir
 
 # Counted by building each architecture (meta device) and cross-checked against the published sizes:
 # GPT-2 124M/355M/774M/1.5B (Radford et al. 2019), LLaMA-2 7B (Touvron et al. 2023).
@@ -97,3 +98,13 @@ def test_print_trainable_parameters_matches_peft(capsys):
     ours = capsys.readouterr().out.strip()
     assert ours == peft_line
     assert ours == "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
+
+
+def test_load_base_model_from_any_folder(tmp_path, small_gpt2):
+    """The non-"tiny" path (a hub id online) goes through from_pretrained; a local folder exercises it."""
+    from transformers import AutoTokenizer
+    small_gpt2.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(data_dir() / "tiny").save_pretrained(tmp_path)
+    model, tok = load_base_model(str(tmp_path), device="cpu")
+    assert not model.training and tok.pad_token is not None
+    assert count_parameters(model) == count_parameters(small_gpt2)
