@@ -4,8 +4,9 @@ Notebook 01, section "How the corpus and the task were made". Everything here is
 file from a seed, so the data in ``data/`` can be rebuilt bit for bit and no third-party text is shipped.
 
 * :func:`generate_corpus` writes short stories, descriptions and dialogues. Opinions appear inside stories
-  ("the soup was not warm , so mia felt sad ."): the feeling that follows agrees with the opinion, so the
-  pretrained model learns the adjectives' polarity and what negation does to it, without any label.
+  ("the soup was cold , so mia felt sad ."): the feeling that follows agrees with the opinion, and a mood
+  follows several opinions by majority, so the pretrained model learns the adjectives' polarity without any
+  label. Negations ("was not warm") occur in free opinions.
 * :func:`generate_task` writes *reviews* in a format the corpus never shows::
 
       review: the soup was warm . the waiter was very rude . the room was dirty . verdict: bad
@@ -60,11 +61,11 @@ def _np(rng: random.Random) -> str:
     return " ".join(["the", *mods, noun])
 
 
-def _opinion(rng: random.Random, with_polarity: bool = False):
+def _opinion(rng: random.Random, with_polarity: bool = False, negation_rate: float = 0.4):
     """An opinion clause as it appears inside stories; polarity words and negation in free text."""
     positive = rng.random() < 0.5
     adj = _a(rng, POSITIVE if positive else NEGATIVE)
-    negated = rng.random() < 0.4
+    negated = rng.random() < negation_rate
     neg = _a(rng, NEGATORS) + " " if negated else ""
     inten = _a(rng, INTENSIFIERS) + " " if rng.random() < 0.25 else ""
     text = f"the {_a(rng, ASPECTS)} was {neg}{inten}{adj}"
@@ -88,7 +89,7 @@ def _story(rng: random.Random) -> str:
         elif r < 0.75:
             # The feeling follows the opinion and agrees with it, so predicting it means working out the
             # opinion's polarity (negation included): sentiment is latent in the corpus, never labelled.
-            text, good = _opinion(rng, with_polarity=True)
+            text, good = _opinion(rng, with_polarity=True, negation_rate=0.0)
             s.append(f"{text} , so {who} felt {_a(rng, GOOD_FEELINGS if good else BAD_FEELINGS)} .")
         elif r < 0.88:
             s.append(f"{a} gave {b} {_np(rng)} .")
@@ -106,7 +107,12 @@ def _description(rng: random.Random) -> str:
         if r < 0.4:
             s.append(f"there is {_np(rng)} next to {_np(rng)} .")
         elif r < 0.7:
-            s.append(f"{_opinion(rng)} and {_opinion(rng)} .")
+            # Several opinions, then the mood they add up to (the majority): aggregation is in the corpus
+            # too, only never in the review format nor with a good/bad verdict.
+            ops = [_opinion(rng, with_polarity=True, negation_rate=0.0) for _ in range(3)]
+            good = sum(g for _, g in ops) >= 2
+            mood = _a(rng, GOOD_FEELINGS if good else BAD_FEELINGS)
+            s.append(f"{ops[0][0]} , {ops[1][0]} and {ops[2][0]} , so people were {mood} .")
         else:
             s.append(f"people say {_opinion(rng)} .")
     return " ".join(s)
@@ -117,7 +123,7 @@ def _dialogue(rng: random.Random) -> str:
     obj, place = _a(rng, OBJECTS), _a(rng, PLACES)
     turns = [f"{a} : where is the {obj} ?", f"{b} : it is in the {place} ."]
     if rng.random() < 0.7:
-        text, good = _opinion(rng, with_polarity=True)
+        text, good = _opinion(rng, with_polarity=True, negation_rate=0.0)
         turns += [f"{a} : how was the {place} ?", f"{b} : {text} .",
                   f"{a} : {'i am glad' if good else 'i am sorry'} to hear that ."]
     if rng.random() < 0.5:
