@@ -77,8 +77,8 @@ def encode_texts(texts: list[str], tokenizer, max_length: int | None = None) -> 
     """Plain language-modelling examples (every token supervised), each ending in EOS."""
     _check_tokenizer(tokenizer)
     out = []
-    for t in texts:
-        ids = (tokenizer.encode(t) + [tokenizer.eos_token_id])[:max_length]
+    for ids in tokenizer(list(texts))["input_ids"] if texts else []:  # one batched call: fast tokenizers
+        ids = (ids + [tokenizer.eos_token_id])[:max_length]
         out.append({"input_ids": ids, "labels": list(ids)})
     return out
 
