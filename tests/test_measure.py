@@ -136,3 +136,9 @@ def test_time_fn():
         time_fn(lambda: None, repeats=0)
     with pytest.raises(TypeError):
         time_fn(42)
+
+
+def test_count_parameters_rejects_non_modules():
+    from peft_lab.measure import count_parameters
+    with pytest.raises(TypeError, match="nn.Module"):
+        count_parameters({"weight": 1})
