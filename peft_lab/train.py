@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -35,9 +35,6 @@ class History:
     @property
     def seconds(self) -> float:
         return self.wall_time[-1] if self.wall_time else 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _quiet() -> bool:
