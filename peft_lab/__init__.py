@@ -12,7 +12,7 @@ from .measure import count_parameters, estimate_memory, measure_memory, print_tr
 from .models import build_from_config, load_base_model
 from .paths import data_dir, pick_device
 from .plots import plot_history, plot_memory, plot_parameters
-from .results import record
+from .results import record, save_figure
 from .train import History, train
 
 __version__ = "0.1.0"
