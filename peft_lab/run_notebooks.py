@@ -59,7 +59,7 @@ def execute(path: Path, timeout: int = 600, quiet: bool = True) -> tuple[nbforma
         if quiet:
             os.environ[QUIET_VAR] = "1"
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", config=_kernel_config(tmp),
-                                store_widget_state=False, resources={"metadata": {"path": str(path.parent)}})
+                                resources={"metadata": {"path": str(path.parent)}})
         start, error = time.perf_counter(), None
         try:
             client.execute()
