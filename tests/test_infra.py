@@ -174,6 +174,11 @@ def test_committed_outputs_are_clean(path):
                 problems.append(f"cell {i}: progress-bar text in its output")
             if out.output_type == "execute_result" and out.data.get("text/plain") in ("True", "False", "None"):
                 problems.append(f"cell {i}: an echoed {out.data['text/plain']} (end the line with ';')")
+        code = [ln for ln in cell.source.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        if "# NBVAL_CHECK_OUTPUT" in cell.source and code and code[-1].split("#")[0].rstrip().endswith(";"):
+            # nbval runs cells without storing history, and IPython then ignores the ';': the value is
+            # printed and the cell fails. Assign it (`_ = ...`) or assert it instead.
+            problems.append(f"cell {i}: a checked cell ends in ';' (nbval prints the value anyway)")
     assert not problems, (f"{path.relative_to(ROOT)}: " + "; ".join(problems)
                           + " — re-execute with python -m peft_lab.run_notebooks --inplace")
 
