@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -191,9 +192,16 @@ def spread(values) -> tuple[float, float, float]:
 def trainable_count(name: str, arch) -> int:
     """The method's trainable parameters on architecture ``arch`` (a name of ``build_from_config`` or a
     config), counted by applying the method itself to the model built on the meta device (nothing allocated)."""
+    if isinstance(arch, str):
+        return _trainable_on_named(name, arch)
     from .models import build_from_config
-    model = METHODS[name].apply(build_from_config(arch, device="meta"), None)
-    return count_parameters(model)[0]
+    return count_parameters(METHODS[name].apply(build_from_config(arch, device="meta"), None))[0]
+
+
+@lru_cache(maxsize=None)
+def _trainable_on_named(name: str, arch: str) -> int:
+    from .models import build_from_config
+    return count_parameters(METHODS[name].apply(build_from_config(arch, device="meta"), None))[0]
 
 
 def calculator(name: str, arch, batch_size: int = 1, seq_len: int = 128, precision: str = "fp32") -> dict:
@@ -205,7 +213,7 @@ def calculator(name: str, arch, batch_size: int = 1, seq_len: int = 128, precisi
         raise ValueError(f"the calculator has no formula for {name!r}; known: {CALCULATOR_METHODS}")
     config = architecture_config(arch) if isinstance(arch, str) else arch
     trainable = None if name == "full FT" else trainable_count(name, arch)
-    return estimate_memory(config, trainable_params=trainable, batch_size=batch_size, seq_len=seq_len,
+    return estimate_memory(arch, trainable_params=trainable, batch_size=batch_size, seq_len=seq_len,
                            precision=precision, method=spec.memory(config))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import lru_cache
 from collections.abc import Callable, Mapping
 
 import torch
@@ -333,6 +334,17 @@ _LLAMA_STAGES = {"self_attn.q_proj": 1, "self_attn.k_proj": 1, "self_attn.v_proj
 _METHOD_KINDS = ("full", "lora", "pfeiffer", "houlsby", "prefix", "prompt")
 
 
+def _count_on_meta(model) -> tuple[object, int]:
+    return model.config, sum(p.numel() for p in model.parameters())
+
+
+@lru_cache(maxsize=None)
+def _meta_size(name: str) -> tuple[object, int]:
+    """``(config, parameter count)`` of a named architecture, built once on the meta device."""
+    from .models import build_from_config
+    return _count_on_meta(build_from_config(name, device="meta"))
+
+
 def estimate_memory(name_or_config, trainable_params: int | None = None, batch_size: int = 1,
                     seq_len: int | None = None, precision: str = "fp32",
                     method: Mapping | None = None) -> dict[str, int]:
@@ -376,10 +388,8 @@ def estimate_memory(name_or_config, trainable_params: int | None = None, batch_s
                          "(e.g. from count_parameters after applying it)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
         raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
-    model = build_from_config(name_or_config, device="meta")
-    config = model.config
-    total = sum(p.numel() for p in model.parameters())
-    del model
+    config, total = (_meta_size(name_or_config) if isinstance(name_or_config, str)
+                     else _count_on_meta(build_from_config(name_or_config, device="meta")))
     if trainable_params is None:
         trainable_params = total
     if isinstance(trainable_params, bool) or not isinstance(trainable_params, int) \
