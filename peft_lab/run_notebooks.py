@@ -22,7 +22,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from .results import ENV_VAR
+from .results import ENV_VAR, FIGURES_VAR
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET_VAR = "PEFT_LAB_QUIET"  # read by peft_lab.train: no tqdm bar
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         ap.error(f"no such notebook: {', '.join(missing)}")
+    if args.out:  # notebooks save their plots here through peft_lab.save_figure (the kernel inherits it)
+        os.environ[FIGURES_VAR] = str((args.out / "figures").resolve())
     summary: dict[str, dict] = {}
     for path in paths:
         name = str(path.relative_to(ROOT / "notebooks")) if path.is_relative_to(ROOT / "notebooks") \
