@@ -83,7 +83,7 @@ _LAYER_CASES = [
     (16, 24, 4, 8.0, False, (5, 16)),
     (32, 8, 1, 2.0, True, (2, 3, 32)),
     (7, 13, 3, 5.0, False, (4, 7)),
-    (64, 64, 16, 16.0, True, (2, 5, 64)),
+    (64, 64, 16, 8.0, True, (2, 5, 64)),
 ]
 
 
@@ -155,23 +155,23 @@ def _check_layer_case(cls, case, seed: int) -> str | None:
     expected = ref(x)
     if out.shape != expected.shape:
         return f"the output has shape {tuple(out.shape)}, expected {tuple(expected.shape)} {where}"
-    tol = 1e-5 * (1 + float(expected.abs().max()))
-    if float((out - expected).abs().max()) > tol:
+    tol = 1e-5 * (1 + float(expected.detach().abs().max()))
+    if float((out - expected).detach().abs().max()) > tol:
         branch = (x @ A.T @ B.T).detach()
         s_right = lora_scaling(r, alpha, rs)
-        guesses = {alpha / r: "α/r", alpha / math.sqrt(r): "α/√r", 1.0: "no scaling (s = 1)", alpha: "α itself"}
-        for s, label in guesses.items():
+        guesses = [(alpha / r, "α/r"), (alpha / math.sqrt(r), "α/√r"), (1.0, "no scaling (s = 1)"), (alpha, "α itself")]
+        for s, label in guesses:
             if not math.isclose(s, s_right) and torch.allclose(out.detach(), base(x).detach() + s * branch, atol=tol):
                 want = "α/√r (use_rslora=True)" if rs else "α/r"
                 return f"the branch is scaled by {label} {where}; equation (02.6) asks for s = {want} = {s_right:g}"
-        return f"the output differs from base(x) + s·B(Ax) {where} (max |Δ| = {float((out - expected).abs().max()):.2e})"
+        return f"the output differs from base(x) + s·B(Ax) {where} (max |Δ| = {float((out - expected).detach().abs().max()):.2e})"
     g = torch.randn(expected.shape)
     (out * g).sum().backward()
     (expected * g).sum().backward()
     for name, mine, theirs in (("A", A, ref.lora_A.weight), ("B", B, ref.lora_B.weight)):
         if mine.grad is None:
             return f"no gradient reached {name}: use the parameter itself in forward (not .data or .detach())"
-        if not torch.allclose(mine.grad, theirs.grad, atol=1e-4 * (1 + float(theirs.grad.abs().max()))):
+        if not torch.allclose(mine.grad, theirs.grad, atol=1e-4 * (1 + float(theirs.grad.detach().abs().max()))):
             return f"the gradient of {name} differs from LoRALinear's {where} (equation 02.4)"
 
     if not callable(getattr(layer, "merge", None)):
