@@ -174,7 +174,8 @@ def test_equal_to_the_committed_adapterhub_reference(placement):
     model = import_adapterhub_adapter(peft_lab.load_base_model("tiny", device="cpu")[0], REFERENCE / placement)
     assert adapter_config(model).placement == placement
     diff = (model(ref["input_ids"]).logits - ref["logits"]).abs().max().item()
-    assert diff <= 1e-6, f"max |Δlogits| = {diff}"
+    # 1e-5, not 1e-6: the committed logits may come from another CPU's kernels (the floor env checks 1e-6 live)
+    assert diff <= 1e-5, f"max |Δlogits| = {diff}"
 
 
 @pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "parallel"])
