@@ -5,15 +5,15 @@ The equations of notebook 03 ("Adapters"), for a model of width ``d`` and a bott
 * (03.1) the bottleneck ``f(h) = W_up · act(W_down · h + b_down) + b_up``, ``W_down: m × d``, ``W_up: d × m``;
   ``m = d / reduction_factor``
 * (03.2) trainable parameters per adapter: ``2 m d + m + d`` (two weights, two biases)
-* (03.3) placement in a pre-LN block with ``x₁ = x + a`` (``a`` the attention output) and ``m_out`` the
-  feed-forward (MLP) output:
+* (03.3) placement in a pre-LN block with ``x₁ = x + a`` (``a`` the attention output) and ``y`` the
+  feed-forward (MLP) output (``m`` is the bottleneck size):
 
   - Houlsby (two adapters per block, on each sublayer's output before its residual add):
-    ``x₁ = (f_a(a) + a) + x``,  ``out = (f_m(m_out) + m_out) + x₁``
-  - Pfeiffer (one adapter per block, after the MLP, fed the block's usual output ``z = m_out + x₁``):
-    ``out = (f(z) + m_out) + x₁``
+    ``x₁ = (f_a(a) + a) + x``,  ``out = (f_y(y) + y) + x₁``
+  - Pfeiffer (one adapter per block, after the MLP, fed the block's usual output ``z = y + x₁``):
+    ``out = (f(z) + y) + x₁``
   - parallel (one adapter beside the MLP, fed the MLP's input stream ``x₁``, scaled by ``s``):
-    ``out = (s · f(x₁) + m_out) + x₁``
+    ``out = (s · f(x₁) + y) + x₁``
 
 * (03.4) init ``"zeros"``: ``W_up = 0, b_up = 0`` (``W_down`` kaiming-uniform, ``b_down = 0``), so ``f ≡ 0`` and the
   model is *exactly* the base model at step 0. ``"bert"`` (AdapterHub's default) draws both weights from
