@@ -2,10 +2,14 @@
 
 The public names below are what the notebooks use; each is documented where it is defined.
 """
+from .adapters import (AdapterConfig, BottleneckAdapter, adapter_config, adapter_layers, adapters_state_dict,
+                       apply_adapters, disable_adapters, load_adapters, load_adapters_state_dict, remove_adapters,
+                       save_adapters)
 from .colab import REPO_URL
 from .data import collate, encode_task, encode_texts, evaluate_task, load_heldout, load_task, perplexity
 from .exercises import check
 from .interop import export_peft_adapter, import_peft_adapter
+from .interop_adapterhub import export_adapterhub_adapter, import_adapterhub_adapter
 from .lora import (LoRAConfig, LoRALinear, apply_lora, disable_lora, load_lora_state_dict, lora_config,
                    lora_layers, lora_scaling, lora_state_dict, merge_lora, remove_lora, unmerge_lora)
 from .measure import count_parameters, estimate_memory, measure_memory, print_trainable_parameters, time_fn
