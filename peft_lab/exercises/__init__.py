@@ -51,6 +51,8 @@ def exercises(notebook: str | None = None) -> list[Exercise]:
 def check(id: str, answer: Any, verbose: bool = True) -> bool:
     """Check ``answer`` for exercise ``id``; print "Right"/"Not yet" with the reason; return the verdict."""
     _load_all()
+    if not isinstance(id, str):
+        raise TypeError(f"id must be the exercise's id as a string, e.g. check(\"02.2\", answer), got {id!r}")
     if id not in _REGISTRY:
         raise KeyError(f"no exercise {id!r}; known: {sorted(_REGISTRY)}")
     if answer is None or answer is ...:
@@ -69,7 +71,10 @@ def check(id: str, answer: Any, verbose: bool = True) -> bool:
 
 def number(answer: Any, expected: float, *, rel_tol: float = 1e-2, unit: str = "",
            mistakes: dict[float, str] | None = None, explain: str = "") -> tuple[bool, str]:
-    """Helper for numeric exercises: accept within ``rel_tol``; name a known mistake if the answer hits one."""
+    """Helper for numeric exercises: accept within ``rel_tol``; name a known mistake if the answer hits one.
+    numpy and torch scalars (``np.int64``, ``np.float32``, a 0-d tensor) count as the numbers they hold."""
+    from ..validate import as_python_number
+    answer = as_python_number(answer)
     if isinstance(answer, bool) or not isinstance(answer, (int, float)):
         raise TypeError(f"expected a number, got {type(answer).__name__}")
     if math.isclose(answer, expected, rel_tol=rel_tol):
