@@ -36,7 +36,7 @@ def architecture_config(name: str):
     if name == TINY:
         return AutoConfig.from_pretrained(_tiny_dir())
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {[TINY, *ARCHITECTURES]}")
+        raise ValueError(f"unknown architecture name={name!r}; choose one of {[TINY, *ARCHITECTURES]}")
     cls, kwargs = ARCHITECTURES[name]
     config = cls(**kwargs)
     if cls is GPT2Config:  # dropout off, as in the tiny model, so runs are deterministic and comparable

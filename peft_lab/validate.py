@@ -75,7 +75,7 @@ def _fail(error: type, name: str, value: Any, expected: str, fix: str = "") -> N
 def as_python_number(value: Any) -> Any:
     """A numpy or torch scalar (or 0-d array/tensor) as a Python ``int``/``float``/``bool``; anything else
     unchanged. Used where a number is expected, before the ``isinstance`` checks."""
-    if isinstance(value, (bool, int, float)):
+    if type(value) in (bool, int, float):  # exact types: np.float64 subclasses float and is converted below
         return value
     if isinstance(value, torch.Tensor) or (hasattr(value, "ndim") and hasattr(value, "item")):
         if getattr(value, "ndim", None) == 0:
@@ -219,7 +219,7 @@ def _require_list(name: str, value: Any, what: str, fix: str) -> list:
               "a single string is a sequence of characters, each of which would be taken as one item; "
               f"wrap it in a list: [{name}]" if isinstance(value, str) else fix)
     if isinstance(value, Mapping):
-        _fail(TypeError, name, value, f"a list of {what}", fix or f"wrap a single one in a list: [{name}]")
+        _fail(TypeError, name, value, f"a list of {what}", f"for a single one, wrap it in a list: [{name}]")
     if isinstance(value, torch.Tensor) or not hasattr(value, "__iter__"):
         _fail(TypeError, name, value, f"a list of {what}", fix)
     return list(value)

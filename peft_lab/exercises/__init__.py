@@ -54,7 +54,7 @@ def check(id: str, answer: Any, verbose: bool = True) -> bool:
     if not isinstance(id, str):
         raise TypeError(f"id must be the exercise's id as a string, e.g. check(\"02.2\", answer), got {id!r}")
     if id not in _REGISTRY:
-        raise KeyError(f"no exercise {id!r}; known: {sorted(_REGISTRY)}")
+        raise KeyError(f"no exercise id={id!r}; known: {sorted(_REGISTRY)}")
     if answer is None or answer is ...:
         ok, why = False, "no answer yet: replace the placeholder with your answer and run the cell again."
         if verbose:
