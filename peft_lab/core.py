@@ -45,7 +45,8 @@ def matches_target(name: str, target_modules: Sequence[str] | str) -> bool:
       ``transformer.h.0.attn.c_attn``; ``"c_proj"`` matches *both* ``attn.c_proj`` and ``mlp.c_proj``;
       ``"attn.c_proj"`` only the attention one. Partial words do not match (``"attn"`` ≠ ``c_attn``).
     * one string: a regular expression that must match the whole name (``re.fullmatch``), e.g.
-      ``r".*\\.h\\.[01]\\.attn\\.c_attn"`` for the first two blocks only.
+      ``r".*\\.h\\.[01]\\.attn\\.c_attn"`` for the first two blocks only. So ``"c_attn"`` as one string
+      matches no nested module; :func:`no_match_hint` then tells the user to pass ``["c_attn"]``.
     """
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None

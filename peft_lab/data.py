@@ -24,7 +24,7 @@ HELDOUT = (400, 10_001)  # pretraining-style documents the base model never saw:
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
+    path = v.require_path("path", path)
     if not path.is_file():
         raise FileNotFoundError(
             f"data file not found: {path}. Rebuild the task data with `python -m peft_lab.build_data`, "

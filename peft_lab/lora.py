@@ -206,8 +206,12 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
     Afterwards only the ``lora_A``/``lora_B`` weights have ``requires_grad=True`` (equation 02.5 counts them).
 
     Raises ``ValueError`` for ``rank ≤ 0``, ``alpha ≤ 0``, ``dropout`` outside [0, 1), targets that match
-    nothing (the message lists the linear layers present) or a model that already has LoRA, and
-    ``TypeError`` when a target is not an ``nn.Linear``/``Conv1D`` or an argument has the wrong type.
+    nothing (the message lists the linear layers present; a single string such as ``"c_attn"`` is a regular
+    expression over the *full* name, and the message says to pass ``["c_attn"]``), a target whose weight is
+    tied to another module (GPT-2's ``lm_head`` and ``wte``: a merge would change both) or a model that
+    already has LoRA, and ``TypeError`` when a target is not an ``nn.Linear``/``Conv1D`` or an argument has
+    the wrong type. numpy/torch scalars are accepted for the numbers and stored as Python ``int``/``float``.
+    A failed call leaves the model unchanged.
     """
     v.require_module("model", model)
     rank, alpha, dropout, use_rslora = _check_hyperparameters(rank, alpha, dropout, use_rslora)

@@ -158,8 +158,9 @@ CASES = [
      ["model", "unpack"]),
     ("data", "perplexity batch_size", lambda c, t: peft_lab.perplexity(c.model, c.tok, TEXTS, batch_size=0),
      ValueError, ["batch_size"]),
-    ("data", "perplexity longer than context", lambda c, t: peft_lab.perplexity(c.model, c.tok, [" ".join(["tom"] * 300)]),
-     ValueError, ["texts[0]", "context of 128"]),
+    ("data", "perplexity longer than context",
+     lambda c, t: peft_lab.perplexity(c.model, c.tok, [" ".join(["tom"] * 300)]), ValueError,
+     ["texts[0]", "context of 128"]),
     ("data", "perplexity ids beyond vocab", lambda c, t: peft_lab.perplexity(c.small(), c.tok, TEXTS), ValueError,
      ["texts[0]", "vocabulary"]),
     ("data", "evaluate encoded rows", lambda c, t: peft_lab.evaluate_task(c.model, c.tok, c.encoded), KeyError,
@@ -544,7 +545,8 @@ def test_export_failing_midway_leaves_the_folder_as_it_was(tmp_path, monkeypatch
     assert _same(model, snap)
     monkeypatch.undo()
     peft_lab.export_peft_adapter(model, target)  # works afterwards, and keeps the folder's other files
-    assert (target / interop.WEIGHTS_NAME).is_file() and (not existing or (target / "README.md").read_text() == "mine")
+    assert (target / interop.WEIGHTS_NAME).is_file()
+    assert not existing or (target / "README.md").read_text() == "mine"
 
 
 def test_export_expands_home_and_refuses_empty(tmp_path, monkeypatch):
