@@ -98,6 +98,8 @@ CASES = [
      OSError, ["name", "tiny"]),
     ("models", "missing folder ~", lambda c, t: peft_lab.load_base_model("~/no-such-folder-x", device="cpu"),
      OSError, ["name", "tiny"]),
+    ("models", "not a hub id", lambda c, t: peft_lab.load_base_model("my model", device="cpu"), OSError,
+     ["'my model'", "tiny"]),  # the hub client's HFValidationError (a ValueError) at transformers 4.57
     ("models", "empty folder", _empty_folder, OSError, ["name", "config.json", "tiny"]),
     ("models", "a file, not a folder", _file_as_model, OSError, ["name", "file"]),
     ("models", "device gpu", lambda c, t: peft_lab.load_base_model("tiny", device="gpu"), ValueError, ["device"]),
