@@ -10,6 +10,8 @@ import json
 import re
 from pathlib import Path
 
+from .paths import write_text_atomic
+
 REPO_URL = "https://github.com/peft-lab/peft-lab"
 BRANCH = "main"
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -53,7 +55,7 @@ def retarget(repo_url: str, folder: Path = NOTEBOOKS) -> list[Path]:
             text = text.replace(old, repo_url).replace(old.removeprefix("https://github.com/"),
                                                        repo_url.removeprefix("https://github.com/"))
         if text != json.dumps(nb):
-            nb_path.write_text(json.dumps(json.loads(text), indent=1, ensure_ascii=False) + "\n")
+            write_text_atomic(nb_path, json.dumps(json.loads(text), indent=1, ensure_ascii=False) + "\n")
             changed.append(nb_path)
     return changed
 

@@ -14,9 +14,12 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from . import validate as v
+
 __all__ = ["AdapterLayer", "matches_target", "resolve_targets", "describe_layers", "replace_module",
            "freeze", "find_layers", "require_layers", "record_config", "get_config", "clear_config",
-           "disabled", "adapter_state_dict", "load_adapter_state_dict"]
+           "disabled", "adapter_state_dict", "load_adapter_state_dict", "adapter_layers",
+           "require_adapters_active", "require_untied", "no_match_hint"]
 
 
 class AdapterLayer(nn.Module):
@@ -42,7 +45,8 @@ def matches_target(name: str, target_modules: Sequence[str] | str) -> bool:
       ``transformer.h.0.attn.c_attn``; ``"c_proj"`` matches *both* ``attn.c_proj`` and ``mlp.c_proj``;
       ``"attn.c_proj"`` only the attention one. Partial words do not match (``"attn"`` ≠ ``c_attn``).
     * one string: a regular expression that must match the whole name (``re.fullmatch``), e.g.
-      ``r".*\\.h\\.[01]\\.attn\\.c_attn"`` for the first two blocks only.
+      ``r".*\\.h\\.[01]\\.attn\\.c_attn"`` for the first two blocks only. So ``"c_attn"`` as one string
+      matches no nested module; :func:`no_match_hint` then tells the user to pass ``["c_attn"]``.
     """
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
@@ -70,15 +74,36 @@ def resolve_targets(model: nn.Module, target_modules, defaults: Mapping[str, Seq
         return tuple(defaults[model_type])
     if isinstance(target_modules, str):
         if not target_modules:
-            raise ValueError("target_modules is an empty string")
+            raise ValueError("target_modules is an empty string; pass a list of module names such as "
+                             "['c_attn'], or None for the architecture's default")
+        try:
+            re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules={target_modules!r} is one string, which is read as a regular "
+                             f"expression, and it is not a valid one ({err}); to list module names pass a "
+                             "list, e.g. ['c_attn']") from None
         return target_modules
     if not isinstance(target_modules, (list, tuple, set, frozenset)):
         raise TypeError(f"target_modules must be None, a list of module names or a regex string, "
-                        f"got {type(target_modules).__name__}")
+                        f"got {v.describe(target_modules)}")
     targets = tuple(sorted(target_modules)) if isinstance(target_modules, (set, frozenset)) else tuple(target_modules)
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules must be a non-empty list of non-empty strings, got {target_modules!r}")
     return targets
+
+
+def no_match_hint(model: nn.Module, targets: tuple[str, ...] | str, layer_types: tuple[type, ...]) -> str:
+    """The message for ``targets`` that matched no module: the layers present, and, for one string that is
+    a module's short name (``"c_attn"``), the rule that a string is a regular expression over the *full*
+    name and the fix ``["c_attn"]``."""
+    message = f"target_modules {targets!r} matched no module. {describe_layers(model, layer_types)}"
+    if isinstance(targets, str):
+        names = [n for n, _ in model.named_modules() if n and matches_target(n, [targets])]
+        if names:
+            message += (f". A single string is a regular expression that must match the whole module name "
+                        f"(PEFT's rule), so {targets!r} does not match {names[0]!r}; to target every module "
+                        f"named {targets!r} pass a list: target_modules=[{targets!r}]")
+    return message
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,6 +112,14 @@ def resolve_targets(model: nn.Module, target_modules, defaults: Mapping[str, Seq
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule called ``name`` was (``"transformer.h.0.attn.c_attn"``)."""
+    v.require_module("model", model)
+    v.require_str("name", name)
+    v.require_module("new", new)
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"name={name!r} is not a submodule of this model; names are as in "
+                         "model.named_modules(), e.g. 'transformer.h.0.attn.c_attn'") from None
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -94,7 +127,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def freeze(model: nn.Module) -> nn.Module:
     """``requires_grad=False`` for every parameter: the base stays as pretrained; adapters added after this
     call are the only trainable parameters."""
-    return model.requires_grad_(False)
+    return v.require_module("model", model).requires_grad_(False)
 
 
 def find_layers(model: nn.Module, layer_type: type) -> Iterator[tuple[str, nn.Module]]:
@@ -107,8 +140,7 @@ def find_layers(model: nn.Module, layer_type: type) -> Iterator[tuple[str, nn.Mo
 def require_layers(model: nn.Module, layer_type: type, method: str, apply_hint: str) -> list[tuple[str, nn.Module]]:
     """:func:`find_layers` as a list, or a ``ValueError`` saying the model has no ``method`` layers and to
     call ``apply_hint`` first."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    v.require_module("model", model)
     layers = list(find_layers(model, layer_type))
     if not layers:
         raise ValueError(f"this model has no {method} layers; call {apply_hint} first")
@@ -133,6 +165,43 @@ def get_config(model: nn.Module, method: str):
 def clear_config(model: nn.Module, method: str) -> None:
     if hasattr(model, _config_attr(method)):
         delattr(model, _config_attr(method))
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Every adapter layer of any method in ``model``."""
+    return list(find_layers(model, AdapterLayer))
+
+
+def require_adapters_active(model: nn.Module, action: str) -> None:
+    """Refuse ``action`` (e.g. ``"train"``) while an adapter is switched off (inside a ``disable_...`` block)
+    or merged into its base weight: the adapter's parameters would then receive no gradient, and the action
+    would silently do nothing to them."""
+    layers = adapter_layers(model)
+    off = [n for n, layer in layers if layer.disabled]
+    if off:
+        raise ValueError(f"cannot {action} inside a `with disable_...(model):` block: the adapters are switched "
+                         f"off there (e.g. {off[0]!r}); {action} after the block ends")
+    merged = [n for n, layer in layers if getattr(layer, "merged", False)]
+    if merged:
+        raise ValueError(f"cannot {action} a model whose adapters are merged into the base weights (e.g. "
+                         f"{merged[0]!r}): the adapter would get no gradient. Call unmerge_lora(model) first, "
+                         "or apply a fresh adapter")
+
+
+def require_untied(model: nn.Module, names: Iterable[str]) -> None:
+    """Refuse target layers whose weight is shared with another module (GPT-2's ``lm_head`` is the input
+    embedding ``wte``): merging an update into one would change the other, so the merged model would not be
+    the trained one."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        shared = [o for o in owners.get(id(weight), []) if o != f"{name}.weight"] if weight is not None else []
+        if shared:
+            raise ValueError(f"target_modules selects {name!r}, whose weight is tied to {shared[0]!r} (shared "
+                             "input and output embeddings); an adapter there would change both when merged. "
+                             f"Leave {name!r} out of target_modules")
 
 
 @contextmanager
@@ -173,7 +242,7 @@ def load_adapter_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Ma
     checked before anything is copied, so a failed call changes nothing.
     """
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {v.describe(state_dict)}")
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -184,7 +253,10 @@ def load_adapter_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Ma
     for key, target in expected.items():
         value = state_dict[key]
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{key}: expected a tensor, got {type(value).__name__}")
+            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {v.describe(value)}; convert with "
+                            "torch.as_tensor(...)")
+        if not (value.is_floating_point() or value.is_complex()) and target.is_floating_point():
+            raise TypeError(f"state_dict[{key!r}] must hold floating-point weights, got dtype {value.dtype}")
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"shape mismatch for {key}: the file has {tuple(value.shape)}, this model needs "
                              f"{tuple(target.shape)} (made for another model size or setting?)")

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import torch
 
+from . import validate as v
 from .corpus import VERDICTS, generate_corpus, generate_task
-from .paths import data_dir
+from .paths import atomic_path, data_dir
 
 SPLITS = {"train": (3000, 1), "val": (300, 2), "test": (500, 3)}  # size, seed
 HELDOUT = (400, 10_001)  # pretraining-style documents the base model never saw: size, seed
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
+    path = v.require_path("path", path)
     if not path.is_file():
         raise FileNotFoundError(
             f"data file not found: {path}. Rebuild the task data with `python -m peft_lab.build_data`, "
@@ -34,39 +35,46 @@ def load_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+    """One JSON object per line, written atomically (a failed write leaves the old file)."""
+    path = v.require_path("path", path)
+    lines = [json.dumps(row, sort_keys=True) + "\n" for row in rows]  # fail before touching the file
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        f.writelines(lines)
 
 
 def load_task(split: str = "train", n: int | None = None) -> list[dict]:
     """Raw examples of the review task: ``split`` in train/val/test, optionally only the first ``n``."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
+    n = v.optional(v.require_int, "n", n, min=0)
     rows = load_jsonl(data_dir() / "task" / f"{split}.jsonl")
-    return rows if n is None else rows[:n]
+    return _first(rows, n, f"the {split!r} split")
 
 
 def load_heldout(n: int | None = None) -> list[str]:
     """Held-out pretraining-style documents, to measure perplexity and forgetting."""
+    n = v.optional(v.require_int, "n", n, min=0)
     rows = load_jsonl(data_dir() / "heldout.jsonl")
-    return [r["text"] for r in (rows if n is None else rows[:n])]
+    return [r["text"] for r in _first(rows, n, "the held-out documents")]
+
+
+def _first(rows: list, n: int | None, what: str) -> list:
+    """The first ``n`` rows; asking for more than exist is an error, not a silently shorter list."""
+    if n is not None and n > len(rows):
+        raise ValueError(f"n={n} but {what} has only {len(rows)} rows; pass n <= {len(rows)} or n=None for all")
+    return rows if n is None else rows[:n]
 
 
 def _check_tokenizer(tokenizer) -> None:
-    if not callable(getattr(tokenizer, "encode", None)) or not hasattr(tokenizer, "eos_token_id"):
-        raise TypeError(f"expected a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    v.require_tokenizer("tokenizer", tokenizer)
 
 
 def encode_task(examples: list[dict], tokenizer) -> list[dict]:
     """Token ids and labels for causal-LM training: prompt masked with -100, answer + EOS supervised."""
+    examples = v.require_task_rows("examples", examples, nonempty=False)
     _check_tokenizer(tokenizer)
     out = []
     for ex in examples:
-        if "prompt" not in ex or "answer" not in ex:
-            raise KeyError(f"task example needs 'prompt' and 'answer', got keys {sorted(ex)}")
         p = tokenizer.encode(ex["prompt"])
         a = tokenizer.encode(" " + ex["answer"]) + [tokenizer.eos_token_id]
         out.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
@@ -75,9 +83,11 @@ def encode_task(examples: list[dict], tokenizer) -> list[dict]:
 
 def encode_texts(texts: list[str], tokenizer, max_length: int | None = None) -> list[dict]:
     """Plain language-modelling examples (every token supervised), each ending in EOS."""
+    texts = v.require_texts("texts", texts, nonempty=False)
     _check_tokenizer(tokenizer)
+    max_length = v.optional(v.require_int, "max_length", max_length, min=1)
     out = []
-    for ids in tokenizer(list(texts))["input_ids"] if texts else []:  # one batched call: fast tokenizers
+    for ids in tokenizer(texts)["input_ids"] if texts else []:  # one batched call: fast tokenizers
         ids = (ids + [tokenizer.eos_token_id])[:max_length]
         out.append({"input_ids": ids, "labels": list(ids)})
     return out
@@ -85,8 +95,10 @@ def encode_texts(texts: list[str], tokenizer, max_length: int | None = None) -> 
 
 def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a list of ``{"input_ids", "labels"}`` to a batch with an attention mask."""
-    if len(examples) == 0:
-        raise ValueError("cannot collate an empty batch")
+    if isinstance(examples, (list, tuple)) and len(examples) == 0:
+        raise ValueError("cannot collate an empty batch: examples is empty")
+    examples = v.require_encoded_examples("examples", examples)
+    pad_id = v.require_int("pad_id", pad_id, min=0)
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
@@ -111,27 +123,39 @@ def evaluate_task(model, tokenizer, examples: list[dict], batch_size: int = 64,
     Batched and deterministic (eval mode, no sampling). Prompts are left-aligned; we read the logit at each
     row's last real token. Returns ``{"accuracy", "n", "predictions"}``.
     """
+    model = v.require_module("model", model)
     _check_tokenizer(tokenizer)
-    if len(examples) == 0:
-        raise ValueError("evaluate_task needs at least one example")
+    if isinstance(examples, (list, tuple)) and len(examples) == 0:
+        raise ValueError("evaluate_task needs at least one example (examples is empty)")
+    examples = v.require_task_rows("examples", examples)
+    batch_size = v.require_int("batch_size", batch_size, min=1)
+    choices = tuple(v.require_texts("choices", choices))
     choice_ids = [tokenizer.encode(" " + c) for c in choices]
     if any(len(c) != 1 for c in choice_ids):
         raise ValueError(f"each choice must be one token, got {dict(zip(choices, choice_ids))}")
+    vocab, context = v.model_limits(model)
+    if vocab is not None and any(c[0] >= vocab for c in choice_ids):
+        raise ValueError(f"the choices' token ids {dict(zip(choices, choice_ids))} are outside the model's "
+                         f"vocabulary [0, {vocab}); do the model and the tokenizer belong together?")
     choice_ids = torch.tensor([c[0] for c in choice_ids])
+    # Encode and check every prompt before the model runs: a bad one fails here, not midway.
+    encoded = v.require_encoded_examples(
+        "examples", [{"input_ids": tokenizer.encode(e["prompt"])} for e in examples],
+        vocab_size=vocab, context=context)
     was_training = model.training
     model.eval()
     device = _device_of(model)
     preds: list[str] = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        enc = [{"input_ids": tokenizer.encode(e["prompt"])} for e in chunk]
-        batch = collate(enc, pad_id=tokenizer.eos_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-        last = batch["attention_mask"].sum(1) - 1
-        scores = logits[torch.arange(len(chunk)), last.to(device)][:, choice_ids.to(device)]
-        preds += [choices[j] for j in scores.argmax(-1).tolist()]
-    model.train(was_training)
+    try:
+        for i in range(0, len(encoded), batch_size):
+            batch = collate(encoded[i:i + batch_size], pad_id=tokenizer.eos_token_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            last = batch["attention_mask"].sum(1) - 1
+            scores = logits[torch.arange(len(last)), last.to(device)][:, choice_ids.to(device)]
+            preds += [choices[j] for j in scores.argmax(-1).tolist()]
+    finally:
+        model.train(was_training)
     correct = sum(p == e["answer"] for p, e in zip(preds, examples))
     return {"accuracy": correct / len(examples), "n": len(examples), "predictions": preds}
 
@@ -139,24 +163,33 @@ def evaluate_task(model, tokenizer, examples: list[dict], batch_size: int = 64,
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
     """Token-level perplexity exp(mean NLL) of ``texts`` (each followed by EOS), padding excluded."""
-    if len(texts) == 0:
-        raise ValueError("perplexity needs at least one text")
+    model = v.require_module("model", model)
+    if isinstance(texts, (list, tuple)) and len(texts) == 0:
+        raise ValueError("perplexity needs at least one text (texts is empty)")
+    texts = v.require_texts("texts", texts)
+    _check_tokenizer(tokenizer)
+    batch_size = v.require_int("batch_size", batch_size, min=1)
+    vocab, context = v.model_limits(model)
+    enc = v.require_encoded_examples("texts", encode_texts(texts, tokenizer), vocab_size=vocab, context=context)
+    if all(len(e["input_ids"]) < 2 for e in enc):  # the first token of a text is never a target
+        raise ValueError("texts hold nothing to score: every text is empty (only its end-of-text token)")
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    enc = encode_texts(texts, tokenizer)
     nll, count = 0.0, 0
-    for i in range(0, len(enc), batch_size):
-        b = collate(enc[i:i + batch_size], pad_id=tokenizer.eos_token_id)
-        logits = model(input_ids=b["input_ids"].to(device),
-                       attention_mask=b["attention_mask"].to(device)).logits.float()
-        targets = b["labels"][:, 1:].to(device)
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        valid = targets != -100
-        tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        nll -= tok[valid].sum().item()
-        count += int(valid.sum())
-    model.train(was_training)
+    try:
+        for i in range(0, len(enc), batch_size):
+            b = collate(enc[i:i + batch_size], pad_id=tokenizer.eos_token_id)
+            logits = model(input_ids=b["input_ids"].to(device),
+                           attention_mask=b["attention_mask"].to(device)).logits.float()
+            targets = b["labels"][:, 1:].to(device)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            valid = targets != -100
+            tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            nll -= tok[valid].sum().item()
+            count += int(valid.sum())
+    finally:
+        model.train(was_training)
     return math.exp(nll / count)
 
 

@@ -19,6 +19,9 @@ dispatch on it, so a new method (prefix tuning, prompt tuning, ...) adds an entr
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,6 +30,8 @@ import torch
 from torch import nn
 
 from . import lora
+from . import validate as v
+from .paths import _umask
 
 __all__ = ["export_peft_adapter", "import_peft_adapter", "read_adapter_config", "read_adapter_weights",
            "METHODS", "Method", "CONFIG_NAME", "WEIGHTS_NAME", "KEY_PREFIX"]
@@ -134,10 +139,16 @@ def export_peft_adapter(model: nn.Module, path, task_type: str = "CAUSAL_LM") ->
     """Write ``model``'s adapter to the directory ``path`` in PEFT's format; return the directory.
 
     ``peft.PeftModel.from_pretrained(base_model, path)`` then reproduces the model's outputs.
-    ``base_model_name_or_path`` comes from ``model.config._name_or_path`` (``"tiny"`` when empty).
+    ``base_model_name_or_path`` comes from ``model.config._name_or_path`` (``"tiny"`` when empty). ``~`` in
+    ``path`` is expanded; ``""`` is refused. Both files are written into a temporary folder beside ``path``
+    and moved into place only when both are complete, so a failed call leaves ``path`` as it was.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    v.require_module("model", model)
+    out = v.require_path("path", path)
+    v.require_str("task_type", task_type)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"path={str(path)!r} is an existing file; an adapter is a folder: pass a folder "
+                              "name (it is created if missing)")
     found = [peft_type for peft_type, method in METHODS.items() if method.detect(model)]
     if not found:
         raise ValueError(f"this model carries no adapter to export (supported: {sorted(METHODS)}); "
@@ -149,20 +160,43 @@ def export_peft_adapter(model: nn.Module, path, task_type: str = "CAUSAL_LM") ->
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or "tiny"
     config = {"peft_type": peft_type, "task_type": task_type, "base_model_name_or_path": str(name),
               "inference_mode": True, "revision": None, **fields}
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-    save_file({KEY_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-              str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # fails here, before any file is touched
+    weights = {KEY_PREFIX + k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    _write_adapter_dir(out, text, weights)
     return out
+
+
+def _write_adapter_dir(out: Path, config_text: str, weights: dict[str, torch.Tensor]) -> None:
+    """Both files into a temporary folder beside ``out``, then renamed into place (``os.replace``)."""
+    from safetensors.torch import save_file
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(config_text, encoding="utf-8")
+        if out.is_dir():  # keep whatever else the folder holds; replace the two files
+            for file in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(tmp / file, out / file)
+            tmp.rmdir()
+        else:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # innermost first: folders this call made
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def read_adapter_config(path) -> dict:
     """The parsed ``adapter_config.json`` of an adapter directory, with clear errors for missing/bad files."""
-    folder = Path(path)
+    folder = v.require_path("path", path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"adapter directory {folder} does not exist")
+        raise FileNotFoundError(f"adapter directory {folder} does not exist (path={str(path)!r})")
     file = folder / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -177,7 +211,7 @@ def read_adapter_config(path) -> dict:
 
 def read_adapter_weights(path) -> dict[str, torch.Tensor]:
     """The tensors of ``adapter_model.safetensors`` (prefix ``base_model.model.`` removed). Never unpickles."""
-    folder = Path(path)
+    folder = v.require_path("path", path)
     file = folder / WEIGHTS_NAME
     if not file.is_file():
         pickled = [p.name for p in (folder / "adapter_model.bin", folder / "adapter_model.pt") if p.is_file()]
@@ -199,10 +233,10 @@ def import_peft_adapter(model: nn.Module, path) -> nn.Module:
     ``lora_dropout``, ``target_modules``, ``use_rslora``), then its weights are copied in. Errors are
     ``FileNotFoundError`` (missing files), ``ValueError`` (bad JSON, corrupt safetensors, unsupported
     ``peft_type`` or option, an adapter for another architecture or size — the message names the key and
-    shapes). On failure the model is left without the adapter.
+    shapes). On failure the model is left exactly as it came: same modules, values and ``requires_grad``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    v.require_module("model", model)
+    path = v.require_path("path", path)
     config = read_adapter_config(path)
     peft_type = config.get("peft_type")
     if peft_type not in METHODS:
@@ -212,4 +246,11 @@ def import_peft_adapter(model: nn.Module, path) -> nn.Module:
     bad = [k for k, v in tensors.items() if not torch.is_floating_point(v)]
     if bad:
         raise ValueError(f"{WEIGHTS_NAME} holds non-float tensors {bad[:3]}")
-    return METHODS[peft_type].load(model, config, tensors)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        return METHODS[peft_type].load(model, config, tensors)  # removes its own layers on failure
+    except BaseException:
+        for name, p in model.named_parameters():
+            if name in trainable:
+                p.requires_grad_(trainable[name])
+        raise

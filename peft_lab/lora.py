@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from numbers import Real
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -38,6 +37,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import core
+from . import validate as v
 from .core import AdapterLayer, matches_target
 
 __all__ = [
@@ -91,6 +91,7 @@ class LoRAConfig:
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     """Equation (02.6): the factor ``s`` in ``h = W x + s · B A x`` — ``α / r``, or ``α / √r`` (rsLoRA)."""
+    rank, alpha, _, use_rslora = _check_hyperparameters(rank, alpha, 0.0, use_rslora)
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
@@ -108,9 +109,10 @@ class LoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False):
         super().__init__()
-        _check_hyperparameters(rank, alpha, dropout, use_rslora)
+        rank, alpha, dropout, use_rslora = _check_hyperparameters(rank, alpha, dropout, use_rslora)
         if not isinstance(base_layer, SUPPORTED_LAYERS):
-            raise TypeError(f"LoRALinear wraps nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}")
+            raise TypeError(f"base_layer must be an nn.Linear or transformers' Conv1D (what LoRALinear wraps), "
+                            f"got {v.describe(base_layer)}")
         weight = base_layer.weight
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         # nn.Linear stores W as (d_out, d_in); Conv1D as (d_in, d_out).
@@ -167,21 +169,14 @@ class LoRALinear(AdapterLayer):
                 f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}")
 
 
-def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be a positive int, got {rank!r} ({type(rank).__name__})")
-    if rank <= 0:
-        raise ValueError(f"rank must be a positive int (r ≥ 1), got {rank}")
-    if isinstance(alpha, bool) or not isinstance(alpha, Real):
-        raise TypeError(f"alpha must be a positive number, got {alpha!r} ({type(alpha).__name__})")
-    if not (alpha > 0 and math.isfinite(alpha)):
-        raise ValueError(f"alpha must be a positive finite number, got {alpha}")
-    if isinstance(dropout, bool) or not isinstance(dropout, Real):
-        raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r} ({type(dropout).__name__})")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1) (a probability of zeroing an input), got {dropout}")
-    if not isinstance(use_rslora, bool):
-        raise TypeError(f"use_rslora must be True or False, got {use_rslora!r}")
+def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> tuple[int, float, float, bool]:
+    """The four settings checked and made plain Python numbers (numpy/torch scalars accepted), so that the
+    config record and its JSON export hold ints and floats."""
+    rank = v.require_int("rank", rank, min=1)
+    alpha, dropout = v.as_python_number(alpha), v.as_python_number(dropout)
+    v.require_real("alpha", alpha, min=0, min_open=True)
+    v.require_real("dropout", dropout, min=0, max=1, max_open=True)
+    return rank, alpha, dropout, v.require_bool("use_rslora", use_rslora)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,11 +185,17 @@ def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> None:
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """``(name, layer)`` for every :class:`LoRALinear` in ``model``, in module order."""
-    return core.find_layers(model, LoRALinear)
+    return core.find_layers(v.require_module("model", model), LoRALinear)
 
 
-def _require_lora(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return core.require_layers(model, LoRALinear, "LoRA", "apply_lora(model, ...)")
+def _require_lora(model: nn.Module, action: str | None = None) -> list[tuple[str, LoRALinear]]:
+    """The LoRA layers; with ``action``, refused inside :func:`disable_lora` (which unmerges on entry and
+    merges again on exit, so a merge, unmerge or removal inside it would be undone or doubled)."""
+    layers = core.require_layers(model, LoRALinear, "LoRA", "apply_lora(model, ...)")
+    if action and any(layer.disabled for _, layer in layers):
+        raise ValueError(f"{action} inside `with disable_lora(model):` is not allowed: the block restores the "
+                         f"layers' merged state when it ends. Call {action} after the block")
+    return layers
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -207,28 +208,33 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
     Afterwards only the ``lora_A``/``lora_B`` weights have ``requires_grad=True`` (equation 02.5 counts them).
 
     Raises ``ValueError`` for ``rank ≤ 0``, ``alpha ≤ 0``, ``dropout`` outside [0, 1), targets that match
-    nothing (the message lists the linear layers present) or a model that already has LoRA, and
-    ``TypeError`` when a target is not an ``nn.Linear``/``Conv1D`` or an argument has the wrong type.
+    nothing (the message lists the linear layers present; a single string such as ``"c_attn"`` is a regular
+    expression over the *full* name, and the message says to pass ``["c_attn"]``), a target whose weight is
+    tied to another module (GPT-2's ``lm_head`` and ``wte``: a merge would change both) or a model that
+    already has LoRA, and ``TypeError`` when a target is not an ``nn.Linear``/``Conv1D`` or an argument has
+    the wrong type. numpy/torch scalars are accepted for the numbers and stored as Python ``int``/``float``.
+    A failed call leaves the model unchanged.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"apply_lora expects a torch.nn.Module, got {type(model).__name__}")
-    _check_hyperparameters(rank, alpha, dropout, use_rslora)
+    v.require_module("model", model)
+    rank, alpha, dropout, use_rslora = _check_hyperparameters(rank, alpha, dropout, use_rslora)
     if any(True for _ in lora_layers(model)):
         raise ValueError("this model already has LoRA layers; applying LoRA twice is not supported. "
                          "Call remove_lora(model) first, or use a fresh copy of the base model.")
     targets = core.resolve_targets(model, target_modules, DEFAULT_TARGET_MODULES, SUPPORTED_LAYERS)
     matched = [(n, m) for n, m in model.named_modules() if n and matches_target(n, targets)]
     if not matched:
-        raise ValueError(f"target_modules {targets!r} matched no module. "
-                         f"{core.describe_layers(model, SUPPORTED_LAYERS)}")
+        raise ValueError(core.no_match_hint(model, targets, SUPPORTED_LAYERS))
     wrong = [(n, type(m).__name__) for n, m in matched if not isinstance(m, SUPPORTED_LAYERS)]
     if wrong:
         listed = ", ".join(f"{n} ({t})" for n, t in wrong[:5]) + (" ..." if len(wrong) > 5 else "")
         raise TypeError(f"LoRA here wraps nn.Linear and Conv1D layers only, but target_modules {targets!r} "
                         f"matched {listed}. {core.describe_layers(model, SUPPORTED_LAYERS)}")
+    core.require_untied(model, [n for n, _ in matched])
+    # Build every wrapper before changing anything: a failure leaves the model as it came.
+    wrapped = [(name, LoRALinear(module, rank, alpha, dropout, use_rslora)) for name, module in matched]
     core.freeze(model)  # the base: W, biases, embeddings, norms
-    for name, module in matched:
-        core.replace_module(model, name, LoRALinear(module, rank, alpha, dropout, use_rslora))
+    for name, layer in wrapped:
+        core.replace_module(model, name, layer)
     core.record_config(model, _METHOD, LoRAConfig(rank, alpha, dropout, targets, use_rslora))
     return model
 
@@ -246,14 +252,14 @@ def lora_config(model: nn.Module) -> LoRAConfig:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Equation (02.7) in every LoRA layer: ``W ← W + s · B A``. Outputs stay equal up to float rounding."""
-    for _, layer in _require_lora(model):
+    for _, layer in _require_lora(model, "merge_lora"):
         layer.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_lora`: ``W ← W − s · B A`` (restores ``W`` up to float rounding)."""
-    for _, layer in _require_lora(model):
+    for _, layer in _require_lora(model, "unmerge_lora"):
         layer.unmerge()
     return model
 
@@ -280,7 +286,8 @@ def disable_lora(model: nn.Module):
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain layers back. ``merge=True`` keeps the learned update inside ``W`` (equation 02.7);
     ``merge=False`` drops it (the base model again). Base parameters stay frozen (``requires_grad=False``)."""
-    for name, layer in _require_lora(model):
+    merge = v.require_bool("merge", merge)
+    for name, layer in _require_lora(model, "remove_lora"):
         if merge:
             layer.merge()
         else:

@@ -11,11 +11,12 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from . import validate as v
+
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` numbers of parameters; tied weights are counted once, as PEFT does."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    v.require_module("model", model)
     trainable = total = 0
     for p in model.parameters():  # parameters() yields each shared tensor once
         total += p.numel()
@@ -26,6 +27,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def print_trainable_parameters(model: torch.nn.Module) -> None:
     """Print the line PEFT's ``print_trainable_parameters`` prints, character for character."""
     t, a = count_parameters(model)
+    if a == 0:
+        raise ValueError(f"model has no parameters ({v.describe(model)}), so there is no trainable% to print")
     print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
 
 
@@ -40,10 +43,12 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
 
 
-def _check_batch(batch) -> None:
+def _check_batch(batch, model: torch.nn.Module | None = None) -> None:
+    """A batch as :func:`peft_lab.collate` makes it: integer ``input_ids`` (batch × length) the model can
+    embed, and ``attention_mask`` / ``labels``, when present, tensors of exactly that shape."""
     if not isinstance(batch, Mapping) or not batch:
-        raise ValueError("batch is empty: pass a dict with at least input_ids (and usually attention_mask, "
-                         "labels), e.g. peft_lab.collate(examples, pad_id)")
+        raise ValueError(f"batch is empty or not a dict (got {v.describe(batch)}): pass a dict with at least "
+                         "input_ids (and usually attention_mask, labels), e.g. peft_lab.collate(examples, pad_id)")
     if "input_ids" not in batch:
         raise ValueError(f"batch has no 'input_ids' (keys: {sorted(batch)})")
     ids = batch["input_ids"]
@@ -53,6 +58,18 @@ def _check_batch(batch) -> None:
         raise TypeError(f"batch['input_ids'] must hold integer token ids, got dtype {ids.dtype}")
     if ids.numel() == 0:
         raise ValueError("batch['input_ids'] is empty (no tokens)")
+    if ids.ndim != 2:
+        raise ValueError(f"batch['input_ids'] must be 2-d (batch × sequence), got shape {tuple(ids.shape)}; "
+                         "for one sequence use ids.unsqueeze(0)")
+    for key in ("attention_mask", "labels"):
+        if key in batch:
+            other = batch[key]
+            if not isinstance(other, torch.Tensor) or tuple(other.shape) != tuple(ids.shape):
+                raise ValueError(f"batch[{key!r}] must be a tensor of the shape of batch['input_ids'] "
+                                 f"{tuple(ids.shape)}, got {v.describe(other)}; otherwise another computation "
+                                 "than the one asked for would be measured")
+    if model is not None:
+        v.require_token_ids("batch['input_ids']", ids, model)
 
 
 def measure_memory(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -90,8 +107,7 @@ def measure_memory(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) ->
     restored to what they were before the call (usually ``None``), the train/eval mode too, and the random
     number generator state is forked so dropout draws do not disturb the caller.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    v.require_module("model", model)
     _check_batch(batch)
     params = list(model.parameters())
     if not params:
@@ -99,6 +115,7 @@ def measure_memory(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) ->
     device = params[0].device
     if device.type == "meta":
         raise ValueError("a model on the meta device has no data to run; use estimate_memory for its size")
+    _check_batch(batch, model)
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     trainable = [p for p in params if p.requires_grad]
 
@@ -379,27 +396,22 @@ def estimate_memory(name_or_config, trainable_params: int | None = None, batch_s
     """
     from .models import build_from_config
 
-    if precision not in PRECISIONS and precision not in QUANTIZED_BASE:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS) + sorted(QUANTIZED_BASE)}, "
-                         f"got {precision!r}")
+    v.require_str("precision", precision, choices=sorted(PRECISIONS) + sorted(QUANTIZED_BASE))
+    batch_size = v.require_int("batch_size", batch_size, min=0)
+    if method is not None:
+        v.require_mapping("method", method)
     peft_method = method is not None and method.get("kind", "full") != "full"
     if peft_method and trainable_params is None:
         raise ValueError("with a PEFT method, trainable_params is the method's own parameter count "
                          "(e.g. from count_parameters after applying it)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
-        raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
     config, total = (_meta_size(name_or_config) if isinstance(name_or_config, str)
                      else _count_on_meta(build_from_config(name_or_config, device="meta")))
     if trainable_params is None:
         trainable_params = total
-    if isinstance(trainable_params, bool) or not isinstance(trainable_params, int) \
-            or not 0 <= trainable_params <= total:
-        raise ValueError(f"trainable_params must be an integer in [0, {total:,}] (the model's size), "
-                         f"got {trainable_params!r}")
-    if seq_len is None:
-        seq_len = getattr(config, "n_positions", None) or config.max_position_embeddings
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
+    trainable_params = v.require_int("trainable_params", trainable_params, min=0, max=total)
+    context = getattr(config, "n_positions", None) or config.max_position_embeddings
+    # A sequence longer than the context does not run on the model, so it has no memory figure.
+    seq_len = context if seq_len is None else v.require_int("seq_len", seq_len, min=1, max=context)
     b = PRECISIONS.get(precision) or QUANTIZED_BASE[precision]
     base_weight = b["weight"]
     if precision in QUANTIZED_BASE and not peft_method:
@@ -431,12 +443,9 @@ def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> floa
     when CUDA is initialised the device is synchronised before each clock read. Used by the benchmarks of
     every method notebook ("Measure" sections).
     """
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    v.require_callable("fn", fn)
+    repeats = v.require_int("repeats", repeats, min=1)
+    warmup = v.require_int("warmup", warmup, min=0)
     sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (
         lambda: None)
     for _ in range(warmup):

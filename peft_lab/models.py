@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 from transformers.utils import logging as hf_logging
 
+from . import validate as v
 from .paths import data_dir, pick_device
 
 TINY = "tiny"
@@ -37,7 +38,7 @@ def architecture_config(name: str):
     if name == TINY:
         return AutoConfig.from_pretrained(_tiny_dir())
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {[TINY, *ARCHITECTURES]}")
+        raise ValueError(f"unknown architecture name={name!r}; choose one of {[TINY, *ARCHITECTURES]}")
     cls, kwargs = ARCHITECTURES[name]
     config = cls(**kwargs)
     if cls is GPT2Config:  # dropout off, as in the tiny model, so runs are deterministic and comparable
@@ -53,6 +54,15 @@ def build_from_config(name, device: str | torch.device = "meta", dtype: torch.dt
     for counting and memory estimates of models too large for the machine. ``device="cpu"`` (or ``"cuda"``)
     gives a random initialisation, seeded by ``seed``, for equivalence tests and timing.
     """
+    from transformers import PretrainedConfig
+    if not isinstance(name, (str, PretrainedConfig)):
+        raise TypeError(f"name must be an architecture name such as 'gpt2' (one of {[TINY, *ARCHITECTURES]}) "
+                        f"or a transformers config, got {v.describe(name)}")
+    _check_dtype(dtype)
+    seed = v.require_int("seed", seed)
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a string such as 'meta' or 'cpu', or a torch.device, got "
+                        f"{v.describe(device)}")
     config = name if not isinstance(name, str) else architecture_config(name)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -79,20 +89,31 @@ def load_base_model(name: str = TINY, device: str | torch.device | None = None,
     (a hub id such as ``"gpt2"`` when online, or a local folder). The tokenizer always has a pad token.
     """
     if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty string, got {name!r}")
-    source = _tiny_dir() if name == TINY else name
+        raise TypeError(f"name must be a non-empty string (\"tiny\", a hub id such as \"gpt2\", or a folder), "
+                        f"got {v.describe(name)}")
+    target = pick_device(device)
+    _check_dtype(dtype)
+    local = name == TINY or _is_local(name)
+    source = _tiny_dir() if name == TINY else (_model_folder(name) if local else name)
     kwargs = {"dtype": dtype} if dtype else {}
+    # transformers raises OSError, ValueError (the hub client's HFValidationError at 4.57) or ImportError
+    # depending on release and what is missing; every one becomes the same message with the hint.
+    errors = (OSError, ValueError, ImportError)
     try:
         try:  # a local folder, or a hub model already in the local cache: no network needed
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
             with _no_loading_bar() if name == TINY else nullcontext():
                 model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
-        except OSError:
-            if Path(str(source)).exists() or not _hub_reachable():
+        except errors:
+            if local or not _hub_reachable():
                 raise  # fail at once rather than after the hub client's retries
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as err:
+    except errors as err:
+        if local:
+            raise OSError(f"could not load the model folder {name!r} ({type(err).__name__}: {err}). A model "
+                          "folder is what model.save_pretrained(folder) and tokenizer.save_pretrained(folder) "
+                          'write. Offline, the shipped model is load_base_model("tiny").') from err
         raise OSError(
             f"could not load {name!r}: it is not a local folder or cached model, and the Hugging Face Hub "
             "could not provide it (no network, or no such model id). Offline, use the shipped model: "
@@ -101,7 +122,33 @@ def load_base_model(name: str = TINY, device: str | torch.device | None = None,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     _set_loss_type(model)
-    return model.to(pick_device(device)).eval(), tokenizer
+    return model.to(target).eval(), tokenizer
+
+
+def _check_dtype(dtype) -> None:
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        fix = f" (write torch.{dtype} without quotes)" if isinstance(dtype, str) else ""
+        raise TypeError(f"dtype must be None or a torch.dtype such as torch.float16, got {v.describe(dtype)}{fix}")
+
+
+def _is_local(name: str) -> bool:
+    """A folder rather than a hub id: it exists, or is written like a path (hub ids are "name" or
+    "org/name")."""
+    return (Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or "\\" in name
+            or name.count("/") > 1 or name.endswith("/"))
+
+
+def _model_folder(name: str) -> Path:
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        what = "it is a file, not a folder" if path.exists() else "no such folder exists"
+        raise FileNotFoundError(f"name={name!r} looks like a folder, but {what}. Offline, the shipped model is "
+                                'load_base_model("tiny").')
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the folder name={name!r} has no config.json, so it holds no saved model "
+                                "(model.save_pretrained(folder) and tokenizer.save_pretrained(folder) write one). "
+                                'Offline, the shipped model is load_base_model("tiny").')
+    return path
 
 
 @contextmanager

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import matplotlib.pyplot as plt
 import numpy as np
 
+from . import validate
+
 MEMORY_PARTS = ("parameters", "gradients", "optimizer", "activations")
 _PART_COLORS = {"parameters": "#4c72b0", "gradients": "#dd8452", "optimizer": "#c44e52",
                 "activations": "#55a868"}
@@ -27,8 +29,7 @@ def memory_unit(num_bytes: float) -> tuple[str, int]:
 
 
 def _nonempty(mapping, what: str) -> None:
-    if not isinstance(mapping, Mapping) or not mapping:
-        raise ValueError(f"{what} must be a non-empty dict of label -> value")
+    validate.require_mapping(what, mapping, fix=f'pass a dict of label -> value, e.g. {what}={{"LoRA r=8": ...}}')
 
 
 def _loss_falls_tenfold(histories: Mapping) -> bool:
@@ -51,6 +52,12 @@ def plot_history(histories: Mapping, metric_name: str = "accuracy", axes=None, s
     Returns the two Axes.
     """
     _nonempty(histories, "histories")
+    for label, h in histories.items():
+        if not all(hasattr(h, a) for a in ("step", "loss", "eval_step", "metric")):
+            raise TypeError(f"histories[{label!r}] must be a History (what train returns), "
+                            f"got {validate.describe(h)}")
+    validate.require_str("metric_name", metric_name)
+    smooth = validate.require_int("smooth", smooth, min=1)
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     ax_loss, ax_metric = axes
@@ -94,9 +101,14 @@ def plot_memory(breakdowns: Mapping, ax=None, unit: str | None = None,
     """
     _nonempty(breakdowns, "breakdowns")
     for label, b in breakdowns.items():
+        validate.require_mapping(f"breakdowns[{label!r}]", b,
+                                 fix="pass what measure_memory or estimate_memory returns")
         missing = [k for k in MEMORY_PARTS if k not in b]
         if missing:
             raise ValueError(f"breakdown {label!r} lacks {missing}")
+        for k in MEMORY_PARTS + ("cuda_peak",):
+            if k in b:
+                validate.require_real(f"breakdowns[{label!r}][{k!r}]", b[k], min=0)
     largest = max(sum(b[k] for k in MEMORY_PARTS) for b in breakdowns.values())
     if unit is None:
         unit, size = memory_unit(largest)
@@ -138,9 +150,8 @@ def plot_parameters(counts: Mapping, log: bool = True, ax=None, title: str = "Tr
     length means nothing on a log axis, so none is drawn. ``log=False``: linear bars. Returns the Axes.
     """
     _nonempty(counts, "counts")
-    values = [int(v) for v in counts.values()]
-    if any(v < 0 for v in values):
-        raise ValueError("parameter counts must be >= 0")
+    values = [validate.require_int(f"counts[{k!r}]", c, min=0) for k, c in counts.items()]
+    log = validate.require_bool("log", log)
     if ax is None:
         _, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(counts) + 1.5), 3.6))
     x = np.arange(len(values))

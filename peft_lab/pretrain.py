@@ -22,6 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from .corpus import generate_corpus
 from .data import load_heldout, perplexity, unigram_perplexity
+from .paths import write_text_atomic
 from .train import train
 
 EOS = "<|endoftext|>"
@@ -83,8 +84,8 @@ def pretrain(out: Path, n_docs: int, steps: int, batch_size: int, block_size: in
         "unigram_perplexity": round(unigram_perplexity(texts[:20_000], held, tok), 3),
         "torch": torch.__version__,
     }
-    (out / "pretrain_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(stats))
+    write_text_atomic(out / "pretrain_stats.json", json.dumps(stats, indent=2) + "\n")
+    write_text_atomic(out / "README.md", model_card(stats))
     return stats
 
 

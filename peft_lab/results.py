@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from .paths import write_text_atomic
+
 ENV_VAR = "PEFT_LAB_RESULTS"
 FIGURES_VAR = "PEFT_LAB_FIGURES"  # a folder: save_figure writes <name>.png there (the main command sets it)
 
@@ -25,14 +27,24 @@ def _plain(value):
 
 
 def record(key: str, value):
-    if not isinstance(key, str) or not key:
-        raise ValueError("record needs a non-empty string key")
+    """Return ``value``; with ``PEFT_LAB_RESULTS`` set, also store it under ``key`` in that JSON file.
+
+    ``value`` must be JSON-serialisable once numpy/torch scalars are made plain (checked in every session,
+    so a notebook fails the same way with and without the runner). The file is replaced atomically.
+    """
+    from .validate import require_str
+    require_str("key", key)
+    try:
+        text = json.dumps(_plain(value))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"value for record({key!r}, ...) must be a number, string, bool, None or a list/dict of "
+                        f"those (JSON), got {type(value).__name__}: {err}") from None
     target = os.environ.get(ENV_VAR)
     if target:
         path = Path(target)
         data = json.loads(path.read_text()) if path.is_file() else {}
-        data[key] = _plain(value)
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        data[key] = json.loads(text)
+        write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return value
 
 

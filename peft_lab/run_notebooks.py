@@ -22,6 +22,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from .paths import write_text_atomic
 from .results import ENV_VAR, FIGURES_VAR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         summary[name] = info
         print(f"{info['status']} in {info['seconds']} s" + (f": {info['error']}" if "error" in info else ""),
               flush=True)
-        if args.inplace:
-            nbformat.write(nb, path)
+        if args.inplace:  # atomic: an interrupted run never leaves a half-written notebook
+            write_text_atomic(path, nbformat.writes(nb) + "\n")
         if args.out:
             from nbconvert import HTMLExporter
             (args.out / "notebooks" / Path(name).parent).mkdir(parents=True, exist_ok=True)
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         meta = {"python": platform.python_version(), "torch": torch.__version__,
                 "cpu_threads": torch.get_num_threads()}
-        (args.out / "results.json").write_text(
-            json.dumps({"environment": meta, "notebooks": summary}, indent=2) + "\n")
+        write_text_atomic(args.out / "results.json",
+                          json.dumps({"environment": meta, "notebooks": summary}, indent=2) + "\n")
         print(f"wrote {args.out / 'results.json'}")
     return 0 if all(s["status"] == "ok" for s in summary.values()) else 1
 

@@ -121,10 +121,11 @@ def test_estimate_model_states():
     assert big["parameters"] == 6 * 6_738_415_616 and big["activations"] > 0
 
 
-@pytest.mark.parametrize("kwargs", [dict(precision="fp16"), dict(batch_size=-1), dict(seq_len=0),
-                                    dict(trainable_params=10**12), dict(trainable_params=1.5)])
-def test_estimate_rejects_bad_input(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, error", [(dict(precision="fp16"), ValueError), (dict(batch_size=-1), ValueError),
+                                           (dict(seq_len=0), ValueError), (dict(trainable_params=10**12), ValueError),
+                                           (dict(trainable_params=1.5), TypeError)])
+def test_estimate_rejects_bad_input(kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
         estimate_memory("gpt2", **kwargs)
 
 

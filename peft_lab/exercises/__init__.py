@@ -101,9 +101,11 @@ def _describe(err: BaseException, fn: Any) -> str:
 def check(id: str, answer: Any, verbose: bool = True) -> bool:
     """Check ``answer`` for exercise ``id``; print "Right"/"Not yet" with the reason; return the verdict."""
     _load_all()
+    if not isinstance(id, str):
+        raise TypeError(f"id must be the exercise's id as a string, e.g. check(\"02.ex2\", answer), got {id!r}")
     key = _ALIASES.get(id, id)
     if key not in _REGISTRY:
-        raise KeyError(f"no exercise {id!r}; known: {sorted(_REGISTRY)}")
+        raise KeyError(f"no exercise id={id!r}; known: {sorted(_REGISTRY)}")
     if answer is None or answer is ...:
         ok, why = False, "no answer yet: replace the placeholder with your answer and run the cell again."
     else:
@@ -124,7 +126,8 @@ def check(id: str, answer: Any, verbose: bool = True) -> bool:
 
 def number(answer: Any, expected: float, *, rel_tol: float = 1e-2, unit: str = "",
            mistakes: dict[float, str] | None = None, explain: str = "") -> tuple[bool, str]:
-    """Helper for numeric exercises: accept within ``rel_tol``; name a known mistake if the answer hits one."""
+    """Helper for numeric exercises: accept within ``rel_tol``; name a known mistake if the answer hits one.
+    numpy and torch scalars (``np.int64``, ``np.float32``, a 0-d tensor) count as the numbers they hold."""
     answer = as_number(answer)
     if isinstance(answer, bool) or not isinstance(answer, Real):
         raise TypeError(f"expected a number, got {type(answer).__name__}")

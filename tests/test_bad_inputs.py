@@ -1,0 +1,591 @@
+"""Bad input never gives a wrong answer silently (issue: "the package's API hardened").
+
+Part 1 is a table of bad or edge inputs across the whole public API: each must raise the stated error type
+with a message that names the argument. Part 2 holds the cases that used to give a silent wrong result, as
+regression tests asserting the *correct* result. Part 3 checks that saves are atomic and that failed calls
+leave the model and the target folder as they were.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import peft_lab
+from peft_lab import core, interop, validate
+from peft_lab.data import write_jsonl
+from peft_lab.lora import LoRALinear, lora_layers
+from peft_lab.paths import write_text_atomic
+
+from builders import VOCAB, small_gpt2, small_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXTS = ["tom went to the park .", "the soup was cold , so mia felt sad ."]
+
+
+class Ctx:
+    """What the cases need, built once: the tiny model and tokenizer, task rows, a small GPT-2 (vocabulary
+    100, context 64) and examples that fit it."""
+
+    def __init__(self, tiny):
+        self.model, self.tok = tiny
+        self.rows = peft_lab.load_task("val", n=4)
+        self.encoded = peft_lab.encode_task(self.rows, self.tok)
+        self.ex = [{"input_ids": list(range(i, i + 8)), "labels": list(range(i, i + 8))} for i in range(8)]
+
+    def small(self):
+        return small_gpt2()
+
+    def lora(self):
+        return peft_lab.apply_lora(small_gpt2(), rank=2, alpha=4)
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny):
+    return Ctx(tiny)
+
+
+def _merged_then_train(c):
+    m = c.lora()
+    peft_lab.merge_lora(m)
+    peft_lab.train(m, c.ex, steps=1, batch_size=2)
+
+
+def _inside_disable(c, fn):
+    m = c.lora()
+    with peft_lab.disable_lora(m):
+        fn(m)
+
+
+def _empty_folder(c, tmp):
+    folder = tmp / "empty"
+    folder.mkdir()
+    peft_lab.load_base_model(str(folder), device="cpu")
+
+
+def _file_as_model(c, tmp):
+    (tmp / "model.txt").write_text("x")
+    peft_lab.load_base_model(str(tmp / "model.txt"), device="cpu")
+
+
+def _export_onto_file(c, tmp):
+    (tmp / "a_file").write_text("x")
+    peft_lab.export_peft_adapter(c.lora(), tmp / "a_file")
+
+
+def _batch(ids, **extra):
+    return {"input_ids": ids, **extra}
+
+
+IDS = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+MEM = {"parameters": 10, "gradients": 10, "optimizer": 20, "activations": 5}
+HIST = peft_lab.History(step=[1, 2], loss=[2.0, 1.5])
+
+# (module, id, call(ctx, tmp_path), error type, words the message must contain — the argument's name first)
+CASES = [
+    # --- models, paths --------------------------------------------------------------------------------
+    ("models", "name None", lambda c, t: peft_lab.load_base_model(None), TypeError, ["name"]),
+    ("models", "name int", lambda c, t: peft_lab.load_base_model(123), TypeError, ["name"]),
+    ("models", "name list", lambda c, t: peft_lab.load_base_model(["gpt2"]), TypeError, ["name"]),
+    ("models", "name empty", lambda c, t: peft_lab.load_base_model(""), TypeError, ["name"]),
+    ("models", "missing folder", lambda c, t: peft_lab.load_base_model("./no-such-folder", device="cpu"),
+     OSError, ["name", "tiny"]),
+    ("models", "missing folder ~", lambda c, t: peft_lab.load_base_model("~/no-such-folder-x", device="cpu"),
+     OSError, ["name", "tiny"]),
+    ("models", "not a hub id", lambda c, t: peft_lab.load_base_model("my model", device="cpu"), OSError,
+     ["'my model'", "tiny"]),  # the hub client's HFValidationError (a ValueError) at transformers 4.57
+    ("models", "empty folder", _empty_folder, OSError, ["name", "config.json", "tiny"]),
+    ("models", "a file, not a folder", _file_as_model, OSError, ["name", "file"]),
+    ("models", "device gpu", lambda c, t: peft_lab.load_base_model("tiny", device="gpu"), ValueError, ["device"]),
+    ("models", "device int", lambda c, t: peft_lab.load_base_model("tiny", device=1.5), TypeError, ["device"]),
+    ("models", "dtype str", lambda c, t: peft_lab.load_base_model("tiny", dtype="float16"), TypeError,
+     ["dtype", "torch.float16"]),
+    ("models", "build int", lambda c, t: peft_lab.build_from_config(42), TypeError, ["name"]),
+    ("models", "build unknown", lambda c, t: peft_lab.build_from_config("gpt5"), ValueError, ["name", "gpt2"]),
+    ("models", "build device", lambda c, t: peft_lab.build_from_config("gpt2", device=3), TypeError, ["device"]),
+    ("models", "build dtype", lambda c, t: peft_lab.build_from_config("gpt2", dtype="bf16"), TypeError, ["dtype"]),
+    ("models", "build seed", lambda c, t: peft_lab.build_from_config("gpt2", seed=1.5), TypeError, ["seed"]),
+    ("models", "pick_device gpu", lambda c, t: peft_lab.pick_device("gpu"), ValueError, ["device"]),
+    ("models", "pick_device float", lambda c, t: peft_lab.pick_device(1.5), TypeError, ["device"]),
+    # --- data -----------------------------------------------------------------------------------------
+    ("data", "load_task n=-1", lambda c, t: peft_lab.load_task("train", n=-1), ValueError, ["n", ">= 0"]),
+    ("data", "load_task n=2.5", lambda c, t: peft_lab.load_task("train", n=2.5), TypeError, ["n"]),
+    ("data", "load_task n='10'", lambda c, t: peft_lab.load_task("train", n="10"), TypeError, ["n"]),
+    ("data", "load_task n too big", lambda c, t: peft_lab.load_task("val", n=10**6), ValueError, ["n", "300"]),
+    ("data", "load_task split", lambda c, t: peft_lab.load_task("training"), ValueError, ["split"]),
+    ("data", "load_heldout n=-1", lambda c, t: peft_lab.load_heldout(n=-1), ValueError, ["n"]),
+    ("data", "encode_task str", lambda c, t: peft_lab.encode_task("review: x verdict:", c.tok), TypeError,
+     ["examples", "wrap"]),
+    ("data", "encode_task one row", lambda c, t: peft_lab.encode_task(c.rows[0], c.tok), TypeError,
+     ["examples", "[examples]"]),
+    ("data", "encode_task wrong keys", lambda c, t: peft_lab.encode_task([{"text": "x"}], c.tok), KeyError,
+     ["examples[0]", "prompt"]),
+    ("data", "encode_task encoded rows", lambda c, t: peft_lab.encode_task(c.encoded, c.tok), KeyError,
+     ["examples[0]", "load_task"]),
+    ("data", "encode_task tokenizer str", lambda c, t: peft_lab.encode_task(c.rows, "tok"), TypeError,
+     ["tokenizer"]),
+    ("data", "encode_task model as tokenizer", lambda c, t: peft_lab.encode_task(c.rows, c.model), TypeError,
+     ["tokenizer"]),
+    ("data", "encode_task prompt int", lambda c, t: peft_lab.encode_task([{"prompt": 1, "answer": "good"}], c.tok),
+     TypeError, ["examples[0]['prompt']"]),
+    ("data", "encode_texts str", lambda c, t: peft_lab.encode_texts("one string", c.tok), TypeError,
+     ["texts", "[texts]"]),
+    ("data", "encode_texts ints", lambda c, t: peft_lab.encode_texts([1, 2], c.tok), TypeError, ["texts[0]"]),
+    ("data", "encode_texts max_length 0", lambda c, t: peft_lab.encode_texts(TEXTS, c.tok, max_length=0),
+     ValueError, ["max_length"]),
+    ("data", "encode_texts max_length float", lambda c, t: peft_lab.encode_texts(TEXTS, c.tok, max_length=2.0),
+     TypeError, ["max_length", "pass 2"]),
+    ("data", "collate empty", lambda c, t: peft_lab.collate([]), ValueError, ["examples"]),
+    ("data", "collate raw rows", lambda c, t: peft_lab.collate(c.rows), KeyError, ["examples[0]", "encode_task"]),
+    ("data", "collate no tokens", lambda c, t: peft_lab.collate([{"input_ids": []}]), ValueError, ["examples[0]"]),
+    ("data", "collate float ids", lambda c, t: peft_lab.collate([{"input_ids": [1.5, 2]}]), TypeError,
+     ["examples[0]['input_ids'][0]"]),
+    ("data", "collate label length", lambda c, t: peft_lab.collate([{"input_ids": [1, 2], "labels": [1]}]),
+     ValueError, ["examples[0]", "labels"]),
+    ("data", "collate pad_id", lambda c, t: peft_lab.collate(c.ex, pad_id=-1), ValueError, ["pad_id"]),
+    ("data", "collate str", lambda c, t: peft_lab.collate("abc"), TypeError, ["examples"]),
+    ("data", "perplexity str", lambda c, t: peft_lab.perplexity(c.model, c.tok, "one string"), TypeError,
+     ["texts", "[texts]"]),
+    ("data", "perplexity empty", lambda c, t: peft_lab.perplexity(c.model, c.tok, []), ValueError, ["texts"]),
+    ("data", "perplexity only empty texts", lambda c, t: peft_lab.perplexity(c.model, c.tok, [""]), ValueError,
+     ["texts"]),
+    ("data", "perplexity swapped", lambda c, t: peft_lab.perplexity(c.tok, c.model, TEXTS), TypeError, ["model"]),
+    ("data", "perplexity pair", lambda c, t: peft_lab.perplexity((c.model, c.tok), c.tok, TEXTS), TypeError,
+     ["model", "unpack"]),
+    ("data", "perplexity batch_size", lambda c, t: peft_lab.perplexity(c.model, c.tok, TEXTS, batch_size=0),
+     ValueError, ["batch_size"]),
+    ("data", "perplexity longer than context",
+     lambda c, t: peft_lab.perplexity(c.model, c.tok, [" ".join(["tom"] * 300)]), ValueError,
+     ["texts[0]", "context of 128"]),
+    ("data", "perplexity ids beyond vocab", lambda c, t: peft_lab.perplexity(c.small(), c.tok, TEXTS), ValueError,
+     ["texts[0]", "vocabulary"]),
+    ("data", "evaluate encoded rows", lambda c, t: peft_lab.evaluate_task(c.model, c.tok, c.encoded), KeyError,
+     ["examples[0]", "load_task"]),
+    ("data", "evaluate str", lambda c, t: peft_lab.evaluate_task(c.model, c.tok, "review: x verdict:"), TypeError,
+     ["examples"]),
+    ("data", "evaluate batch_size", lambda c, t: peft_lab.evaluate_task(c.model, c.tok, c.rows, batch_size=0),
+     ValueError, ["batch_size"]),
+    ("data", "evaluate choices str", lambda c, t: peft_lab.evaluate_task(c.model, c.tok, c.rows, choices="good"),
+     TypeError, ["choices"]),
+    ("data", "evaluate empty", lambda c, t: peft_lab.evaluate_task(c.model, c.tok, []), ValueError, ["examples"]),
+    ("data", "evaluate tokenizer", lambda c, t: peft_lab.evaluate_task(c.model, "tok", c.rows), TypeError,
+     ["tokenizer"]),
+    ("data", "write_jsonl empty path", lambda c, t: write_jsonl([{"a": 1}], ""), ValueError, ["path"]),
+    # --- train ----------------------------------------------------------------------------------------
+    ("train", "model pair", lambda c, t: peft_lab.train((c.model, c.tok), c.encoded), TypeError, ["model", "unpack"]),
+    ("train", "raw rows", lambda c, t: peft_lab.train(c.small(), c.rows), KeyError, ["examples[0]", "encode_task"]),
+    ("train", "examples = (model, tok)", lambda c, t: peft_lab.train(c.small(), (c.model, c.tok)), TypeError,
+     ["examples"]),
+    ("train", "examples str", lambda c, t: peft_lab.train(c.small(), "some text"), TypeError, ["examples"]),
+    ("train", "lr str", lambda c, t: peft_lab.train(c.small(), c.ex, lr="1e-3"), TypeError, ["lr", "lr=1e-3"]),
+    ("train", "steps 2.5", lambda c, t: peft_lab.train(c.small(), c.ex, steps=2.5), TypeError, ["steps"]),
+    ("train", "batch_size 2.0", lambda c, t: peft_lab.train(c.small(), c.ex, batch_size=2.0), TypeError,
+     ["batch_size", "pass 2"]),
+    ("train", "steps 0", lambda c, t: peft_lab.train(c.small(), c.ex, steps=0), ValueError, ["steps"]),
+    ("train", "lr 0", lambda c, t: peft_lab.train(c.small(), c.ex, lr=0), ValueError, ["lr"]),
+    ("train", "lr nan", lambda c, t: peft_lab.train(c.small(), c.ex, lr=float("nan")), ValueError, ["lr"]),
+    ("train", "weight_decay", lambda c, t: peft_lab.train(c.small(), c.ex, weight_decay=-1), ValueError,
+     ["weight_decay"]),
+    ("train", "warmup_steps", lambda c, t: peft_lab.train(c.small(), c.ex, warmup_steps=-1), ValueError,
+     ["warmup_steps"]),
+    ("train", "schedule", lambda c, t: peft_lab.train(c.small(), c.ex, schedule="linear"), ValueError,
+     ["schedule"]),
+    ("train", "grad_clip 0", lambda c, t: peft_lab.train(c.small(), c.ex, grad_clip=0), ValueError, ["grad_clip"]),
+    ("train", "eval_fn number", lambda c, t: peft_lab.train(c.small(), c.ex, eval_fn=0.5), TypeError, ["eval_fn"]),
+    ("train", "eval_fn result str", lambda c, t: peft_lab.train(c.small(), c.ex, steps=1, batch_size=2,
+                                                                 eval_fn=lambda m: "good"), TypeError, ["eval_fn"]),
+    ("train", "eval_every 0", lambda c, t: peft_lab.train(c.small(), c.ex, eval_every=0), ValueError,
+     ["eval_every"]),
+    ("train", "seed str", lambda c, t: peft_lab.train(c.small(), c.ex, seed="0"), TypeError, ["seed"]),
+    ("train", "progress str", lambda c, t: peft_lab.train(c.small(), c.ex, progress="yes"), TypeError,
+     ["progress"]),
+    ("train", "pad_id beyond vocab", lambda c, t: peft_lab.train(c.small(), c.ex, pad_id=VOCAB), ValueError,
+     ["pad_id"]),
+    ("train", "all labels masked", lambda c, t: peft_lab.train(
+        c.small(), [{"input_ids": [1, 2, 3], "labels": [-100] * 3}] * 4, batch_size=2), ValueError,
+     ["examples[0]", "supervised"]),
+    ("train", "token id >= vocab", lambda c, t: peft_lab.train(
+        c.small(), [{"input_ids": [1, VOCAB], "labels": [1, VOCAB]}] * 2, batch_size=2), ValueError,
+     ["examples[0]", "vocabulary"]),
+    ("train", "longer than context", lambda c, t: peft_lab.train(
+        c.small(), [{"input_ids": [1] * 65}] * 2, batch_size=2), ValueError, ["examples[0]", "context of 64"]),
+    ("train", "batch larger than data", lambda c, t: peft_lab.train(c.small(), c.ex[:3], batch_size=4),
+     ValueError, ["batch_size"]),
+    ("train", "after merge_lora", lambda c, t: _merged_then_train(c), ValueError, ["merged", "unmerge_lora"]),
+    ("train", "inside disable_lora", lambda c, t: _inside_disable(
+        c, lambda m: peft_lab.train(m, c.ex, steps=1, batch_size=2)), ValueError, ["disable"]),
+    # --- measure --------------------------------------------------------------------------------------
+    ("measure", "count pair", lambda c, t: peft_lab.count_parameters((c.model, c.tok)), TypeError,
+     ["model", "unpack"]),
+    ("measure", "print no parameters", lambda c, t: peft_lab.print_trainable_parameters(nn.Sequential()),
+     ValueError, ["model", "no parameters"]),
+    ("measure", "mask shape", lambda c, t: peft_lab.measure_memory(
+        c.small(), _batch(IDS, attention_mask=torch.ones(2, 5, dtype=torch.long))), ValueError,
+     ["attention_mask", "(2, 8)"]),
+    ("measure", "labels shape", lambda c, t: peft_lab.measure_memory(c.small(), _batch(IDS, labels=IDS[:, :4])),
+     ValueError, ["labels"]),
+    ("measure", "ids beyond vocab", lambda c, t: peft_lab.measure_memory(c.small(), _batch(IDS + VOCAB)),
+     ValueError, ["input_ids", "vocabulary"]),
+    ("measure", "longer than context", lambda c, t: peft_lab.measure_memory(
+        c.small(), _batch(torch.zeros(1, 65, dtype=torch.long))), ValueError, ["input_ids", "context of 64"]),
+    ("measure", "1-d ids", lambda c, t: peft_lab.measure_memory(c.small(), _batch(IDS[0])), ValueError,
+     ["input_ids", "unsqueeze"]),
+    ("measure", "batch as list", lambda c, t: peft_lab.measure_memory(c.small(), [IDS]), ValueError, ["batch"]),
+    ("measure", "estimate seq_len > context", lambda c, t: peft_lab.estimate_memory("gpt2", seq_len=2048),
+     ValueError, ["seq_len", "1024"]),
+    ("measure", "estimate batch_size 1.5", lambda c, t: peft_lab.estimate_memory("gpt2", batch_size=1.5),
+     TypeError, ["batch_size"]),
+    ("measure", "estimate precision", lambda c, t: peft_lab.estimate_memory("gpt2", precision="fp16"), ValueError,
+     ["precision"]),
+    ("measure", "estimate trainable -1", lambda c, t: peft_lab.estimate_memory("gpt2", trainable_params=-1),
+     ValueError, ["trainable_params"]),
+    ("measure", "estimate trainable str", lambda c, t: peft_lab.estimate_memory("gpt2", trainable_params="100"),
+     TypeError, ["trainable_params"]),
+    ("measure", "time_fn not callable", lambda c, t: peft_lab.time_fn(42), TypeError, ["fn"]),
+    ("measure", "time_fn repeats float", lambda c, t: peft_lab.time_fn(lambda: None, repeats=2.0), TypeError,
+     ["repeats"]),
+    ("measure", "time_fn warmup", lambda c, t: peft_lab.time_fn(lambda: None, warmup=-1), ValueError, ["warmup"]),
+    # --- plots ----------------------------------------------------------------------------------------
+    ("plots", "history list", lambda c, t: peft_lab.plot_history([HIST]), TypeError, ["histories", "{"]),
+    ("plots", "history bare", lambda c, t: peft_lab.plot_history(HIST), TypeError, ["histories"]),
+    ("plots", "history of losses", lambda c, t: peft_lab.plot_history({"a": [0.1, 0.2]}), TypeError,
+     ["histories['a']"]),
+    ("plots", "history smooth 0", lambda c, t: peft_lab.plot_history({"a": HIST}, smooth=0), ValueError,
+     ["smooth"]),
+    ("plots", "history empty", lambda c, t: peft_lab.plot_history({}), ValueError, ["histories"]),
+    ("plots", "memory list", lambda c, t: peft_lab.plot_memory([MEM]), TypeError, ["breakdowns"]),
+    ("plots", "memory strings", lambda c, t: peft_lab.plot_memory({"a": {**MEM, "parameters": "12"}}), TypeError,
+     ["breakdowns['a']['parameters']"]),
+    ("plots", "memory entry not a dict", lambda c, t: peft_lab.plot_memory({"a": 12}), TypeError,
+     ["breakdowns['a']"]),
+    ("plots", "memory unit", lambda c, t: peft_lab.plot_memory({"a": MEM}, unit="MB"), ValueError, ["unit"]),
+    ("plots", "parameters list", lambda c, t: peft_lab.plot_parameters([1, 2]), TypeError, ["counts"]),
+    ("plots", "parameters str", lambda c, t: peft_lab.plot_parameters({"a": "12"}), TypeError, ["counts['a']"]),
+    ("plots", "parameters fraction", lambda c, t: peft_lab.plot_parameters({"a": 2.7}), TypeError,
+     ["counts['a']"]),
+    ("plots", "parameters negative", lambda c, t: peft_lab.plot_parameters({"a": -1}), ValueError,
+     ["counts['a']"]),
+    ("plots", "parameters log str", lambda c, t: peft_lab.plot_parameters({"a": 1}, log="yes"), TypeError,
+     ["log"]),
+    # --- exercises, results ---------------------------------------------------------------------------
+    ("exercises", "check id float", lambda c, t: peft_lab.check(2.2, 4), TypeError, ["id", '"02.2"']),
+    ("exercises", "check unknown id", lambda c, t: peft_lab.check("99.9", 4), KeyError, ["id", "known"]),
+    ("results", "record empty key", lambda c, t: peft_lab.record("", 1), ValueError, ["key"]),
+    ("results", "record int key", lambda c, t: peft_lab.record(3, 1), TypeError, ["key"]),
+    ("results", "record a model", lambda c, t: peft_lab.record("k", c.small()), TypeError, ["value"]),
+    # --- lora -----------------------------------------------------------------------------------------
+    ("lora", "apply to pair", lambda c, t: peft_lab.apply_lora((c.model, c.tok)), TypeError, ["model", "unpack"]),
+    ("lora", "rank str", lambda c, t: peft_lab.apply_lora(c.small(), rank="8"), TypeError, ["rank"]),
+    ("lora", "rank np.float64", lambda c, t: peft_lab.apply_lora(c.small(), rank=np.float64(8.5)), TypeError,
+     ["rank"]),
+    ("lora", "alpha str", lambda c, t: peft_lab.apply_lora(c.small(), alpha="16"), TypeError, ["alpha"]),
+    ("lora", "alpha inf", lambda c, t: peft_lab.apply_lora(c.small(), alpha=float("inf")), ValueError, ["alpha"]),
+    ("lora", "dropout None", lambda c, t: peft_lab.apply_lora(c.small(), dropout=None), TypeError, ["dropout"]),
+    ("lora", "target short name as str", lambda c, t: peft_lab.apply_lora(c.small(), target_modules="c_attn"),
+     ValueError, ["target_modules", "['c_attn']"]),
+    ("lora", "target invalid regex", lambda c, t: peft_lab.apply_lora(c.small(), target_modules="c_attn["),
+     ValueError, ["target_modules", "regular expression"]),
+    ("lora", "target list with int", lambda c, t: peft_lab.apply_lora(c.small(), target_modules=["c_attn", 3]),
+     ValueError, ["target_modules"]),
+    ("lora", "target dict", lambda c, t: peft_lab.apply_lora(c.small(), target_modules={"c_attn": 1}), TypeError,
+     ["target_modules"]),
+    ("lora", "tied lm_head", lambda c, t: peft_lab.apply_lora(c.small(), target_modules=["lm_head"]), ValueError,
+     ["target_modules", "tied", "wte"]),
+    ("lora", "use_rslora 1", lambda c, t: peft_lab.apply_lora(c.small(), use_rslora=1), TypeError, ["use_rslora"]),
+    ("lora", "scaling rank 0", lambda c, t: peft_lab.lora_scaling(0, 16), ValueError, ["rank"]),
+    ("lora", "scaling alpha str", lambda c, t: peft_lab.lora_scaling(8, "16"), TypeError, ["alpha"]),
+    ("lora", "LoRALinear on Embedding", lambda c, t: LoRALinear(nn.Embedding(3, 4)), TypeError, ["base_layer"]),
+    ("lora", "LoRALinear rank 0", lambda c, t: LoRALinear(nn.Linear(4, 4), rank=0), ValueError, ["rank"]),
+    ("lora", "merge inside disable", lambda c, t: _inside_disable(c, peft_lab.merge_lora), ValueError,
+     ["merge_lora", "disable_lora"]),
+    ("lora", "unmerge inside disable", lambda c, t: _inside_disable(c, peft_lab.unmerge_lora), ValueError,
+     ["unmerge_lora", "disable_lora"]),
+    ("lora", "remove inside disable", lambda c, t: _inside_disable(c, peft_lab.remove_lora), ValueError,
+     ["remove_lora", "disable_lora"]),
+    ("lora", "remove merge str", lambda c, t: peft_lab.remove_lora(c.lora(), merge="no"), TypeError, ["merge"]),
+    ("lora", "load list", lambda c, t: peft_lab.load_lora_state_dict(c.lora(), [torch.zeros(1)]), TypeError,
+     ["state_dict"]),
+    ("lora", "load numpy values", lambda c, t: peft_lab.load_lora_state_dict(
+        m := c.lora(), {k: v.numpy() for k, v in peft_lab.lora_state_dict(m).items()}), TypeError,
+     ["state_dict[", "torch.as_tensor"]),
+    ("lora", "load int tensors", lambda c, t: peft_lab.load_lora_state_dict(
+        m := c.lora(), {k: v.long() for k, v in peft_lab.lora_state_dict(m).items()}), TypeError,
+     ["state_dict[", "floating-point"]),
+    ("lora", "lora_layers str", lambda c, t: list(lora_layers("model")), TypeError, ["model"]),
+    ("lora", "lora_state_dict pair", lambda c, t: peft_lab.lora_state_dict((c.model, c.tok)), TypeError,
+     ["model", "unpack"]),
+    ("lora", "lora_config str", lambda c, t: peft_lab.lora_config("model"), TypeError, ["model"]),
+    # --- interop --------------------------------------------------------------------------------------
+    ("interop", "export to ''", lambda c, t: peft_lab.export_peft_adapter(c.lora(), ""), ValueError, ["path"]),
+    ("interop", "export to int", lambda c, t: peft_lab.export_peft_adapter(c.lora(), 42), TypeError, ["path"]),
+    ("interop", "export pair", lambda c, t: peft_lab.export_peft_adapter((c.model, c.tok), t), TypeError,
+     ["model", "unpack"]),
+    ("interop", "export onto a file", _export_onto_file, FileExistsError, ["path", "folder"]),
+    ("interop", "export task_type", lambda c, t: peft_lab.export_peft_adapter(c.lora(), t, task_type=3),
+     TypeError, ["task_type"]),
+    ("interop", "import from ''", lambda c, t: peft_lab.import_peft_adapter(c.small(), ""), ValueError, ["path"]),
+    ("interop", "import from None", lambda c, t: peft_lab.import_peft_adapter(c.small(), None), TypeError,
+     ["path"]),
+    ("interop", "import into str", lambda c, t: peft_lab.import_peft_adapter("model", t), TypeError, ["model"]),
+    ("interop", "import missing folder", lambda c, t: peft_lab.import_peft_adapter(c.small(), t / "nope"),
+     FileNotFoundError, ["path"]),
+    # --- core -----------------------------------------------------------------------------------------
+    ("core", "resolve_targets int", lambda c, t: core.resolve_targets(c.small(), 42, {}, (nn.Linear,)), TypeError,
+     ["target_modules"]),
+    ("core", "resolve_targets empty str", lambda c, t: core.resolve_targets(c.small(), "", {}, (nn.Linear,)),
+     ValueError, ["target_modules"]),
+    ("core", "replace unknown name", lambda c, t: core.replace_module(c.small(), "no.such", nn.Identity()),
+     ValueError, ["name", "named_modules"]),
+    ("core", "replace with str", lambda c, t: core.replace_module(c.small(), "lm_head", "x"), TypeError, ["new"]),
+    ("core", "freeze str", lambda c, t: core.freeze("model"), TypeError, ["model"]),
+    ("core", "load_adapter_state_dict list", lambda c, t: core.load_adapter_state_dict({}, [1]), TypeError,
+     ["state_dict"]),
+    ("core", "require_layers str", lambda c, t: core.require_layers("m", LoRALinear, "LoRA", "apply_lora"),
+     TypeError, ["model"]),
+    ("core", "require_untied tied", lambda c, t: core.require_untied(c.small(), ["lm_head"]), ValueError,
+     ["target_modules", "tied"]),
+]
+
+
+@pytest.mark.parametrize("module, call, error, words", [pytest.param(*case[:1], *case[2:], id=f"{case[0]}: {case[1]}")
+                                                        for case in CASES])
+def test_bad_input_is_refused_with_a_message_naming_it(ctx, tmp_path, monkeypatch, module, call, error, words):
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~" cases stay inside the test's folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error) as info:
+        call(ctx, tmp_path)
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in: {message}"
+
+
+def test_at_least_100_cases_across_the_whole_api():
+    per_module = {}
+    for case in CASES:
+        per_module[case[0]] = per_module.get(case[0], 0) + 1
+    print(per_module)
+    assert len(CASES) >= 100
+    assert set(per_module) >= {"models", "data", "train", "measure", "plots", "exercises", "lora", "interop",
+                               "core"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 2: the silent wrong results, now right
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("answer", [4, 4.0, np.float64(4.0), np.float32(4.0), np.int64(4), np.array(4.0),
+                                    torch.tensor(4.0), torch.tensor(4)], ids=repr)
+def test_check_accepts_numpy_and_torch_scalars(answer):
+    assert peft_lab.check("02.2", answer, verbose=False) is True
+    assert peft_lab.check("02.2", answer + 1, verbose=False) is False
+
+
+@pytest.mark.parametrize("answer", ["4", True, [4]], ids=repr)
+def test_check_marks_non_numbers_wrong(answer):
+    assert peft_lab.check("02.2", answer, verbose=False) is False
+
+
+def test_perplexity_of_a_list_does_not_depend_on_its_container(tiny):
+    model, tok = tiny
+    assert peft_lab.perplexity(model, tok, TEXTS) == peft_lab.perplexity(model, tok, tuple(TEXTS))
+    assert peft_lab.encode_texts(TEXTS[:1], tok) == peft_lab.encode_texts((TEXTS[0],), tok)
+
+
+def test_tied_lm_head_refused_and_model_untouched_untied_allowed():
+    model = small_gpt2()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="tied"):
+        peft_lab.apply_lora(model, target_modules=["c_attn", "lm_head"])
+    assert not list(lora_layers(model)) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # LLaMA's lm_head is its own weight: allowed, and merging changes lm_head only, not the embedding.
+    llama = small_llama()
+    emb = llama.get_input_embeddings().weight.clone()
+    peft_lab.apply_lora(llama, target_modules=["lm_head"])
+    with torch.no_grad():
+        for _, t in peft_lab.lora_state_dict(llama).items():
+            t.normal_(0, 0.02)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    want = llama(ids).logits
+    peft_lab.merge_lora(llama)
+    assert torch.allclose(llama(ids).logits, want, atol=1e-5)
+    assert torch.equal(llama.get_input_embeddings().weight, emb)
+
+
+def test_merge_inside_disable_refused_and_disabled_model_is_the_base():
+    base = small_gpt2()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
+    base_logits = base(ids).logits
+    model = peft_lab.apply_lora(base, rank=2)
+    with torch.no_grad():
+        for _, t in peft_lab.lora_state_dict(model).items():
+            t.normal_(0, 0.1)
+    adapted = model(ids).logits
+    assert not torch.allclose(adapted, base_logits, atol=1e-4)
+    with peft_lab.disable_lora(model):
+        with pytest.raises(ValueError, match="merge_lora inside"):
+            peft_lab.merge_lora(model)
+        assert torch.equal(model(ids).logits, base_logits)
+    assert torch.equal(model(ids).logits, adapted)
+
+
+def test_string_target_is_a_regex_over_full_names():
+    """The rule chosen: one string is a regular expression over the whole module name (PEFT's rule), so
+    "c_attn" alone is refused with the hint to pass ["c_attn"]; a regex that matches gives the same layers."""
+    by_list = [n for n, _ in lora_layers(peft_lab.apply_lora(small_gpt2(), target_modules=["c_attn"]))]
+    by_regex = [n for n, _ in lora_layers(peft_lab.apply_lora(small_gpt2(), target_modules=r".*\.c_attn"))]
+    assert by_list == by_regex and len(by_list) == 2
+
+
+def test_numpy_and_tensor_numbers_are_accepted_and_stored_plain(tmp_path):
+    model = peft_lab.apply_lora(small_gpt2(), rank=np.int64(2), alpha=np.float32(4.0), dropout=np.float64(0.0))
+    config = peft_lab.lora_config(model)
+    assert (config.rank, config.alpha, config.dropout) == (2, 4.0, 0.0)
+    assert type(config.rank) is int and type(config.alpha) is float and type(config.dropout) is float
+    out = peft_lab.export_peft_adapter(model, tmp_path / "a")
+    written = json.loads((out / interop.CONFIG_NAME).read_text())
+    assert written["r"] == 2 and written["lora_alpha"] == 4.0
+    ex = [{"input_ids": list(range(i, i + 8))} for i in range(4)]
+    hist = peft_lab.train(model, ex, steps=np.int64(2), batch_size=np.int64(2), lr=torch.tensor(1e-3),
+                          eval_every=np.int64(1), eval_fn=lambda m: np.float32(0.5))
+    assert hist.step == [1, 2] and hist.metric == [0.5] * 3 and type(hist.metric[0]) is float
+    a = peft_lab.estimate_memory("gpt2", batch_size=np.int64(2), seq_len=np.int64(16))
+    assert a == peft_lab.estimate_memory("gpt2", batch_size=2, seq_len=16)
+    assert len(peft_lab.load_task("val", n=np.int64(3))) == 3
+    ax = peft_lab.plot_parameters({"LoRA": np.int64(5), "full": torch.tensor(100)})
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["LoRA", "full"]
+
+
+def test_edges_that_are_accepted():
+    assert peft_lab.load_task("val", n=0) == []  # n=0 asks for nothing and gets nothing
+    assert len(peft_lab.load_task("val", n=300)) == 300  # exactly the split's size
+    context = peft_lab.estimate_memory("gpt2", seq_len=1024)  # exactly the context
+    assert context == peft_lab.estimate_memory("gpt2")
+    assert validate.require_path("path", "~/x") == Path.home() / "x"
+
+
+def test_train_refuses_a_set_with_one_unsupervised_example(small_gpt2):
+    ex = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 3 + [{"input_ids": [4, 5], "labels": [4, -100]}]
+    with pytest.raises(ValueError, match=r"examples\[3\] has no supervised token"):
+        peft_lab.train(small_gpt2, ex, steps=1, batch_size=1)
+    hist = peft_lab.train(small_gpt2, ex[:3], steps=2, batch_size=1)
+    assert all(np.isfinite(hist.loss))
+
+
+def test_pick_device_refuses_cuda_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda'.*no CUDA"):
+        peft_lab.pick_device("cuda")
+    assert peft_lab.pick_device("cpu") == torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 3: failed calls change nothing; saves are atomic
+# ---------------------------------------------------------------------------------------------------------
+
+def _snapshot(model):
+    return ({n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            [(n, id(m), type(m)) for n, m in model.named_modules()], model.training)
+
+
+def _same(model, snap):
+    values, flags, modules, training = snap
+    now = _snapshot(model)
+    return (now[0].keys() == values.keys() and all(torch.equal(now[0][k], values[k]) for k in values)
+            and now[1] == flags and now[2] == modules and now[3] == training)
+
+
+def test_failed_import_leaves_the_model_exactly_as_it_came(tmp_path):
+    source = peft_lab.apply_lora(small_gpt2(), rank=4)
+    folder = peft_lab.export_peft_adapter(source, tmp_path / "adapter")
+    model = small_gpt2(width=32)  # another size: shapes do not fit
+    for name, p in model.named_parameters():  # an unusual pattern, to see it kept
+        p.requires_grad_("h.0." in name)
+    model.train()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        peft_lab.import_peft_adapter(model, folder)
+    assert _same(model, snap)
+    assert peft_lab.core.get_config(model, "lora") is None
+
+
+def _fill_folder(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new folder", "existing folder"])
+def test_export_failing_midway_leaves_the_folder_as_it_was(tmp_path, monkeypatch, existing):
+    import safetensors.torch
+    model = peft_lab.apply_lora(small_gpt2(), rank=2)
+    target = tmp_path / "deep" / "adapter"
+    if existing:
+        peft_lab.export_peft_adapter(peft_lab.apply_lora(small_gpt2(seed=5), rank=2), target)
+        (target / "README.md").write_text("mine")
+    before = _fill_folder(target) if existing else None
+    snap = _snapshot(model)
+
+    def broken_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        peft_lab.export_peft_adapter(model, target)
+    if existing:
+        assert _fill_folder(target) == before
+        assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["adapter"]  # no temp folder left
+    else:
+        assert not (tmp_path / "deep").exists()  # nothing created, not even the parent
+    assert _same(model, snap)
+    monkeypatch.undo()
+    peft_lab.export_peft_adapter(model, target)  # works afterwards, and keeps the folder's other files
+    assert (target / interop.WEIGHTS_NAME).is_file()
+    assert not existing or (target / "README.md").read_text() == "mine"
+
+
+def test_export_expands_home_and_refuses_empty(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = peft_lab.apply_lora(small_gpt2(), rank=2)
+    out = peft_lab.export_peft_adapter(model, "~/adapters/x")
+    assert out == tmp_path / "home" / "adapters" / "x" and (out / interop.CONFIG_NAME).is_file()
+    assert not (tmp_path / "~").exists()
+    with pytest.raises(ValueError, match="path"):
+        peft_lab.export_peft_adapter(model, "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # nothing written to the working directory
+    again = peft_lab.import_peft_adapter(small_gpt2(), "~/adapters/x")
+    assert torch.equal(peft_lab.lora_state_dict(again)["transformer.h.0.attn.c_attn.lora_A.weight"],
+                       peft_lab.lora_state_dict(model)["transformer.h.0.attn.c_attn.lora_A.weight"])
+
+
+def test_atomic_text_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    write_text_atomic(path, "old\n")
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("interrupted")))
+    with pytest.raises(OSError, match="interrupted"):
+        write_text_atomic(path, "new\n")
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_record_and_write_jsonl_change_nothing_on_bad_values(tmp_path, monkeypatch):
+    results = tmp_path / "results.json"
+    monkeypatch.setenv("PEFT_LAB_RESULTS", str(results))
+    assert peft_lab.record("a", np.float32(0.5)) == np.float32(0.5)
+    with pytest.raises(TypeError, match="value"):
+        peft_lab.record("b", object())
+    assert json.loads(results.read_text()) == {"a": 0.5}
+    rows = tmp_path / "rows.jsonl"
+    write_jsonl([{"x": 1}], rows)
+    with pytest.raises(TypeError):
+        write_jsonl([{"x": 2}, {"x": object()}], rows)
+    assert rows.read_text() == '{"x": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["results.json",
+                                                                                               "rows.jsonl"]
+    assert rows.stat().st_mode & 0o777 != 0o600  # the usual permissions, not mkstemp's private ones
