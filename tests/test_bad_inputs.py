@@ -274,7 +274,7 @@ CASES = [
     ("plots", "parameters log str", lambda c, t: peft_lab.plot_parameters({"a": 1}, log="yes"), TypeError,
      ["log"]),
     # --- exercises, results ---------------------------------------------------------------------------
-    ("exercises", "check id float", lambda c, t: peft_lab.check(2.2, 4), TypeError, ["id", '"02.2"']),
+    ("exercises", "check id float", lambda c, t: peft_lab.check(2.2, 4), TypeError, ["id", '"02.ex2"']),
     ("exercises", "check unknown id", lambda c, t: peft_lab.check("99.9", 4), KeyError, ["id", "known"]),
     ("results", "record empty key", lambda c, t: peft_lab.record("", 1), ValueError, ["key"]),
     ("results", "record int key", lambda c, t: peft_lab.record(3, 1), TypeError, ["key"]),
