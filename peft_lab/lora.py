@@ -26,7 +26,6 @@ Typical use::
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Real
@@ -35,6 +34,9 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from . import core
+from .core import AdapterLayer, matches_target
 
 __all__ = [
     "DEFAULT_TARGET_MODULES", "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora",
@@ -62,7 +64,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "t5": ["q", "v"],
 }
 
-_CONFIG_ATTR = "_peft_lab_lora_config"  # where apply_lora records its settings on the model
+_METHOD = "lora"  # the name under which apply_lora records its settings on the model (core.record_config)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` plus a trainable low-rank update (equations 02.1–02.6).
 
     ``forward(x) = base_layer(x) + lora_B(lora_A(lora_dropout(x))) · scaling`` (02.2), or ``base_layer(x)``
@@ -98,6 +100,8 @@ class LoRALinear(nn.Module):
     Attributes: ``in_features`` (d_in), ``out_features`` (d_out), ``rank`` (r), ``alpha`` (α), ``scaling`` (s),
     ``fan_in_fan_out`` (True for ``Conv1D``, whose weight is stored d_in × d_out), ``merged``, ``disabled``.
     """
+
+    adapter_modules = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False):
@@ -119,7 +123,6 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=weight.device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
         self.merged = False
-        self.disabled = False
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -162,56 +165,6 @@ class LoRALinear(nn.Module):
                 f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Choosing layers
-# ----------------------------------------------------------------------------------------------------------
-
-def matches_target(name: str, target_modules: Sequence[str] | str) -> bool:
-    """Whether the module called ``name`` (as in ``model.named_modules()``) is a LoRA target — PEFT's rule.
-
-    * a list of strings: ``name`` equals an entry or ends with ``"." + entry``. So ``"c_attn"`` matches
-      ``transformer.h.0.attn.c_attn``; ``"c_proj"`` matches *both* ``attn.c_proj`` and ``mlp.c_proj``;
-      ``"attn.c_proj"`` only the attention one. Partial words do not match (``"attn"`` ≠ ``c_attn``).
-    * one string: a regular expression that must match the whole name (``re.fullmatch``), e.g.
-      ``r".*\\.h\\.[01]\\.attn\\.c_attn"`` for the first two blocks only.
-    """
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)]
-
-
-def _candidates(model: nn.Module) -> str:
-    names = _linear_names(model)
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    example = f" (e.g. {names[0]!r})" if names else ""
-    return f"linear layers in this model, by name suffix: {suffixes}{example}"
-
-
-def _resolve_targets(model: nn.Module, target_modules) -> tuple[str, ...] | str:
-    if target_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGET_MODULES:
-            raise ValueError(
-                f"no default target_modules for model type {model_type!r}; pass target_modules=[...] "
-                f"explicitly. {_candidates(model)}")
-        return tuple(DEFAULT_TARGET_MODULES[model_type])
-    if isinstance(target_modules, str):
-        if not target_modules:
-            raise ValueError("target_modules is an empty string")
-        return target_modules
-    if not isinstance(target_modules, (list, tuple, set, frozenset)):
-        raise TypeError(f"target_modules must be None, a list of module names or a regex string, "
-                        f"got {type(target_modules).__name__}")
-    targets = tuple(sorted(target_modules)) if isinstance(target_modules, (set, frozenset)) else tuple(target_modules)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"target_modules must be a non-empty list of non-empty strings, got {target_modules!r}")
-    return targets
-
-
 def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank must be a positive int, got {rank!r} ({type(rank).__name__})")
@@ -235,23 +188,11 @@ def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> None:
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """``(name, layer)`` for every :class:`LoRALinear` in ``model``, in module order."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            yield name, module
+    return core.find_layers(model, LoRALinear)
 
 
 def _require_lora(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    layers = list(lora_layers(model))
-    if not layers:
-        raise ValueError("this model has no LoRA layers; call apply_lora(model, ...) first")
-    return layers
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return core.require_layers(model, LoRALinear, "LoRA", "apply_lora(model, ...)")
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -273,26 +214,27 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
     if any(True for _ in lora_layers(model)):
         raise ValueError("this model already has LoRA layers; applying LoRA twice is not supported. "
                          "Call remove_lora(model) first, or use a fresh copy of the base model.")
-    targets = _resolve_targets(model, target_modules)
+    targets = core.resolve_targets(model, target_modules, DEFAULT_TARGET_MODULES, SUPPORTED_LAYERS)
     matched = [(n, m) for n, m in model.named_modules() if n and matches_target(n, targets)]
     if not matched:
-        raise ValueError(f"target_modules {targets!r} matched no module. {_candidates(model)}")
+        raise ValueError(f"target_modules {targets!r} matched no module. "
+                         f"{core.describe_layers(model, SUPPORTED_LAYERS)}")
     wrong = [(n, type(m).__name__) for n, m in matched if not isinstance(m, SUPPORTED_LAYERS)]
     if wrong:
         listed = ", ".join(f"{n} ({t})" for n, t in wrong[:5]) + (" ..." if len(wrong) > 5 else "")
         raise TypeError(f"LoRA here wraps nn.Linear and Conv1D layers only, but target_modules {targets!r} "
-                        f"matched {listed}. {_candidates(model)}")
-    model.requires_grad_(False)  # freeze the base: W, biases, embeddings, norms
+                        f"matched {listed}. {core.describe_layers(model, SUPPORTED_LAYERS)}")
+    core.freeze(model)  # the base: W, biases, embeddings, norms
     for name, module in matched:
-        _replace(model, name, LoRALinear(module, rank, alpha, dropout, use_rslora))
-    setattr(model, _CONFIG_ATTR, LoRAConfig(rank, alpha, dropout, targets, use_rslora))
+        core.replace_module(model, name, LoRALinear(module, rank, alpha, dropout, use_rslora))
+    core.record_config(model, _METHOD, LoRAConfig(rank, alpha, dropout, targets, use_rslora))
     return model
 
 
 def lora_config(model: nn.Module) -> LoRAConfig:
     """The :class:`LoRAConfig` that :func:`apply_lora` recorded on ``model``."""
     layers = _require_lora(model)
-    config = getattr(model, _CONFIG_ATTR, None)
+    config = core.get_config(model, _METHOD)
     if config is None:  # LoRA layers placed by hand: describe them by their exact names
         first = layers[0][1]
         p = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
@@ -323,16 +265,12 @@ def disable_lora(model: nn.Module):
     """
     layers = [layer for _, layer in _require_lora(model)]
     merged = [layer for layer in layers if layer.merged]
-    before = [layer.disabled for layer in layers]
     for layer in merged:
         layer.unmerge()
-    for layer in layers:
-        layer.disabled = True
     try:
-        yield model
+        with core.disabled(layers):
+            yield model
     finally:
-        for layer, was in zip(layers, before):
-            layer.disabled = was
         for layer in merged:
             layer.merge()
 
@@ -345,9 +283,8 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.merge()
         else:
             layer.unmerge()
-        _replace(model, name, layer.base_layer)
-    if hasattr(model, _CONFIG_ATTR):
-        delattr(model, _CONFIG_ATTR)
+        core.replace_module(model, name, layer.base_layer)
+    core.clear_config(model, _METHOD)
     return model
 
 
@@ -357,14 +294,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Names are the model's own module names (e.g. ``transformer.h.0.attn.c_attn.lora_A.weight``); PEFT's
     files add the prefix ``base_model.model.``. Tensors are detached and share storage, like ``state_dict``.
     """
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in _require_lora(model):
-        out[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
-        out[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
-    return out
+    return core.adapter_state_dict(_require_lora(model))
 
 
-@torch.no_grad()
 def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Copy LoRA weights (keys as in :func:`lora_state_dict`) into ``model``; every key must match exactly.
 
@@ -372,22 +304,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     ``ValueError`` naming the key and both shapes. Merged layers are refused (unmerge first).
     """
     expected = lora_state_dict(model)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"LoRA weights do not fit this model: missing keys {missing[:4]}"
-                         f"{' ...' if len(missing) > 4 else ''}, unexpected keys {unexpected[:4]}"
-                         f"{' ...' if len(unexpected) > 4 else ''} (was the adapter made for another "
-                         "architecture or other target_modules?)")
-    for key, target in expected.items():
-        value = state_dict[key]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{key}: expected a tensor, got {type(value).__name__}")
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"shape mismatch for {key}: the file has {tuple(value.shape)}, this model needs "
-                             f"{tuple(target.shape)} (an adapter for another model size or rank?)")
     if any(layer.merged for _, layer in lora_layers(model)):
         raise ValueError("cannot load LoRA weights into merged layers; call unmerge_lora(model) first")
-    for key, target in expected.items():
-        target.copy_(state_dict[key])
+    core.load_adapter_state_dict(expected, state_dict, what="LoRA")
     return model
