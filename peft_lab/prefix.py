@@ -32,16 +32,19 @@ import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
+
+from . import core
 
 __all__ = ["PrefixConfig", "PrefixEncoder", "PromptEmbedding", "PrefixModel", "apply_prefix_tuning",
            "apply_prompt_tuning", "fold_prefix_projection", "remove_prefix", "disable_prefix",
            "prefix_state_dict", "load_prefix_state_dict", "prefix_shapes", "is_prefix_model"]
 
 PREFIX_TUNING, PROMPT_TUNING = "prefix_tuning", "prompt_tuning"
-_MARK = "_peft_lab_prefix_wrapped"  # set on a base model while a PrefixModel holds it
+_METHOD = "prefix"  # the name of the config record (core.record_config) on a base model a PrefixModel holds
 
 
 @dataclass(frozen=True)
@@ -342,7 +345,7 @@ def _describe(x) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def _check_model(model, method: str) -> dict:
-    if isinstance(model, PrefixModel) or getattr(model, _MARK, False):
+    if isinstance(model, PrefixModel) or core.get_config(model, _METHOD) is not None:
         raise ValueError(f"this model already has virtual tokens ({method} cannot be applied twice). Call "
                          "remove_prefix(model) first, or start from a fresh copy of the base model")
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -375,8 +378,8 @@ def _adapter_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _wrap(model: nn.Module, encoder: nn.Module, config: PrefixConfig) -> PrefixModel:
-    model.requires_grad_(False)  # freeze the base: every weight, embedding and norm
-    setattr(model, _MARK, True)
+    core.freeze(model)  # every weight, embedding and norm of the base; the encoder is created trainable
+    core.record_config(model, _METHOD, config)  # marks the base as held: applying again is refused
     return PrefixModel(model, encoder, config)
 
 
@@ -483,8 +486,7 @@ def remove_prefix(model: PrefixModel) -> nn.Module:
     ``requires_grad_(True)`` for full fine-tuning.
     """
     base = _require(model).base_model
-    if hasattr(base, _MARK):
-        delattr(base, _MARK)
+    core.clear_config(base, _METHOD)
     return base
 
 
@@ -509,20 +511,23 @@ def prefix_state_dict(model: PrefixModel) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_prefix_state_dict(model: PrefixModel, state_dict) -> PrefixModel:
     """Copy ``{"prompt_embeddings": tensor}`` into ``model``'s virtual tokens; a projected prefix is folded
-    first (the file holds the prefix, not the MLP). Strict: exactly that key, the same shape."""
+    first (the file holds the prefix, not the MLP). Strict: exactly that key, the same shape; nothing changes
+    when a check fails."""
     model = _require(model)
-    if not isinstance(state_dict, dict) or set(state_dict) != {"prompt_embeddings"}:
-        keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
-        raise ValueError(f"expected exactly one tensor named 'prompt_embeddings' (PEFT's prompt-learning format), "
-                         f"got {keys}")
-    value = state_dict["prompt_embeddings"]
+    c = model.prefix_config
+    width = c.num_layers * 2 * c.token_dim if c.method == PREFIX_TUNING else c.token_dim
+    value = state_dict.get("prompt_embeddings") if isinstance(state_dict, Mapping) else None
+    if isinstance(value, torch.Tensor) and tuple(value.shape) != (c.num_virtual_tokens, width):
+        formula = (f"L·2·d_kv = {c.num_layers}·2·{c.token_dim}" if c.method == PREFIX_TUNING
+                   else f"d = {c.token_dim}")
+        raise ValueError(f"prompt_embeddings has shape {tuple(value.shape)}, this model needs "
+                         f"({c.num_virtual_tokens}, {width}): P = {c.num_virtual_tokens} virtual tokens × {formula}. "
+                         "Was it made for another architecture, number of layers or prefix length?")
+    if not isinstance(state_dict, Mapping) or set(state_dict) != {"prompt_embeddings"} or not isinstance(value, torch.Tensor):
+        got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
+        raise ValueError(f"expected exactly one tensor named 'prompt_embeddings' (PEFT's prompt-learning "
+                         f"format), got {got}")
     fold_prefix_projection(model)
-    target = model.prompt_encoder.embedding.weight
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(target.shape):
-        c = model.prefix_config
-        raise ValueError(f"prompt_embeddings has shape {tuple(value.shape) if isinstance(value, torch.Tensor) else value!r}, "
-                         f"this model needs {tuple(target.shape)} (P={c.num_virtual_tokens} virtual tokens × "
-                         f"{target.shape[1]} = {'L·2·d_kv' if c.method == PREFIX_TUNING else 'd'}); was it made "
-                         "for another architecture, number of layers or prefix length?")
-    target.copy_(value)
+    core.load_adapter_state_dict({"prompt_embeddings": model.prompt_encoder.embedding.weight}, state_dict,
+                                 what=c.method.replace("_", " "))
     return model
