@@ -137,7 +137,8 @@ def _export_prompt_learning(model: nn.Module) -> tuple[dict, dict[str, torch.Ten
               "num_layers": c.num_layers, "modules_to_save": None}
     if c.method == prefix.PREFIX_TUNING:
         fields.update(encoder_hidden_size=c.projection_dim or c.token_dim,
-                      prefix_projection=c.projection_dim is not None, init_weights=None)
+                      prefix_projection=c.projection_dim is not None,
+                      init_weights="zero" if c.init == "zero" else None)
     else:
         init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}[c.init]
         name = getattr(model.config, "_name_or_path", "") or "tiny"

@@ -54,7 +54,8 @@ class PrefixConfig:
     ``token_dim`` is the width of one virtual token as PEFT counts it: ``d_kv`` for prefix tuning (the keys
     and values of one layer), ``d`` for prompt tuning (an input embedding). ``projection_dim`` is the hidden
     width ``m`` of the reparameterization (None: none, or folded away). ``init`` is prompt tuning's
-    initialisation: ``"random"``, ``"vocab"`` or ``"text"`` (then ``init_text`` holds the text).
+    initialisation: ``"random"``, ``"vocab"`` or ``"text"`` (then ``init_text`` holds the text); prefix tuning's
+    ``"random"`` or ``"zero"``.
     """
 
     method: str
@@ -384,13 +385,15 @@ def _wrap(model: nn.Module, encoder: nn.Module, config: PrefixConfig) -> PrefixM
 
 
 def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
-                        projection_dim: int | None = None) -> PrefixModel:
+                        projection_dim: int | None = None, init: str = "random") -> PrefixModel:
     """Prefix tuning (Li & Liang 2021): P trainable keys and values in every layer; return a :class:`PrefixModel`.
 
     The base ``model`` is frozen and held by the wrapper (not copied). ``projection_dim=m`` trains through the
     reparameterization of equation (04.4) (PEFT's ``prefix_projection=True, encoder_hidden_size=m``); fold it
     away after training with :func:`fold_prefix_projection`. With grouped-query attention the prefix has the
-    width of the key/value heads, ``d_kv`` (as in PEFT). Raises ``TypeError``/``ValueError`` for a
+    width of the key/value heads, ``d_kv`` (as in PEFT). ``init="random"`` is PyTorch's (and PEFT's) default,
+    N(0, 1) prefix entries; ``init="zero"`` is PEFT's ``init_weights="zero"``: the prefix (with a projection: the
+    last layer's weight and bias) starts at 0, so its values add nothing and its keys score 0. Raises ``TypeError``/``ValueError`` for a
     non-integer or non-positive ``num_virtual_tokens`` or ``projection_dim``, a model that has no key/value cache
     path, gradient checkpointing switched on, and a model that already carries virtual tokens.
     """
@@ -399,12 +402,19 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
                                        or projection_dim <= 0):
         raise ValueError(f"projection_dim must be None (no reparameterization) or a positive int (the hidden "
                          f"width m of equation 04.4, e.g. the model width), got {projection_dim!r}")
+    if init not in ("random", "zero"):
+        raise ValueError(f'init must be "random" (N(0, 1), PEFT\'s default) or "zero" (PEFT\'s init_weights="zero"), '
+                         f"got {init!r}")
     s = _check_model(model, PREFIX_TUNING)
     device = next(model.parameters()).device
     encoder = PrefixEncoder(num_virtual_tokens, s["num_layers"], s["kv_dim"], projection_dim,
                             device=device, dtype=_adapter_dtype(model))
+    if init == "zero":
+        last = encoder.embedding if projection_dim is None else encoder.transform[-1]
+        for p in last.parameters():
+            nn.init.zeros_(p)
     config = PrefixConfig(PREFIX_TUNING, num_virtual_tokens, s["num_layers"], s["num_kv_heads"], s["head_dim"],
-                          s["kv_dim"], projection_dim)
+                          s["kv_dim"], projection_dim, init)
     return _wrap(model, encoder, config)
 
 

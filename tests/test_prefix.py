@@ -178,6 +178,23 @@ def test_twenty_training_steps_match_peft(method):
     assert max(abs(a - b) / abs(b) for a, b in zip(*losses)) <= 1e-5
 
 
+@pytest.mark.parametrize("projection_dim", [None, 32])
+def test_zero_init_is_peft_init_weights_zero(projection_dim):
+    base = small_llama_gqa()
+    ours = apply_prefix_tuning(copy.deepcopy(base), P, projection_dim=projection_dim, init="zero")
+    theirs = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, init_weights="zero",
+                                                     prefix_projection=projection_dim is not None,
+                                                     encoder_hidden_size=projection_dim))
+    assert (ours.prompt_encoder() == 0).all() and ours.prefix_config.init == "zero"
+    ids, mask, _ = batch(VOCAB, "left")
+    with torch.no_grad():  # no weights copied: the zero prefix is the same prefix
+        a = ours(input_ids=ids, attention_mask=mask).logits
+        b = theirs(input_ids=ids, attention_mask=mask).logits
+    assert (a - b).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match="init must be"):
+        apply_prefix_tuning(small_gpt2(), P, init="vocab")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # What the wrapper is: frozen base, registered encoder, positions, folding, removing
 # ---------------------------------------------------------------------------------------------------------
