@@ -14,7 +14,7 @@ from .prefix import (PrefixModel, apply_prefix_tuning, apply_prompt_tuning, disa
                      remove_prefix)
 from .paths import data_dir, pick_device
 from .plots import plot_history, plot_memory, plot_parameters
-from .results import record
+from .results import record, save_figure
 from .train import History, train
 
 __version__ = "0.1.0"

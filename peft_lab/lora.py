@@ -1,14 +1,16 @@
 """LoRA: low-rank adaptation of linear layers (Hu et al. 2021), notebook 02.
 
-The equations of notebook 02 ("LoRA"), with shapes for a layer ``W: d_out × d_in``:
+The equations of notebook 02 ("LoRA"), numbered as there, for a layer ``W: d_out × d_in`` (the notebook
+writes ``d = d_out``, ``k = d_in``):
 
-* (02.1) ``h = W x + ΔW x``, with ``ΔW = s · B A``,  ``B: d_out × r``, ``A: r × d_in``, ``r ≪ min(d_in, d_out)``
-* (02.2) ``h = W x + s · B (A x)`` — the forward pass never forms ``ΔW``; it costs ``r (d_in + d_out)``
-  extra multiply-adds per token
-* (02.3) scaling ``s = α / r``, or ``s = α / √r`` with rank-stabilised LoRA (rsLoRA, Kalajdzievski 2023)
-* (02.4) initialisation ``A ~ kaiming_uniform(a=√5)``, ``B = 0``, hence ``ΔW = 0`` and ``h = W x`` at step 0
+* (02.1) ``ΔW = B A``,  ``B: d_out × r``, ``A: r × d_in``, ``r ≪ min(d_in, d_out)``
+* (02.2) ``h = W x + s · B (A x)``, ``s = α / r`` — the forward pass never forms ``ΔW``; it costs
+  ``r (d_in + d_out)`` extra multiply-adds per token
+* (02.3) initialisation ``A ~ kaiming_uniform(a=√5)``, ``B = 0``, hence ``ΔW = 0`` and ``h = W x`` at step 0
+* (02.4) gradients ``∂L/∂B = s · g (A x)ᵀ``, ``∂L/∂A = s · Bᵀ g xᵀ`` with ``g = ∂L/∂h`` (autograd computes them)
 * (02.5) trainable parameters per layer: ``r (d_in + d_out)`` instead of ``d_in · d_out``
-* (02.6) merge ``W ← W + s · B A`` (no extra inference cost), unmerge ``W ← W − s · B A``
+* (02.6) scaling ``s = α / r``, or ``s = α / √r`` with rank-stabilised LoRA (rsLoRA, Kalajdzievski 2023)
+* (02.7) merge ``W ← W + s · B A`` (no extra inference cost), unmerge ``W ← W − s · B A``
 
 Layout is PEFT's, so weights copy one to one: ``lora_A = nn.Linear(d_in, r, bias=False)``,
 ``lora_B = nn.Linear(r, d_out, bias=False)``, the wrapped layer is ``base_layer``, and dropout acts on the
@@ -83,20 +85,20 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
-        """Equation (02.3): ``α / r``, or ``α / √r`` with rsLoRA."""
+        """Equation (02.6): ``α / r``, or ``α / √r`` with rsLoRA."""
         return lora_scaling(self.rank, self.alpha, self.use_rslora)
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
-    """Equation (02.3): the factor ``s`` in ``h = W x + s · B A x`` — ``α / r``, or ``α / √r`` (rsLoRA)."""
+    """Equation (02.6): the factor ``s`` in ``h = W x + s · B A x`` — ``α / r``, or ``α / √r`` (rsLoRA)."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 class LoRALinear(AdapterLayer):
-    """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` plus a trainable low-rank update (equations 02.1–02.6).
+    """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` plus a trainable low-rank update (equations 02.1–02.7).
 
     ``forward(x) = base_layer(x) + lora_B(lora_A(lora_dropout(x))) · scaling`` (02.2), or ``base_layer(x)``
-    alone while merged (the update then lives inside the weight, 02.6) or disabled (:func:`disable_lora`).
+    alone while merged (the update then lives inside the weight, 02.7) or disabled (:func:`disable_lora`).
     Attributes: ``in_features`` (d_in), ``out_features`` (d_out), ``rank`` (r), ``alpha`` (α), ``scaling`` (s),
     ``fan_in_fan_out`` (True for ``Conv1D``, whose weight is stored d_in × d_out), ``merged``, ``disabled``.
     """
@@ -126,18 +128,18 @@ class LoRALinear(AdapterLayer):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        """Equation (02.4): ``A`` kaiming-uniform (a = √5, PEFT's choice), ``B = 0`` — so ``ΔW = 0`` at start."""
+        """Equation (02.3): ``A`` kaiming-uniform (a = √5, PEFT's choice), ``B = 0`` — so ``ΔW = 0`` at start."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def delta_weight(self) -> torch.Tensor:
-        """Equation (02.1): ``ΔW = s · B A`` in the base weight's layout (transposed for ``Conv1D``)."""
+        """Equations (02.1) and (02.7): ``ΔW = s · B A`` in the base weight's layout (transposed for ``Conv1D``)."""
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Equation (02.6): ``W ← W + s · B A``; afterwards forward is a plain ``base_layer(x)``."""
+        """Equation (02.7): ``W ← W + s · B A``; afterwards forward is a plain ``base_layer(x)``."""
         if not self.merged:
             w = self.base_layer.weight
             w += self.delta_weight().to(w.dtype)
@@ -243,7 +245,7 @@ def lora_config(model: nn.Module) -> LoRAConfig:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Equation (02.6) in every LoRA layer: ``W ← W + s · B A``. Outputs stay equal up to float rounding."""
+    """Equation (02.7) in every LoRA layer: ``W ← W + s · B A``. Outputs stay equal up to float rounding."""
     for _, layer in _require_lora(model):
         layer.merge()
     return model
@@ -276,7 +278,7 @@ def disable_lora(model: nn.Module):
 
 
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Put the plain layers back. ``merge=True`` keeps the learned update inside ``W`` (equation 02.6);
+    """Put the plain layers back. ``merge=True`` keeps the learned update inside ``W`` (equation 02.7);
     ``merge=False`` drops it (the base model again). Base parameters stay frozen (``requires_grad=False``)."""
     for name, layer in _require_lora(model):
         if merge:

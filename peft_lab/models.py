@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+from transformers.utils import logging as hf_logging
 
 from .paths import data_dir, pick_device
 
@@ -83,7 +85,8 @@ def load_base_model(name: str = TINY, device: str | torch.device | None = None,
     try:
         try:  # a local folder, or a hub model already in the local cache: no network needed
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
+            with _no_loading_bar() if name == TINY else nullcontext():
+                model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
         except OSError:
             if Path(str(source)).exists() or not _hub_reachable():
                 raise  # fail at once rather than after the hub client's retries
@@ -99,6 +102,21 @@ def load_base_model(name: str = TINY, device: str | torch.device | None = None,
         tokenizer.pad_token = tokenizer.eos_token
     _set_loss_type(model)
     return model.to(pick_device(device)).eval(), tokenizer
+
+
+@contextmanager
+def _no_loading_bar():
+    """Hide transformers' "Loading weights" progress bar (5.x) for the tiny model's sub-second load.
+
+    Only the bar: warnings and errors still go through transformers' logging as usual.
+    """
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -1,7 +1,8 @@
 """Figures shared by the notebooks: training curves, memory breakdowns, trainable-parameter counts.
 
 Each helper draws on ``ax`` (new figure when ``None``), labels its axes with units and returns what it drew
-on, so a notebook can add to it. Notebook 00 introduces the memory plot; every method notebook's "Train" and
+on, so a notebook can add to it. Rules they keep: one quantity per axis, no bars on a log axis (a bar's
+length must mean something), log axes named in the label. Notebook 00 introduces the memory plot; every method notebook's "Train" and
 "Measure" sections use all three.
 """
 from __future__ import annotations
@@ -30,10 +31,23 @@ def _nonempty(mapping, what: str) -> None:
         raise ValueError(f"{what} must be a non-empty dict of label -> value")
 
 
-def plot_history(histories: Mapping, metric_name: str = "accuracy", axes=None, smooth: int = 1):
+def _loss_falls_tenfold(histories: Mapping) -> bool:
+    """Whether some curve's loss falls by 10x or more (then a log axis shows both its start and its end)."""
+    for h in histories.values():
+        loss = np.asarray(h.loss, dtype=float)
+        loss = loss[np.isfinite(loss) & (loss > 0)]
+        if len(loss) and loss.max() >= 10 * loss.min():
+            return True
+    return False
+
+
+def plot_history(histories: Mapping, metric_name: str = "accuracy", axes=None, smooth: int = 1,
+                 log_loss: bool | None = None):
     """Loss vs step (left) and ``metric_name`` vs step (right) for each labelled :class:`~peft_lab.train.History`.
 
-    ``smooth`` > 1 overlays a running mean over that many steps on the (noisy) per-batch loss.
+    ``smooth`` > 1 overlays a running mean over that many steps on the (noisy) per-batch loss. ``log_loss``:
+    draw the loss on a log axis; ``None`` (default) chooses it when a curve falls by 10x or more. The metric
+    panel's title is ``metric_name`` as given, prefixed with "Validation" unless the name already says so.
     Returns the two Axes.
     """
     _nonempty(histories, "histories")
@@ -51,11 +65,19 @@ def plot_history(histories: Mapping, metric_name: str = "accuracy", axes=None, s
             ax_loss.plot(steps, loss, color=color, label=label)
         if h.metric:
             ax_metric.plot(h.eval_step, h.metric, "o-", color=color, ms=3, label=label)
-    ax_loss.set(xlabel="training step", ylabel="training loss (cross-entropy, nats/token)",
-                title="Training loss")
-    ax_metric.set(xlabel="training step", ylabel=metric_name, title=f"Validation {metric_name}")
+    if log_loss is None:
+        log_loss = _loss_falls_tenfold(histories)
+    if log_loss:
+        ax_loss.set_yscale("log")
+    loss_label = "training loss (cross-entropy, nats/token" + (", log scale)" if log_loss else ")")
+    ax_loss.set(xlabel="training step", ylabel=loss_label, title="Training loss")
+    metric_label = metric_name
+    if "accuracy" in metric_name and "(" not in metric_name:
+        metric_label = f"{metric_name} (fraction correct)"
+    title = metric_name if metric_name.lower().startswith("validation") else f"Validation {metric_name}"
+    ax_metric.set(xlabel="training step", ylabel=metric_label, title=title[0].upper() + title[1:])
     for ax in axes:
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both" if ax is ax_loss and log_loss else "major")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
     ax_loss.figure.tight_layout()
@@ -110,7 +132,11 @@ def plot_memory(breakdowns: Mapping, ax=None, unit: str | None = None,
 
 def plot_parameters(counts: Mapping, log: bool = True, ax=None, title: str = "Trainable parameters",
                     xlabel: str = "method"):
-    """Bar chart of trainable-parameter counts per label (log scale by default); counts written on the bars."""
+    """Trainable-parameter count per label, each count written beside its mark.
+
+    ``log=True`` (default, for counts spanning orders of magnitude): a dot plot on a log axis — a bar's
+    length means nothing on a log axis, so none is drawn. ``log=False``: linear bars. Returns the Axes.
+    """
     _nonempty(counts, "counts")
     values = [int(v) for v in counts.values()]
     if any(v < 0 for v in values):
@@ -118,15 +144,25 @@ def plot_parameters(counts: Mapping, log: bool = True, ax=None, title: str = "Tr
     if ax is None:
         _, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(counts) + 1.5), 3.6))
     x = np.arange(len(values))
-    ax.bar(x, values, color=[f"C{i}" for i in range(len(values))], width=0.6)
-    for xi, v in zip(x, values):
-        ax.annotate(f"{v:,}", (xi, v), ha="center", va="bottom", fontsize="small", xytext=(0, 2),
+    colors = [f"C{i}" for i in range(len(values))]
+    log = log and any(v > 0 for v in values)
+    if log:
+        shown = [v if v > 0 else np.nan for v in values]  # 0 has no place on a log axis: left out, labelled
+        ax.scatter(x, shown, color=colors, s=60, zorder=3)
+        ax.set_yscale("log")
+        positive = [v for v in values if v > 0]
+        ax.set_ylim(bottom=min(positive) / 4, top=max(positive) * 6)
+        marks = [v if v > 0 else min(positive) / 4 for v in values]
+    else:
+        ax.bar(x, values, color=colors, width=0.6)
+        ax.set_ylim(0, max(max(values) * 1.15, 1))
+        marks = values
+    for xi, v, m in zip(x, values, marks):
+        ax.annotate(f"{v:,}", (xi, m), ha="center", va="bottom", fontsize="small", xytext=(0, 5),
                     textcoords="offset points")
     ax.set_xticks(x, list(counts))
-    if log and max(values) > 0:
-        ax.set_yscale("log")
-        ax.set_ylim(bottom=max(1, min(v for v in values if v > 0) / 3), top=max(values) * 5)
+    ax.set_xlim(-0.6, len(values) - 0.4)
     ax.set(xlabel=xlabel, ylabel="trainable parameters (count" + (", log scale)" if log else ")"), title=title)
-    ax.grid(axis="y", alpha=0.3)
+    ax.grid(axis="y", alpha=0.3, which="both" if log else "major")
     ax.figure.tight_layout()
     return ax

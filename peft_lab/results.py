@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 ENV_VAR = "PEFT_LAB_RESULTS"
+FIGURES_VAR = "PEFT_LAB_FIGURES"  # a folder: save_figure writes <name>.png there (the main command sets it)
 
 
 def _plain(value):
@@ -33,3 +34,18 @@ def record(key: str, value):
         data[key] = _plain(value)
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return value
+
+
+def save_figure(fig, name: str):
+    """Save ``fig`` as ``<name>.png`` (150 dpi, tight) in ``$PEFT_LAB_FIGURES`` when the notebook runner sets
+    it — slide-ready copies of a notebook's plots under ``build/figures/``; otherwise do nothing. Returns
+    the path written, or ``None``."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+        raise ValueError(f"name must be a plain file name without folders, got {name!r}")
+    folder = os.environ.get(FIGURES_VAR)
+    if not folder:
+        return None
+    path = Path(folder) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    return path

@@ -3,8 +3,10 @@
     python -m peft_lab.run_notebooks --out build          # every notebook -> build/{notebooks,html}, results
     python -m peft_lab.run_notebooks --inplace notebooks/01_base_model_and_task.ipynb
 
-Each notebook runs on a fresh kernel from its own folder. Values the notebook passes to
-:func:`peft_lab.record` land in ``build/results.json`` with its status and wall time.
+Each notebook runs on a fresh kernel from its own folder, with ``PEFT_LAB_QUIET=1`` (no progress bars in the
+saved outputs; ``--progress`` keeps them). Values the notebook passes to :func:`peft_lab.record` land in
+``build/results.json`` with its status and wall time. Saved notebooks carry no per-cell execution timestamps
+and no widget state (the widgets' text fallback and each explorer's static figure remain).
 """
 from __future__ import annotations
 
@@ -20,22 +22,43 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from .results import ENV_VAR
+from .results import ENV_VAR, FIGURES_VAR
 
 ROOT = Path(__file__).resolve().parent.parent
+QUIET_VAR = "PEFT_LAB_QUIET"  # read by peft_lab.train: no tqdm bar
 
 
 def all_notebooks() -> list[Path]:
     return sorted((ROOT / "notebooks").rglob("*.ipynb"))
 
 
-def execute(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookNode, dict]:
-    """Run ``path`` top to bottom on a fresh kernel; return the executed notebook and a summary."""
+def _kernel_config(tmp: str):
+    """Kernel over local sockets in ``tmp`` where the OS has them (no "running over TCP" warning), else TCP."""
+    from traitlets.config import Config
+
+    if os.name == "posix":
+        return Config({"KernelManager": {"transport": "ipc", "ip": str(Path(tmp) / "kernel")}})
+    return Config()
+
+
+def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Drop what changes on every run without telling the reader anything: execution timestamps, widget state."""
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+    nb.metadata.pop("widgets", None)
+    return nb
+
+
+def execute(path: Path, timeout: int = 600, quiet: bool = True) -> tuple[nbformat.NotebookNode, dict]:
+    """Run ``path`` top to bottom on a fresh kernel; return the executed, :func:`clean` notebook and a summary."""
     nb = nbformat.read(path, as_version=4)
+    saved_env = {k: os.environ.get(k) for k in (ENV_VAR, QUIET_VAR)}
     with tempfile.TemporaryDirectory() as tmp:
         results_file = Path(tmp) / "results.json"
-        os.environ[ENV_VAR] = str(results_file)
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+        os.environ[ENV_VAR] = str(results_file)  # the kernel inherits this process's environment
+        if quiet:
+            os.environ[QUIET_VAR] = "1"
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", config=_kernel_config(tmp),
                                 resources={"metadata": {"path": str(path.parent)}})
         start, error = time.perf_counter(), None
         try:
@@ -43,14 +66,18 @@ def execute(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookNode, dict
         except CellExecutionError as err:
             error = str(err).splitlines()[-1] if str(err) else type(err).__name__
         finally:
-            os.environ.pop(ENV_VAR, None)
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         seconds = time.perf_counter() - start
         recorded = json.loads(results_file.read_text()) if results_file.is_file() else {}
     summary = {"status": "ok" if error is None else "error", "seconds": round(seconds, 1),
                "results": recorded}
     if error:
         summary["error"] = error
-    return nb, summary
+    return clean(nb), summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write executed copies, HTML and results here")
     ap.add_argument("--inplace", action="store_true", help="overwrite the notebooks with executed versions")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    ap.add_argument("--progress", action="store_true", help="keep training progress bars in the outputs")
     args = ap.parse_args(argv)
     if not args.out and not args.inplace:
         ap.error("give --out DIR, --inplace, or both")
@@ -66,14 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         ap.error(f"no such notebook: {', '.join(missing)}")
+    if args.out:  # notebooks save their plots here through peft_lab.save_figure (the kernel inherits it)
+        os.environ[FIGURES_VAR] = str((args.out / "figures").resolve())
     summary: dict[str, dict] = {}
     for path in paths:
         name = str(path.relative_to(ROOT / "notebooks")) if path.is_relative_to(ROOT / "notebooks") \
             else path.name
-        print(f"running {name} ...", flush=True)
-        nb, info = execute(path, args.timeout)
+        print(f"{name}: ", end="", flush=True)
+        nb, info = execute(path, args.timeout, quiet=not args.progress)
         summary[name] = info
-        print(f"  {info['status']} in {info['seconds']} s" + (f": {info['error']}" if "error" in info else ""))
+        print(f"{info['status']} in {info['seconds']} s" + (f": {info['error']}" if "error" in info else ""),
+              flush=True)
         if args.inplace:
             nbformat.write(nb, path)
         if args.out:

@@ -20,6 +20,19 @@ def test_plot_history():
     assert len(axes) == 2 and all(_labelled(ax) for ax in axes)
     assert "accuracy" in axes[1].get_ylabel()
     assert len(axes[0].get_lines()) == 4 and len(axes[1].get_lines()) == 2
+    assert axes[0].get_yscale() == "linear"  # 2.1 -> 1.0 is not a 10x fall
+    assert axes[1].get_title() == "Validation accuracy"
+    plt.close("all")
+
+
+def test_plot_history_log_loss_and_titles():
+    falling = History(step=[1, 2, 3], loss=[10.0, 1.0, 0.5], eval_step=[0, 3], metric=[0.5, 0.9])
+    ax_loss, ax_metric = plot_history({"full FT": falling}, metric_name="validation accuracy")
+    assert ax_loss.get_yscale() == "log" and "log scale" in ax_loss.get_ylabel()  # fell 20x: log axis
+    assert ax_metric.get_title() == "Validation accuracy"  # no "Validation validation accuracy"
+    assert "fraction" in ax_metric.get_ylabel()
+    ax_loss, _ = plot_history({"full FT": falling}, log_loss=False)
+    assert ax_loss.get_yscale() == "linear" and "log" not in ax_loss.get_ylabel()
     plt.close("all")
 
 
@@ -46,9 +59,14 @@ def test_memory_unit():
 
 @pytest.mark.parametrize("log", [True, False])
 def test_plot_parameters(log):
-    ax = plot_parameters({"full FT": 124_439_808, "LoRA r=8": 294_912, "prompt": 15_360}, log=log)
-    assert _labelled(ax) and "log" in ax.get_ylabel() if log else _labelled(ax)
+    counts = {"full FT": 124_439_808, "LoRA r=8": 294_912, "prompt": 15_360}
+    ax = plot_parameters(counts, log=log)
+    assert _labelled(ax) and ("log" in ax.get_ylabel()) == log
     assert ax.get_yscale() == ("log" if log else "linear")
+    # no bars on a log axis (a bar's length would mean nothing); linear bars otherwise
+    assert len(ax.patches) == (0 if log else 3)
+    labels = {t.get_text() for t in ax.texts}
+    assert {f"{v:,}" for v in counts.values()} <= labels  # every value written out
     plt.close("all")
 
 

@@ -1,15 +1,22 @@
-"""Exercises with self-checking answers: ``peft_lab.check("00.1", answer)`` says right or wrong, and why.
+"""Exercises with self-checking answers: ``peft_lab.check("00.ex1", answer)`` says right or wrong, and why.
 
 Each notebook ends with exercises; their checkers live in ``nbNN.py`` beside this file (one module per
 notebook), worked solutions in ``notebooks/solutions/``. A checker returns ``(correct, explanation)``; it
 computes the expected answer from the same formulas the notebook derives rather than storing it.
+
+Exercise ids read ``"NN.exK"`` (notebook NN, exercise K), so they cannot be mistaken for an equation tag
+such as (02.3). Ids of an older scheme stay valid as aliases. An answer is a number (Python, NumPy or a
+0-d torch tensor), a string, or — for coding exercises — a function or class that the checker runs; an
+error raised by the student's code while it runs becomes "Not yet" naming the exception.
 """
 from __future__ import annotations
 
 import importlib
 import math
 import pkgutil
+import traceback
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any, Callable
 
 Checker = Callable[[Any], "tuple[bool, str]"]
@@ -23,14 +30,24 @@ class Exercise:
 
 
 _REGISTRY: dict[str, Exercise] = {}
+_ALIASES: dict[str, str] = {}
 
 
-def exercise(id: str, question: str):
-    """Decorator registering ``checker(answer) -> (correct, why)`` as exercise ``id`` (``"NN.k"``)."""
+class StudentCodeError(Exception):
+    """The student's function or class raised while a checker ran it (see :func:`run_student`)."""
+
+
+def exercise(id: str, question: str, aliases: tuple[str, ...] = ()):
+    """Decorator registering ``checker(answer) -> (correct, why)`` as exercise ``id`` (``"NN.exK"``).
+
+    ``aliases`` are older ids that keep working in :func:`check` (not listed by :func:`exercises`).
+    """
     def wrap(fn: Checker) -> Checker:
-        if id in _REGISTRY:
-            raise ValueError(f"exercise {id!r} is registered twice")
+        for key in (id, *aliases):
+            if key in _REGISTRY or key in _ALIASES:
+                raise ValueError(f"exercise {key!r} is registered twice")
         _REGISTRY[id] = Exercise(id, question, fn)
+        _ALIASES.update({a: id for a in aliases})
         return fn
     return wrap
 
@@ -48,20 +65,58 @@ def exercises(notebook: str | None = None) -> list[Exercise]:
     return found
 
 
+def as_number(answer: Any) -> Any:
+    """A NumPy scalar, a one-element array or a 0-d torch tensor as a Python number; anything else unchanged."""
+    if isinstance(answer, (bool, int, float)) or not hasattr(answer, "item"):
+        return answer
+    size = getattr(answer, "size", None)
+    size = size() if callable(size) else size  # torch: .size() is a method; numpy: .size an int
+    numel = getattr(answer, "numel", None)
+    one = (numel() == 1) if callable(numel) else (size == 1 or getattr(answer, "ndim", None) == 0)
+    if not one:
+        return answer
+    value = answer.item()
+    return value if isinstance(value, (bool, int, float)) else answer
+
+
+def run_student(fn: Callable, *args, **kwargs):
+    """Call the student's ``fn``; an exception it raises becomes :class:`StudentCodeError` naming it."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # any error in the student's code is feedback, not a crash of the checker
+        raise StudentCodeError(_describe(err, fn)) from err
+
+
+def _describe(err: BaseException, fn: Any) -> str:
+    """``"ZeroDivisionError: division by zero (line 3 of my_func)"`` — the deepest frame of the student's code."""
+    where = ""
+    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__init__", None), "__code__", None)
+    if code is not None:
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == code.co_filename]
+        if frames:
+            where = f" (line {frames[-1].lineno} of {frames[-1].name})"
+    return f"{type(err).__name__}: {err}{where}"
+
+
 def check(id: str, answer: Any, verbose: bool = True) -> bool:
     """Check ``answer`` for exercise ``id``; print "Right"/"Not yet" with the reason; return the verdict."""
     _load_all()
-    if id not in _REGISTRY:
+    key = _ALIASES.get(id, id)
+    if key not in _REGISTRY:
         raise KeyError(f"no exercise {id!r}; known: {sorted(_REGISTRY)}")
     if answer is None or answer is ...:
         ok, why = False, "no answer yet: replace the placeholder with your answer and run the cell again."
-        if verbose:
-            print(f"Not yet [{id}]: {why}")
-        return False
-    try:
-        ok, why = _REGISTRY[id].checker(answer)
-    except (TypeError, ValueError) as err:  # a malformed answer is a wrong answer with a reason
-        ok, why = False, f"could not read that answer ({err})"
+    else:
+        try:
+            ok, why = _REGISTRY[key].checker(as_number(answer))
+        except StudentCodeError as err:
+            ok, why = False, f"your code raised {err}"
+        except (TypeError, ValueError) as err:  # a malformed answer is a wrong answer with a reason
+            ok, why = False, f"could not read that answer ({err})"
+        except Exception as err:
+            if not callable(answer):
+                raise
+            ok, why = False, f"running your code raised {_describe(err, answer)}"
     if verbose:
         print(f"{'Right' if ok else 'Not yet'} [{id}]: {why}")
     return ok
@@ -70,8 +125,10 @@ def check(id: str, answer: Any, verbose: bool = True) -> bool:
 def number(answer: Any, expected: float, *, rel_tol: float = 1e-2, unit: str = "",
            mistakes: dict[float, str] | None = None, explain: str = "") -> tuple[bool, str]:
     """Helper for numeric exercises: accept within ``rel_tol``; name a known mistake if the answer hits one."""
-    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+    answer = as_number(answer)
+    if isinstance(answer, bool) or not isinstance(answer, Real):
         raise TypeError(f"expected a number, got {type(answer).__name__}")
+    answer = float(answer)
     if math.isclose(answer, expected, rel_tol=rel_tol):
         return True, explain or f"{expected:,g}{unit}"
     for value, reason in (mistakes or {}).items():

@@ -1,7 +1,9 @@
 """Exercises of notebook 00 (why PEFT: the memory arithmetic). Expected answers are computed, not stored."""
 from __future__ import annotations
 
-from . import exercise, number
+import math
+
+from . import as_number, exercise, number, run_student
 
 GIB = 2**30
 MIB = 2**20
@@ -13,8 +15,8 @@ def _n(name: str) -> int:
     return count_parameters(build_from_config(name, device="meta"))[1]
 
 
-@exercise("00.1", "Full fine-tuning with fp32 AdamW: how many bytes does each parameter need for its weight, "
-                  "gradient and optimizer state together (activations excluded)?")
+@exercise("00.ex1", "Full fine-tuning with fp32 AdamW: how many bytes does each parameter need for its weight, "
+                  "gradient and optimizer state together (activations excluded)?", aliases=("00.1",))
 def _bytes_per_param(answer):
     from ..measure import PRECISIONS
     b = PRECISIONS["fp32"]
@@ -28,8 +30,8 @@ def _bytes_per_param(answer):
                   explain="4 (weight) + 4 (gradient) + 4 (exp_avg) + 4 (exp_avg_sq) = 16 bytes per parameter.")
 
 
-@exercise("00.2", "How many GiB (2**30 bytes) do weights, gradients and AdamW state take for full fine-tuning of "
-                  "gpt2-xl in fp32 (activations excluded)?")
+@exercise("00.ex2", "How many GiB (2**30 bytes) do weights, gradients and AdamW state take for full fine-tuning of "
+                  "gpt2-xl in fp32 (activations excluded)?", aliases=("00.2",))
 def _gpt2_xl(answer):
     n = _n("gpt2-xl")
     expected = 16 * n / GIB
@@ -49,9 +51,10 @@ def _lora_c_attn(name: str, rank: int) -> tuple[int, int]:
     return trainable, _n(name) + trainable
 
 
-@exercise("00.3", "LoRA of rank r=8 on the c_attn projection (d -> 3d) of every gpt2-xl layer adds A (r x d) "
-                  "and B (3d x r). What is PEFT's trainable% (100 x trainable / all, where all = base + LoRA)? "
-                  "Give four decimals.")
+@exercise("00.ex3", "LoRA of rank r=8 on the c_attn projection (d -> 3d) of every gpt2-xl layer trains two "
+                    "new matrices per layer, one r x d and one 3d x r (notebook 02 derives them). What is PEFT's "
+                    "trainable% (100 x trainable / all, where all = base + LoRA)? Give four decimals.",
+          aliases=("00.3",))
 def _lora_percent(answer):
     t, a = _lora_c_attn("gpt2-xl", 8)
     expected = 100 * t / a
@@ -62,14 +65,16 @@ def _lora_percent(answer):
                   mistakes={t / a: "that is a fraction; trainable% is 100 x trainable / all.",
                             100 * t / (a - t): "divide by all parameters, base + LoRA: PEFT counts the "
                                                "adapter's own weights in 'all params'.",
-                            100 * square / (a - t + square): "c_attn maps d -> 3d, so B is 3d x r, not d x r."},
+                            100 * square / (a - t + square): "c_attn maps d -> 3d, so the second matrix is "
+                                                                            "3d x r, not d x r."},
                   explain=f"{c.n_layer} layers x 8 x (1600 + 4800) = {t:,} trainable of {a:,}: "
                           f"{expected:.4f}% (Hu et al. 2021 report 10,000x fewer trainable parameters on GPT-3).")
 
 
-@exercise("00.4", "With the activation formula of section 5 (fp32, SDPA attention, GPT-2 block saving "
+@exercise("00.ex4", "With the activation formula of section 5 (fp32, SDPA attention, GPT-2 block saving "
                   "30d + h + 4 numbers per token per layer, plus 2d + 2 + V per token for the head), how many "
-                  "MiB of activations does one gpt2 (small) training step on a batch of 8 x 512 tokens keep?")
+                  "MiB of activations does one gpt2 (small) training step on a batch of 8 x 512 tokens keep?",
+          aliases=("00.4",))
 def _activations(answer):
     from ..measure import estimate_memory
     expected = estimate_memory("gpt2", batch_size=8, seq_len=512)["activations"] / MIB
@@ -86,3 +91,55 @@ def _activations(answer):
                   explain=f"4 B x {n} tokens x ({L} x {30 * d + h + 4:,} + {2 * d + 2 + V:,}) = {expected:,.0f} MiB: "
                           "at this batch "
                           "the activations exceed the 1.9 GiB of weights, gradients and Adam state.")
+
+
+def _real_state_bytes(n_in: int = 64, n_hidden: int = 32) -> tuple[int, int, int]:
+    """``(N, N_t, bytes)`` of weights + gradients + AdamW moments counted on real tensors after one fp32 step,
+    with the first of two linear layers frozen (the "frozen base" case of eq. (1))."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(n_in, n_hidden), torch.nn.Linear(n_hidden, 3))
+    net[0].requires_grad_(False)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    net(torch.randn(2, n_in)).sum().backward()
+    opt.step()
+    size = lambda t: t.numel() * t.element_size()
+    total = sum(size(p) for p in net.parameters()) + sum(size(p.grad) for p in trainable)
+    total += sum(size(v) for s in opt.state.values() for k, v in s.items() if k != "step")  # step: 1 per tensor
+    return sum(p.numel() for p in net.parameters()), sum(p.numel() for p in trainable), total
+
+
+@exercise("00.ex5", "Write model_state_bytes(n_params, n_trainable, precision) returning the bytes of weights, "
+                    "gradients and AdamW state (eq. (1) with the bytes of eq. (2) or (3)) for a model of n_params "
+                    "parameters of which n_trainable are trained, precision 'fp32' or 'bf16-mixed'. Pass the "
+                    "function itself to check.")
+def _model_state_bytes(answer):
+    from ..measure import estimate_memory
+
+    if not callable(answer):
+        raise TypeError("pass your function itself, e.g. check('00.ex5', model_state_bytes)")
+    n_gpt2, n_llama = _n("gpt2"), _n("llama-7b")
+    cases = [("gpt2", n_gpt2, None, "fp32"), ("gpt2", n_gpt2, 294_912, "fp32"),
+             ("gpt2", n_gpt2, None, "bf16-mixed"), ("llama-7b", n_llama, n_llama // 100, "bf16-mixed"),
+             ("gpt2", n_gpt2, 0, "bf16-mixed")]
+    for name, n, n_t, precision in cases:
+        expected = estimate_memory(name, trainable_params=n_t, batch_size=0, precision=precision)["total"]
+        n_t = n if n_t is None else n_t
+        got = run_student(answer, n, n_t, precision)
+        if not math.isclose(float(as_number(got)), expected, rel_tol=1e-9):
+            hint = ""
+            if math.isclose(float(as_number(got)), 16 * n, rel_tol=1e-9) and n_t < n:
+                hint = " A frozen parameter has no gradient and no optimizer state: only its weight bytes count."
+            elif precision == "bf16-mixed" and math.isclose(float(as_number(got)), 2 * n + 4 * n_t, rel_tol=1e-9):
+                hint = " Mixed precision still keeps fp32 Adam moments and an fp32 master copy per trained parameter."
+            return False, (f"for n_params={n:,}, n_trainable={n_t:,}, precision={precision!r} your function gives "
+                           f"{got:,}, estimate_memory gives {expected:,} B.{hint}")
+    n, n_t, counted = _real_state_bytes()
+    got = run_student(answer, n, n_t, "fp32")
+    if not math.isclose(float(as_number(got)), counted, rel_tol=1e-9):
+        return False, (f"on a real two-layer network ({n:,} parameters, {n_t:,} trained, one AdamW step) the "
+                       f"tensors hold {counted:,} B; your function gives {got:,}.")
+    return True, (f"matches estimate_memory on {len(cases)} configurations and the {counted:,} B counted on the "
+                  "tensors of a real AdamW step: 4 B (fp32) or 2 B (bf16) per frozen weight, 16 B per trained one.")

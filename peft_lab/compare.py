@@ -1,0 +1,223 @@
+"""The head-to-head comparison of notebook 05: every method of the course on one task, one budget.
+
+A :class:`MethodSpec` says how to put a method on a fresh copy of the base model, which learning rates to
+try, and how the memory calculator describes it. :func:`run` trains and scores one (method, learning rate,
+seed); :func:`switched_off` gives the base model back for the forgetting measurement; :func:`calculator`
+and :func:`measured` give the memory of one training step at real sizes. The methods live in their own
+modules (notebooks 02–04) or in PEFT; this module only calls them, so the comparison runs the very code the
+method notebooks teach and test.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .data import evaluate_task, perplexity
+from .measure import count_parameters, estimate_memory, measure_memory
+from .train import History, train
+
+__all__ = ["MethodSpec", "Run", "METHODS", "run", "switched_off", "forgetting", "steps_to_reach",
+           "spread", "trainable_count", "calculator", "measured", "CALCULATOR_METHODS"]
+
+BOTTLENECK, PREFIX_TOKENS, PROMPT_TOKENS, PROJECTION = 16, 10, 10, 64  # sizes used throughout notebook 05
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method: ``apply(model, tokenizer) -> model`` on a fresh copy of the base (it may return a wrapper),
+    the learning rates of the grid, where it comes from, and its shape for :func:`estimate_memory`
+    (``memory(config) -> dict`` or ``None`` when the calculator has no formula for it)."""
+
+    label: str
+    apply: Callable[[nn.Module, object], nn.Module]
+    lr_grid: tuple[float, ...]
+    source: str                                   # "peft_lab" or "PEFT"
+    memory: Callable[[object], dict] | None = None
+    can_switch_off: bool = True
+
+
+def _lora_targets(config) -> list[str]:
+    return ["c_attn"] if config.model_type == "gpt2" else ["q_proj", "v_proj"]
+
+
+def _lora(rank: int):
+    def apply(model, tok):
+        from .lora import apply_lora
+        return apply_lora(model, rank=rank, alpha=2 * rank, target_modules=_lora_targets(model.config))
+    return apply
+
+
+def _adapters(placement: str):
+    def apply(model, tok):
+        from .adapters import apply_adapters
+        return apply_adapters(model, placement=placement, bottleneck_dim=BOTTLENECK)
+    return apply
+
+
+def _prefix(model, tok):
+    from .prefix import apply_prefix_tuning
+    return apply_prefix_tuning(model, num_virtual_tokens=PREFIX_TOKENS, projection_dim=PROJECTION)
+
+
+def _prompt(model, tok):
+    from .prefix import apply_prompt_tuning
+    return apply_prompt_tuning(model, num_virtual_tokens=PROMPT_TOKENS, init="random")
+
+
+def _peft(kind: str):
+    def apply(model, tok):
+        import peft
+        config = (peft.LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM") if kind == "lora"
+                  else peft.IA3Config(task_type="CAUSAL_LM"))
+        return peft.get_peft_model(model, config)
+    return apply
+
+
+def _lora_memory(rank):
+    return lambda config: {"kind": "lora", "rank": rank, "targets": _lora_targets(config)}
+
+
+#: Name → spec, in the order of the course. Learning-rate grids are a factor ~3 apart around what notebooks
+#: 01–04 found; the notebook reports the grid and flags a best rate at an edge of it.
+METHODS: dict[str, MethodSpec] = {
+    "full FT": MethodSpec("full FT", lambda m, t: m, (1e-4, 3e-4, 1e-3), "peft_lab",
+                          lambda c: {"kind": "full"}, can_switch_off=False),
+    "LoRA r=1": MethodSpec("LoRA r=1", _lora(1), (3e-3, 1e-2, 3e-2), "peft_lab", _lora_memory(1)),
+    "LoRA r=8": MethodSpec("LoRA r=8", _lora(8), (3e-3, 1e-2, 3e-2), "peft_lab", _lora_memory(8)),
+    "Houlsby": MethodSpec("Houlsby", _adapters("houlsby"), (1e-3, 3e-3, 1e-2), "peft_lab",
+                          lambda c: {"kind": "houlsby", "bottleneck_dim": BOTTLENECK}),
+    "Pfeiffer": MethodSpec("Pfeiffer", _adapters("pfeiffer"), (1e-3, 3e-3, 1e-2), "peft_lab",
+                           lambda c: {"kind": "pfeiffer", "bottleneck_dim": BOTTLENECK}),
+    "prefix": MethodSpec("prefix", _prefix, (3e-4, 1e-3, 3e-3), "peft_lab",
+                         lambda c: {"kind": "prefix", "num_virtual_tokens": PREFIX_TOKENS,
+                                    "projection_dim": PROJECTION}),
+    "prompt": MethodSpec("prompt", _prompt, (3e-3, 1e-2, 3e-2), "peft_lab",
+                         lambda c: {"kind": "prompt", "num_virtual_tokens": PROMPT_TOKENS}),
+    "PEFT LoRA r=8": MethodSpec("PEFT LoRA r=8", _peft("lora"), (3e-3, 1e-2, 3e-2), "PEFT", _lora_memory(8)),
+    "PEFT IA3": MethodSpec("PEFT IA3", _peft("ia3"), (3e-3, 1e-2, 3e-2), "PEFT"),
+}
+#: The methods the analytic calculator describes (PEFT's IA3 has no formula here).
+CALCULATOR_METHODS = [name for name, spec in METHODS.items() if spec.memory is not None
+                      and spec.source == "peft_lab"]
+
+
+@dataclass
+class Run:
+    """What one training run of one method measured."""
+
+    method: str
+    lr: float
+    seed: int
+    history: History
+    accuracy: float
+    trainable: int
+    total: int
+    model: nn.Module | None = field(default=None, repr=False)
+
+
+def run(name: str, base: nn.Module, tokenizer, train_examples: list[dict], val_examples: list[dict], *,
+        lr: float, seed: int = 0, steps: int = 200, batch_size: int = 16, eval_every: int = 25,
+        schedule: str = "cosine", keep_model: bool = False) -> Run:
+    """Train method ``name`` on a deep copy of ``base`` (``base`` is never changed) and score it on
+    ``val_examples`` every ``eval_every`` steps. Same data order, batch and schedule for every method: only
+    the method, its learning rate and the seed differ."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {list(METHODS)}")
+    torch.manual_seed(seed)  # the method's own random init (LoRA's A, adapters, prefixes) follows the seed
+    model = METHODS[name].apply(copy.deepcopy(base), tokenizer)
+    trainable, total = count_parameters(model)
+    acc = lambda m: evaluate_task(m, tokenizer, val_examples)["accuracy"]  # noqa: E731
+    hist = train(model, train_examples, steps=steps, batch_size=batch_size, lr=lr, schedule=schedule,
+                 eval_fn=acc, eval_every=eval_every, seed=seed, pad_id=tokenizer.eos_token_id,
+                 desc=f"{name} lr={lr:g} seed={seed}")
+    return Run(name, lr, seed, hist, hist.final_metric, trainable, total, model if keep_model else None)
+
+
+@contextmanager
+def switched_off(model: nn.Module):
+    """Inside the block ``model`` computes its base model alone, whatever method it carries.
+
+    peft_lab's methods switch off through their own context managers, PEFT's models through
+    ``disable_adapter()``. A fully fine-tuned model has nothing to switch off: ``ValueError``.
+    """
+    from . import adapters, lora, prefix
+    if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
+        ctx = model.disable_adapter()
+    elif prefix.is_prefix_model(model):
+        ctx = prefix.disable_prefix(model)
+    elif any(True for _ in lora.lora_layers(model)):
+        ctx = lora.disable_lora(model)
+    elif any(True for _ in adapters.adapter_layers(model)):
+        ctx = adapters.disable_adapters(model)
+    else:
+        raise ValueError("this model carries no adapter to switch off (full fine-tuning changes the base itself)")
+    with ctx:
+        yield model
+
+
+def forgetting(model: nn.Module, tokenizer, texts: list[str]) -> dict[str, float]:
+    """Held-out perplexity with the method on, and switched off (``nan`` where it cannot be)."""
+    out = {"on": perplexity(model, tokenizer, texts), "off": float("nan")}
+    try:
+        with switched_off(model):
+            out["off"] = perplexity(model, tokenizer, texts)
+    except ValueError:
+        pass
+    return out
+
+
+def steps_to_reach(history: History, target: float) -> int | None:
+    """The first evaluated step at which the metric reached ``target``, or ``None`` if it never did."""
+    return next((step for step, value in zip(history.eval_step, history.metric) if value >= target), None)
+
+
+def spread(values) -> tuple[float, float, float]:
+    """``(mean, min, max)`` of the seeds' values; the plots draw min–max as the error bar."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("spread needs at least one value")
+    return sum(values) / len(values), min(values), max(values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory at real sizes
+# ----------------------------------------------------------------------------------------------------------
+
+def trainable_count(name: str, arch) -> int:
+    """The method's trainable parameters on architecture ``arch`` (a name of ``build_from_config`` or a
+    config), counted by applying the method itself to the model built on the meta device (nothing allocated)."""
+    if isinstance(arch, str):
+        return _trainable_on_named(name, arch)
+    from .models import build_from_config
+    return count_parameters(METHODS[name].apply(build_from_config(arch, device="meta"), None))[0]
+
+
+@lru_cache(maxsize=None)
+def _trainable_on_named(name: str, arch: str) -> int:
+    from .models import build_from_config
+    return count_parameters(METHODS[name].apply(build_from_config(arch, device="meta"), None))[0]
+
+
+def calculator(name: str, arch, batch_size: int = 1, seq_len: int = 128, precision: str = "fp32") -> dict:
+    """:func:`estimate_memory` for method ``name`` on ``arch``: bytes of parameters, gradients, optimizer
+    state and activations of one AdamW step."""
+    from .models import architecture_config
+    spec = METHODS[name]
+    if spec.memory is None:
+        raise ValueError(f"the calculator has no formula for {name!r}; known: {CALCULATOR_METHODS}")
+    config = architecture_config(arch) if isinstance(arch, str) else arch
+    trainable = None if name == "full FT" else trainable_count(name, arch)
+    return estimate_memory(arch, trainable_params=trainable, batch_size=batch_size, seq_len=seq_len,
+                           precision=precision, method=spec.memory(config))
+
+
+def measured(name: str, base: nn.Module, batch: dict) -> dict:
+    """:func:`measure_memory` of one training step of method ``name`` on a deep copy of ``base``."""
+    model = METHODS[name].apply(copy.deepcopy(base), None)
+    return measure_memory(model, batch)

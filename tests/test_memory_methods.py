@@ -1,0 +1,87 @@
+"""The analytic memory of a training step with a PEFT method (estimate_memory's ``method``, notebook 05)
+against the tensor accounting of measure_memory: equal to the byte for every method on GPT-2 and LLaMA."""
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig
+
+import peft_lab
+from peft_lab.measure import activation_elements, estimate_memory, measure_memory
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIGS = {
+    "gpt2": GPT2Config(vocab_size=500, n_positions=128, n_embd=96, n_layer=3, n_head=4, resid_pdrop=0.0,
+                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
+    # grouped-query attention: 2 key/value heads for 4 query heads
+    "llama-gqa": LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=300, max_position_embeddings=128,
+                             bos_token_id=0, eos_token_id=0, pad_token_id=0),
+}
+B, T = 3, 20
+
+
+def _lora_targets(cfg):
+    return ["c_attn"] if cfg.model_type == "gpt2" else ["q_proj", "v_proj"]
+
+
+METHODS = {
+    "full": lambda cfg: ({"kind": "full"}, lambda m: m),
+    "lora": lambda cfg: ({"kind": "lora", "rank": 8, "targets": _lora_targets(cfg)},
+                         lambda m: peft_lab.apply_lora(m, rank=8, target_modules=_lora_targets(cfg))),
+    "lora-attn-mlp": lambda cfg: (
+        {"kind": "lora", "rank": 4, "targets": ["c_attn", "c_proj"] if cfg.model_type == "gpt2"
+         else ["q_proj", "o_proj", "down_proj"]},
+        lambda m: peft_lab.apply_lora(m, rank=4, target_modules=["c_attn", "c_proj"] if cfg.model_type == "gpt2"
+                                      else ["q_proj", "o_proj", "down_proj"])),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_estimate_equals_measurement(arch, method):
+    cfg = CONFIGS[arch]
+    spec, apply = METHODS[method](cfg)
+    model = apply(copy.deepcopy(peft_lab.build_from_config(cfg, device="cpu")))
+    batch = {"input_ids": torch.randint(0, 300, (B, T), generator=torch.Generator().manual_seed(0))}
+    measured = measure_memory(model, batch)
+    trainable, _ = peft_lab.count_parameters(model)
+    estimated = estimate_memory(cfg, trainable_params=None if method == "full" else trainable, batch_size=B,
+                                seq_len=T, method=spec)
+    assert estimated == measured, {k: (measured[k], estimated[k]) for k in measured}
+
+
+def test_full_method_is_the_notebook_00_formula():
+    for cfg in CONFIGS.values():
+        assert activation_elements(cfg, 2, 16, {"kind": "full"}) == activation_elements(cfg, 2, 16)
+
+
+def test_peft_saves_less_than_full_and_lora_grows_with_rank():
+    cfg = CONFIGS["gpt2"]
+    full = activation_elements(cfg, 2, 16)[0]
+    r1 = activation_elements(cfg, 2, 16, {"kind": "lora", "rank": 1, "targets": ["c_attn"]})[0]
+    r8 = activation_elements(cfg, 2, 16, {"kind": "lora", "rank": 8, "targets": ["c_attn"]})[0]
+    assert r1 < r8 < full
+    assert r8 - r1 == 2 * 16 * 7 * cfg.n_layer  # B·T·(8 − 1) floats per wrapped layer: B's input
+
+
+def test_method_errors():
+    cfg = CONFIGS["gpt2"]
+    with pytest.raises(ValueError, match="kind"):
+        activation_elements(cfg, 1, 8, {"kind": "dora"})
+    with pytest.raises(ValueError, match="targets"):
+        activation_elements(cfg, 1, 8, {"kind": "lora", "rank": 8, "targets": ["q_proj"]})
+    with pytest.raises(ValueError, match="trainable_params"):
+        estimate_memory(cfg, batch_size=1, seq_len=8, method={"kind": "lora", "rank": 8, "targets": ["c_attn"]})
+    with pytest.raises(ValueError, match="4bit"):
+        estimate_memory(cfg, batch_size=1, seq_len=8, precision="4bit-base")
+
+
+def test_four_bit_base_arithmetic():
+    """0.5 B + 0.127 bits per frozen weight; the method's own weights as in bf16-mixed (2 + 4 master)."""
+    n = peft_lab.count_parameters(peft_lab.build_from_config("gpt2"))[1]
+    spec = {"kind": "lora", "rank": 8, "targets": ["c_attn"]}
+    q = estimate_memory("gpt2", trainable_params=294_912, batch_size=0, precision="4bit-base", method=spec)
+    assert q["parameters"] == int((4 + 0.127) / 8 * n + 6 * 294_912)
+    assert q["gradients"] == 2 * 294_912 and q["optimizer"] == 8 * 294_912
