@@ -234,7 +234,7 @@ class PrefixModel(nn.Module):
             ones = torch.ones(batch_size, P, dtype=attention_mask.dtype, device=attention_mask.device)
             attention_mask = torch.cat([ones, attention_mask], dim=1)
         if self.prefix_config.method == PREFIX_TUNING:
-            if getattr(self.base_model, "is_gradient_checkpointing", False):
+            if self.training and _checkpointing(self.base_model):
                 raise ValueError(_GRADIENT_CHECKPOINTING)
             if position_ids is not None:  # PEFT shifts given positions past the prefix (equation 04.5)
                 position_ids = position_ids + P
@@ -335,6 +335,11 @@ _GRADIENT_CHECKPOINTING = ("prefix tuning cannot be combined with gradient check
                            "model.gradient_checkpointing_disable() on the base model first")
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers sets `gradient_checkpointing` on the modules that checkpoint (it acts in training only)
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
@@ -358,7 +363,7 @@ def _check_model(model, method: str) -> dict:
     if _cache_argument(model) is None:
         raise TypeError(f"{type(model).__name__}.forward takes no key/value cache (past_key_values/cache), so the "
                         "prefix has no way in; use a causal LM such as GPT2LMHeadModel or LlamaForCausalLM")
-    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) and method == PREFIX_TUNING:
+    if method == PREFIX_TUNING and _checkpointing(model):
         raise ValueError(_GRADIENT_CHECKPOINTING)
     return prefix_shapes(model.config)
 
