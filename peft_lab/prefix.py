@@ -5,11 +5,13 @@ d_h, h_kv key/value heads (h_kv < h with grouped-query attention) and d_kv = h_k
 
 * (04.1) every layer l attends over ``P`` learned key/value vectors before the T real ones:
   ``K'_l = [P_k^l; K_l]``, ``V'_l = [P_v^l; V_l]`` (``P_k^l, P_v^l: P × d_kv``); the base model is frozen
-* (04.2) the output of a head splits into ``(1 − λ) · Attn(q, K, V) + λ · Attn(q, P_k, P_v)``, λ the prefix's share of
-  the softmax mass (He et al. 2022, "Towards a unified view of parameter-efficient transfer learning", eq. 7)
+* (04.2) the output of a head splits into ``(1 − λ) · Attn(q, K, V) + λ · Attn(q, P_k, P_v)``, λ the prefix's
+  share of the softmax mass (He et al. 2022, "Towards a unified view of parameter-efficient transfer learning",
+  §3.1)
 * (04.3) trainable numbers: prefix tuning ``L · 2 · P · d_kv``; prompt tuning ``P · d`` (input layer only)
 * (04.4) reparameterization (Li & Liang §4.3): ``[P_k; P_v] = W_2 tanh(W_1 E + b_1) + b_2`` with ``E: P × d_kv``,
-  ``W_1: d_kv → m``, ``W_2: m → L · 2 · d_kv``; after training it folds into plain tensors (:func:`fold_prefix_projection`)
+  ``W_1: d_kv → m``, ``W_2: m → L · 2 · d_kv``; after training it folds into plain tensors
+  (:func:`fold_prefix_projection`)
 * (04.5) positions: the prefix occupies cache slots 0…P−1, so the real tokens get positions P…P+T−1
 
 Layout is PEFT's, so weights copy one to one: :class:`PrefixEncoder` holds ``embedding`` (and ``transform`` =
@@ -398,9 +400,10 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     away after training with :func:`fold_prefix_projection`. With grouped-query attention the prefix has the
     width of the key/value heads, ``d_kv`` (as in PEFT). ``init="random"`` is PyTorch's (and PEFT's) default,
     N(0, 1) prefix entries; ``init="zero"`` is PEFT's ``init_weights="zero"``: the prefix (with a projection: the
-    last layer's weight and bias) starts at 0, so its values add nothing and its keys score 0. Raises ``TypeError``/``ValueError`` for a
-    non-integer or non-positive ``num_virtual_tokens`` or ``projection_dim``, a model that has no key/value cache
-    path, gradient checkpointing switched on, and a model that already carries virtual tokens.
+    last layer's weight and bias) starts at 0, so its values add nothing and its keys score 0. Raises
+    ``TypeError``/``ValueError`` for a non-integer or non-positive ``num_virtual_tokens`` or ``projection_dim``,
+    a model that has no key/value cache path, gradient checkpointing switched on, and a model that already
+    carries virtual tokens.
     """
     _check_tokens(num_virtual_tokens)
     if projection_dim is not None and (isinstance(projection_dim, bool) or not isinstance(projection_dim, int)
@@ -538,7 +541,8 @@ def load_prefix_state_dict(model: PrefixModel, state_dict) -> PrefixModel:
         raise ValueError(f"prompt_embeddings has shape {tuple(value.shape)}, this model needs "
                          f"({c.num_virtual_tokens}, {width}): P = {c.num_virtual_tokens} virtual tokens × {formula}. "
                          "Was it made for another architecture, number of layers or prefix length?")
-    if not isinstance(state_dict, Mapping) or set(state_dict) != {"prompt_embeddings"} or not isinstance(value, torch.Tensor):
+    if (not isinstance(state_dict, Mapping) or set(state_dict) != {"prompt_embeddings"}
+            or not isinstance(value, torch.Tensor)):
         got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
         raise ValueError(f"expected exactly one tensor named 'prompt_embeddings' (PEFT's prompt-learning "
                          f"format), got {got}")

@@ -517,7 +517,8 @@ def test_exercise_graders(capsys):
     def count(config, p):
         heads = config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or heads
-        return config.num_hidden_layers * 2 * p * kv * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return config.num_hidden_layers * 2 * p * kv * head_dim
 
     def attention(q, k, v, pk, pv, causal=True):
         T, p = q.shape[0], pk.shape[0]
