@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import lora
+from . import lora, prefix
 from . import validate as v
 from .paths import _umask
 
@@ -44,11 +44,13 @@ KEY_PREFIX = "base_model.model."  # PEFT's PeftModel → LoraModel → the trans
 @dataclass(frozen=True)
 class Method:
     """How one PEFT method travels: ``detect(model)`` says whether the model carries it;
-    ``export(model) -> (config fields, tensors without prefix)``; ``load(model, config, tensors) -> model``."""
+    ``export(model) -> (config fields, tensors without prefix)``; ``load(model, config, tensors) -> model``
+    (prefix and prompt tuning return the wrapper around ``model``); ``key_prefix`` goes before each saved key."""
 
     detect: Callable[[nn.Module], bool]
     export: Callable[[nn.Module], "tuple[dict, dict[str, torch.Tensor]]"]
     load: Callable[[nn.Module, dict, "dict[str, torch.Tensor]"], nn.Module]
+    key_prefix: str = KEY_PREFIX  # prompt learning (prefix/prompt tuning) saves its one tensor without it
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,9 +127,71 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
     return model
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Prefix tuning and prompt tuning (notebook 04): one tensor, "prompt_embeddings", no key prefix
+# ----------------------------------------------------------------------------------------------------------
+
+def _export_prompt_learning(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT's fields for ``PrefixTuningConfig``/``PromptTuningConfig``; the tensor is the prefix itself (a
+    reparameterized prefix is saved evaluated, as PEFT saves it: ``prefix_projection`` stays true in the
+    config, and PEFT loads it in inference mode as a plain prefix)."""
+    c = model.prefix_config
+    fields = {"num_virtual_tokens": c.num_virtual_tokens, "token_dim": c.token_dim,
+              "num_transformer_submodules": 1, "num_attention_heads": c.num_kv_heads if
+              c.method == prefix.PREFIX_TUNING else model.config.num_attention_heads,
+              "num_layers": c.num_layers, "modules_to_save": None}
+    if c.method == prefix.PREFIX_TUNING:
+        fields.update(encoder_hidden_size=c.projection_dim or c.token_dim,
+                      prefix_projection=c.projection_dim is not None,
+                      init_weights="zero" if c.init == "zero" else None)
+    else:
+        init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}[c.init]
+        name = getattr(model.config, "_name_or_path", "") or "tiny"
+        fields.update(prompt_tuning_init=init, prompt_tuning_init_text=c.init_text, tokenizer_kwargs=None,
+                      tokenizer_name_or_path=str(name) if init == "TEXT" else None)
+    return fields, prefix.prefix_state_dict(model)
+
+
+def _load_prompt_learning(method: str):
+    def load(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        for field in ("num_virtual_tokens", "num_layers", "token_dim"):
+            if field not in config:
+                raise ValueError(f"{CONFIG_NAME} lacks the {method} field {field!r}")
+        if (config.get("num_transformer_submodules") or 1) != 1:
+            raise ValueError(f"this adapter has num_transformer_submodules={config['num_transformer_submodules']} "
+                             "(an encoder-decoder model); peft_lab supports decoder-only models")
+        if config.get("modules_to_save"):
+            raise ValueError(f"this adapter also trains modules_to_save={config['modules_to_save']!r}, which "
+                             "peft_lab.prefix does not implement")
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"expected a transformers causal LM, got {type(model).__name__}")
+        shapes = prefix.prefix_shapes(model.config)
+        width = shapes["kv_dim"] if method == prefix.PREFIX_TUNING else shapes["hidden_size"]
+        made = {"num_layers": config["num_layers"], "token_dim": config["token_dim"]}
+        here = {"num_layers": shapes["num_layers"], "token_dim": width}
+        if made != here:
+            raise ValueError(f"this {method} adapter was made for another architecture: its {CONFIG_NAME} says "
+                             f"{made} (base {config.get('base_model_name_or_path')!r}), this model has {here}")
+        apply = prefix.apply_prefix_tuning if method == prefix.PREFIX_TUNING else prefix.apply_prompt_tuning
+        wrapped = apply(model, num_virtual_tokens=config["num_virtual_tokens"])
+        try:
+            prefix.load_prefix_state_dict(wrapped, tensors)
+        except Exception:
+            prefix.remove_prefix(wrapped)  # leave the model as it came
+            raise
+        return wrapped
+    return load
+
+
 #: PEFT ``peft_type`` → how that method is exported and imported.
 METHODS: dict[str, Method] = {
     "LORA": Method(detect=_has_lora, export=_export_lora, load=_load_lora),
+    "PREFIX_TUNING": Method(detect=lambda m: prefix.is_prefix_model(m, prefix.PREFIX_TUNING),
+                            export=_export_prompt_learning, load=_load_prompt_learning(prefix.PREFIX_TUNING),
+                            key_prefix=""),
+    "PROMPT_TUNING": Method(detect=lambda m: prefix.is_prefix_model(m, prefix.PROMPT_TUNING),
+                            export=_export_prompt_learning, load=_load_prompt_learning(prefix.PROMPT_TUNING),
+                            key_prefix=""),
 }
 
 
@@ -161,7 +225,8 @@ def export_peft_adapter(model: nn.Module, path, task_type: str = "CAUSAL_LM") ->
     config = {"peft_type": peft_type, "task_type": task_type, "base_model_name_or_path": str(name),
               "inference_mode": True, "revision": None, **fields}
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # fails here, before any file is touched
-    weights = {KEY_PREFIX + k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    key_prefix = METHODS[peft_type].key_prefix  # "base_model.model." for LoRA, none for prompt learning
+    weights = {key_prefix + k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     _write_adapter_dir(out, text, weights)
     return out
 

@@ -1,0 +1,126 @@
+"""Exercises of notebook 04 (prefix tuning and prompt tuning). Expected answers are computed, not stored: the
+counts by building the prefix on the meta device, the attention by PyTorch's own
+``scaled_dot_product_attention``."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import exercise, number
+
+
+def _configs():
+    from transformers import GPT2Config, LlamaConfig
+    return {
+        "gpt2-small": GPT2Config(n_layer=12, n_embd=768, n_head=12),
+        "a 4-layer GPT-2 of width 128": GPT2Config(n_layer=4, n_embd=128, n_head=4),
+        "LLaMA-3-8B shape (32 heads, 8 key/value heads)": LlamaConfig(
+            hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+            intermediate_size=14336, vocab_size=128256),
+        "a small GQA model (6 heads, 2 key/value heads, head_dim 32)": LlamaConfig(
+            hidden_size=192, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+            intermediate_size=256, vocab_size=100),
+    }
+
+
+def _prefix_count(config, num_virtual_tokens: int) -> int:
+    """Equation (04.3), counted on a real prefix: build it on the meta device and add up ``numel``."""
+    from ..prefix import PrefixEncoder, prefix_shapes
+    s = prefix_shapes(config)
+    encoder = PrefixEncoder(num_virtual_tokens, s["num_layers"], s["kv_dim"], device="meta")
+    return sum(p.numel() for p in encoder.parameters())
+
+
+@exercise("04.ex1", "Write prefix_params(config, num_virtual_tokens) -> int: the number of trainable parameters "
+                    "of prefix tuning (no reparameterization) for a transformers config — GPT-2 (n_layer, n_embd, "
+                    "n_head) or LLaMA (num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads). "
+                    "Pass the function itself.")
+def _count_function(answer):
+    if not callable(answer):
+        raise TypeError(f"expected a function prefix_params(config, num_virtual_tokens), got {type(answer).__name__}")
+    for name, config in _configs().items():
+        for P in (1, 20):
+            expected = _prefix_count(config, P)
+            got = answer(config, P)
+            if isinstance(got, bool) or not isinstance(got, (int, float)) and not hasattr(got, "item"):
+                raise TypeError(f"prefix_params returned {got!r}; return a number")
+            got = int(got.item() if hasattr(got, "item") else got)
+            if got != expected:
+                L, d = config.num_hidden_layers, config.hidden_size
+                hint = ""
+                if got == L * 2 * P * d and expected != got:
+                    hint = (" You used the model width d; with grouped-query attention the keys and values have "
+                            "num_key_value_heads · head_dim features per token, fewer than d.")
+                elif got * 2 == expected:
+                    hint = " Keys AND values: each layer stores two P × d_kv tensors."
+                elif got == 2 * P * d or got == P * d:
+                    hint = " Every layer gets its own prefix: multiply by the number of layers."
+                return False, f"for {name} with P = {P} you return {got:,}, the prefix has {expected:,}.{hint}"
+    return True, ("L · 2 · P · d_kv, with d_kv = num_key_value_heads · head_dim (= d without grouped-query "
+                  "attention): e.g. 368,640 for gpt2-small and P = 20, and 4× fewer than L · 2 · P · d on a model "
+                  "with 8 of 32 heads for keys and values.")
+
+
+def _reference_attention(q, k, v, pk, pv):
+    """SDPA over [prefix; input] with a boolean mask: every query sees the whole prefix and inputs up to itself."""
+    T, P = q.shape[-2], pk.shape[-2]
+    mask = torch.cat([torch.ones(T, P, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, torch.cat([pk, k], -2), torch.cat([pv, v], -2),
+                                                            attn_mask=mask)
+
+
+@exercise("04.ex2", "Write prefix_attention(q, k, v, pk, pv) -> output for one head: q, k, v are T × d_h (causal: "
+                    "token t sees inputs 0…t), pk, pv are P × d_h (every token sees the whole prefix); scaled "
+                    "dot-product softmax attention over [prefix; input] (equation 04.1), returning T × d_h. "
+                    "Pass the function itself.")
+def _attention_function(answer):
+    if not callable(answer):
+        raise TypeError(f"expected a function prefix_attention(q, k, v, pk, pv), got {type(answer).__name__}")
+    g = torch.Generator().manual_seed(4)
+    for T, P, dh in [(5, 3, 8), (1, 1, 4), (7, 12, 16)]:
+        q, k, v = (torch.randn(T, dh, generator=g) for _ in range(3))
+        pk, pv = (torch.randn(P, dh, generator=g) for _ in range(2))
+        expected = _reference_attention(q, k, v, pk, pv)
+        got = answer(q, k, v, pk, pv)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != (T, dh):
+            return False, (f"for T={T}, P={P}, d_h={dh} the output should be a {T} × {dh} tensor, got "
+                           f"{tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}")
+        if not torch.allclose(got, expected, atol=1e-5):
+            causal_free = torch.nn.functional.scaled_dot_product_attention(
+                q, torch.cat([pk, k]), torch.cat([pv, v]))
+            no_scale = _reference_attention(q * math.sqrt(dh), k, v, pk, pv)
+            if torch.allclose(got, causal_free, atol=1e-5):
+                why = "token t must not see inputs after t: mask the input part causally (the prefix stays visible)."
+            elif torch.allclose(got, no_scale, atol=1e-5):
+                why = "divide the scores by √d_h."
+            else:
+                why = "compare with softmax([q pkᵀ, q kᵀ + causal mask] / √d_h) · [pv; v]."
+            return False, f"for T={T}, P={P}, d_h={dh} the output differs by up to " \
+                          f"{(got - expected).abs().max().item():.3g}: {why}"
+    return True, "the softmax runs over P + T keys; split it into λ and 1 − λ and you get equation (04.2)."
+
+
+@exercise("04.ex3", "Prompt tuning with P = 20 virtual tokens on LLaMA-2 7B (width d = 4096, 32 layers): how many "
+                    "trainable parameters?")
+def _prompt_count(answer):
+    P, d, L = 20, 4096, 32
+    return number(answer, P * d, rel_tol=1e-9,
+                  mistakes={L * 2 * P * d: "that is prefix tuning (keys and values in all 32 layers); prompt "
+                                           "tuning only adds P input embeddings.",
+                            2 * P * d: "prompt tuning learns embeddings, not keys and values: one vector per "
+                                       "virtual token.",
+                            L * P * d: "only the input layer gets virtual tokens in prompt tuning."},
+                  explain=f"P · d = 20 × 4096 = {P * d:,}: 0.001% of the 6.7B weights, 64× fewer than prefix "
+                          "tuning's L · 2 · P · d.")
+
+
+@exercise("04.ex4", "GPT-2 has 1024 positions. With a prefix of P = 20 virtual tokens (as PEFT places it), how many "
+                    "real tokens can one input have at most?")
+def _positions(answer):
+    n, P = 1024, 20
+    return number(answer, n - P, rel_tol=1e-9,
+                  mistakes={n: "the prefix takes positions 0…P−1, so the real tokens start at P (equation 04.5).",
+                            n - 2 * P: "the prefix uses P positions once, not once for keys and once for values."},
+                  explain=f"1024 − 20 = {n - P}: the real tokens sit at positions P…P+T−1, which must stay below "
+                          "1024.")

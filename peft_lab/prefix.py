@@ -1,0 +1,552 @@
+"""Prefix tuning (Li & Liang 2021) and prompt tuning (Lester et al. 2021), notebook 04.
+
+The equations of notebook 04 ("Prefix tuning"), for a model with L layers, width d, h attention heads of size
+d_h, h_kv key/value heads (h_kv < h with grouped-query attention) and d_kv = h_kv · d_h:
+
+* (04.1) every layer l attends over ``P`` learned key/value vectors before the T real ones:
+  ``K'_l = [P_k^l; K_l]``, ``V'_l = [P_v^l; V_l]`` (``P_k^l, P_v^l: P × d_kv``); the base model is frozen
+* (04.2) the output of a head splits into ``(1 − λ) · Attn(q, K, V) + λ · Attn(q, P_k, P_v)``, λ the prefix's
+  share of the softmax mass (He et al. 2022, "Towards a unified view of parameter-efficient transfer learning",
+  §3.1)
+* (04.3) trainable numbers: prefix tuning ``L · 2 · P · d_kv``; prompt tuning ``P · d`` (input layer only)
+* (04.4) reparameterization (Li & Liang §4.3): ``[P_k; P_v] = W_2 tanh(W_1 E + b_1) + b_2`` with ``E: P × d_kv``,
+  ``W_1: d_kv → m``, ``W_2: m → L · 2 · d_kv``; after training it folds into plain tensors
+  (:func:`fold_prefix_projection`)
+* (04.5) positions: the prefix occupies cache slots 0…P−1, so the real tokens get positions P…P+T−1
+
+Layout is PEFT's, so weights copy one to one: :class:`PrefixEncoder` holds ``embedding`` (and ``transform`` =
+Linear → Tanh → Linear with a projection) and returns a ``P × (L·2·d_kv)`` tensor, viewed as
+``(B, P, 2L, h_kv, d_h)``, permuted to ``(2L, B, h_kv, P, d_h)`` and split in pairs into each layer's (keys,
+values); those go to the model as a ``DynamicCache``, with P ones prepended to the attention mask.
+:class:`PromptEmbedding` is one ``Embedding(P, d)`` whose rows are concatenated before the input embeddings.
+
+Typical use::
+
+    model = apply_prefix_tuning(base, num_virtual_tokens=20)   # a PrefixModel; the base is frozen
+    history = train(model, examples)                             # only the prefix trains
+    with disable_prefix(model):                                  # exactly the base model
+        ...
+    base = remove_prefix(model)                                  # the base model object back, untouched
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import core
+
+__all__ = ["PrefixConfig", "PrefixEncoder", "PromptEmbedding", "PrefixModel", "apply_prefix_tuning",
+           "apply_prompt_tuning", "fold_prefix_projection", "remove_prefix", "disable_prefix",
+           "prefix_state_dict", "load_prefix_state_dict", "prefix_shapes", "is_prefix_model"]
+
+PREFIX_TUNING, PROMPT_TUNING = "prefix_tuning", "prompt_tuning"
+_METHOD = "prefix"  # the name of the config record (core.record_config) on a base model a PrefixModel holds
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """The settings a :class:`PrefixModel` was built with (the PEFT export writes them).
+
+    ``token_dim`` is the width of one virtual token as PEFT counts it: ``d_kv`` for prefix tuning (the keys
+    and values of one layer), ``d`` for prompt tuning (an input embedding). ``projection_dim`` is the hidden
+    width ``m`` of the reparameterization (None: none, or folded away). ``init`` is prompt tuning's
+    initialisation: ``"random"``, ``"vocab"`` or ``"text"`` (then ``init_text`` holds the text); prefix tuning's
+    ``"random"`` or ``"zero"``.
+    """
+
+    method: str
+    num_virtual_tokens: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    token_dim: int
+    projection_dim: int | None = None
+    init: str = "random"
+    init_text: str | None = None
+
+
+def prefix_shapes(config) -> dict[str, int]:
+    """``{"num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "kv_dim"}`` of a transformers
+    config: what sizes the prefix (equation 04.3). GPT-2 names them ``n_layer``/``n_embd``/``n_head``; LLaMA's
+    ``num_key_value_heads`` < ``num_attention_heads`` is grouped-query attention."""
+    try:
+        layers, width, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+    except AttributeError as err:
+        raise TypeError(f"the model's config ({type(config).__name__}) does not say its number of layers, width "
+                        f"and heads ({err}); prefix tuning needs them to size the prefix") from None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or width // heads
+    return {"num_layers": int(layers), "hidden_size": int(width), "num_heads": int(heads),
+            "num_kv_heads": int(kv_heads), "head_dim": int(head_dim), "kv_dim": int(kv_heads * head_dim)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two encoders
+# ----------------------------------------------------------------------------------------------------------
+
+class PrefixEncoder(nn.Module):
+    """The trainable prefix of every layer, as one ``P × (L·2·d_kv)`` tensor (equations 04.1, 04.3, 04.4).
+
+    Without projection: ``embedding = Embedding(P, L·2·d_kv)`` — the prefix itself. With ``projection_dim=m``:
+    ``embedding = Embedding(P, d_kv)`` then ``transform = Linear(d_kv, m) → Tanh → Linear(m, L·2·d_kv)``.
+    Names, shapes and the default initialisation (PyTorch's: N(0, 1) embeddings, Kaiming-uniform linears) are
+    PEFT's ``PrefixEncoder``'s.
+    """
+
+    def __init__(self, num_virtual_tokens: int, num_layers: int, kv_dim: int, projection_dim: int | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.num_virtual_tokens, self.num_layers, self.kv_dim = num_virtual_tokens, num_layers, kv_dim
+        self.projection_dim = projection_dim
+        out = num_layers * 2 * kv_dim
+        kw = dict(device=device, dtype=dtype)
+        if projection_dim is None:
+            self.embedding = nn.Embedding(num_virtual_tokens, out, **kw)
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, kv_dim, **kw)
+            self.transform = nn.Sequential(nn.Linear(kv_dim, projection_dim, **kw), nn.Tanh(),
+                                           nn.Linear(projection_dim, out, **kw))
+
+    def forward(self) -> torch.Tensor:
+        """The prefix of all layers, ``P × (L·2·d_kv)``; with projection, equation (04.4)."""
+        if self.projection_dim is None:
+            return self.embedding.weight
+        return self.transform(self.embedding.weight)
+
+    def extra_repr(self) -> str:
+        return (f"num_virtual_tokens={self.num_virtual_tokens}, num_layers={self.num_layers}, "
+                f"kv_dim={self.kv_dim}, projection_dim={self.projection_dim}")
+
+
+class PromptEmbedding(nn.Module):
+    """Prompt tuning's ``P × d`` virtual token embeddings (PEFT's ``PromptEmbedding``: one ``embedding``)."""
+
+    def __init__(self, num_virtual_tokens: int, token_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+        self.embedding = nn.Embedding(num_virtual_tokens, token_dim, device=device, dtype=dtype)
+
+    def forward(self) -> torch.Tensor:
+        return self.embedding.weight
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The wrapper
+# ----------------------------------------------------------------------------------------------------------
+
+def _cache_argument(model: nn.Module) -> str | None:
+    """The name under which ``model.forward`` takes a key/value cache: ``cache`` (transformers ≥ 5.2x) or
+    ``past_key_values`` (4.x and early 5.x); None when it takes neither."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def _max_positions(config) -> int | None:
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class PrefixModel(nn.Module):
+    """A frozen causal LM plus virtual tokens: prefix tuning (keys/values in every layer) or prompt tuning
+    (embeddings before the input). Built by :func:`apply_prefix_tuning` / :func:`apply_prompt_tuning`.
+
+    Submodules: ``base_model`` (frozen) and ``prompt_encoder`` (:class:`PrefixEncoder` or
+    :class:`PromptEmbedding`, the only trainable part), so ``parameters()``, ``state_dict()``,
+    ``count_parameters`` and ``train`` see both with no special case. ``forward`` takes what the base model
+    takes (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``labels``, ...) and returns the base model's
+    output with logits for the input tokens only (prompt tuning's virtual positions are dropped; the loss is
+    PEFT's, over the real tokens). ``config`` is the base model's transformers config; ``prefix_config`` the
+    :class:`PrefixConfig`.
+    """
+
+    def __init__(self, base_model: nn.Module, prompt_encoder: nn.Module, prefix_config: PrefixConfig):
+        super().__init__()
+        self.base_model = base_model
+        self.prompt_encoder = prompt_encoder
+        self.prefix_config = prefix_config
+        self.disabled = False
+        self._cache_arg = _cache_argument(base_model)
+
+    # -- what the rest of the package and transformers expect of a model -----------------------------------
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prefix_config.num_virtual_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.get_input_embeddings()
+
+    # -- the virtual tokens ----------------------------------------------------------------------------------
+    def prefix_key_values(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's prefix ``(keys, values)``, both ``batch_size × h_kv × P × d_h`` (equation 04.1), in the
+        base model's dtype: PEFT's ``view(B, P, 2L, h_kv, d_h).permute(2, 0, 3, 1, 4).split(2)``."""
+        c = self.prefix_config
+        if c.method != PREFIX_TUNING:
+            raise ValueError("prefix_key_values belongs to prefix tuning; this model does prompt tuning")
+        flat = self.prompt_encoder().to(self.base_model.dtype)
+        kv = flat.unsqueeze(0).expand(batch_size, -1, -1)
+        kv = kv.view(batch_size, c.num_virtual_tokens, 2 * c.num_layers, c.num_kv_heads, c.head_dim)
+        return [(pair[0], pair[1]) for pair in kv.permute(2, 0, 3, 1, 4).split(2)]
+
+    def prefix_cache(self, batch_size: int):
+        """The prefix as a transformers ``DynamicCache`` holding P positions in every layer."""
+        from transformers import DynamicCache
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(self.prefix_key_values(batch_size)):
+            cache.update(keys, values, layer)
+        return cache
+
+    def prompt_embeddings(self, batch_size: int) -> torch.Tensor:
+        """Prompt tuning's virtual tokens, ``batch_size × P × d``, in the base model's dtype."""
+        if self.prefix_config.method != PROMPT_TUNING:
+            raise ValueError("prompt_embeddings belongs to prompt tuning; this model does prefix tuning")
+        return self.prompt_encoder().to(self.base_model.dtype).unsqueeze(0).expand(batch_size, -1, -1)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, position_ids=None,
+                **kwargs):
+        if self.disabled:
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                   inputs_embeds=inputs_embeds, position_ids=position_ids, **kwargs)
+        batch_size, seq_len = self._check_inputs(input_ids, inputs_embeds, attention_mask, labels, kwargs)
+        P = self.num_virtual_tokens
+        if attention_mask is not None:  # the real tokens may attend to all P virtual tokens
+            ones = torch.ones(batch_size, P, dtype=attention_mask.dtype, device=attention_mask.device)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        if self.prefix_config.method == PREFIX_TUNING:
+            if self.training and _checkpointing(self.base_model):
+                raise ValueError(_GRADIENT_CHECKPOINTING)
+            if position_ids is not None:  # PEFT shifts given positions past the prefix (equation 04.5)
+                position_ids = position_ids + P
+            kwargs[self._cache_arg] = self.prefix_cache(batch_size)
+            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   labels=labels, position_ids=position_ids, **kwargs)
+        # prompt tuning: [virtual tokens; input embeddings], labels padded with -100 as PEFT does
+        if position_ids is not None:
+            raise ValueError("position_ids are not supported with prompt tuning: the P virtual tokens take "
+                             "positions 0…P−1 and the input follows them. Leave position_ids out.")
+        if inputs_embeds is None:
+            inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
+        inputs_embeds = torch.cat([self.prompt_embeddings(batch_size).to(inputs_embeds.dtype), inputs_embeds], 1)
+        if labels is not None:
+            labels = torch.cat([labels.new_full((batch_size, P), -100), labels], dim=1)
+        out = self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        out["logits"] = out.logits[:, P:]  # one row per input token, as the base model returns
+        return out
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, labels, kwargs) -> tuple[int, int]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (token ids, batch × length) or inputs_embeds")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+                raise ValueError(f"input_ids must be a 2-D tensor of token ids (batch × length), got "
+                                 f"{_describe(input_ids)}; for one sequence use ids.unsqueeze(0)")
+            shape = tuple(input_ids.shape)
+        else:
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
+                raise ValueError(f"inputs_embeds must be a 3-D tensor (batch × length × width), got "
+                                 f"{_describe(inputs_embeds)}")
+            shape = tuple(inputs_embeds.shape[:2])
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                           or tuple(attention_mask.shape) != shape):
+            raise ValueError(f"attention_mask must have the shape of the input, {shape} (batch × length, 1 = real "
+                             f"token, 0 = padding), got {_describe(attention_mask)}. The wrapper adds the "
+                             f"{self.num_virtual_tokens} virtual tokens' ones itself: pass the mask of the real "
+                             "tokens only")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or tuple(labels.shape) != shape):
+            raise ValueError(f"labels must have the shape of the input, {shape}, got {_describe(labels)}")
+        for name in ("past_key_values", "cache"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name} cannot be passed to a {self.prefix_config.method} model: the wrapper "
+                                 "builds the cache from the prefix itself. Use model.generate(...) to generate")
+        limit = _max_positions(self.config)
+        total = self.num_virtual_tokens + shape[1]
+        if limit is not None and total > limit:
+            raise ValueError(f"{self.num_virtual_tokens} virtual tokens + {shape[1]} input tokens = {total} positions, "
+                             f"but the model has {limit}; shorten the input to at most "
+                             f"{limit - self.num_virtual_tokens} tokens or use fewer virtual tokens")
+        return shape
+
+    # -- generation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """``base_model.generate`` with the virtual tokens in front; returns input ids + new ids, as HF does.
+
+        The P virtual tokens are handed to ``generate`` as P already-processed positions: for prefix tuning
+        a cache that holds the prefix, for prompt tuning ``inputs_embeds`` that start with the prompt, each behind
+        P placeholder ids (stripped from the result). ``generate`` then numbers the real tokens from P on
+        (equation 04.5), per row from the attention mask, so left padding gives each row the continuation it gets
+        alone. Greedy search and sampling; one sequence per input row.
+        """
+        if self.disabled:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch_size, seq_len = self._check_inputs(input_ids, None, attention_mask, None, kwargs)
+        for name in ("num_beams", "num_return_sequences"):
+            if kwargs.get(name, 1) != 1:
+                raise ValueError(f"{name}={kwargs[name]} is not supported by PrefixModel.generate (one greedy or "
+                                 "sampled sequence per row); repeat the rows of input_ids instead")
+        if "inputs_embeds" in kwargs:
+            raise ValueError("PrefixModel.generate takes input_ids, not inputs_embeds")
+        P = self.num_virtual_tokens
+        placeholders = input_ids[:, :1].expand(batch_size, P)  # never embedded: they stand for the prefix slots
+        ids = torch.cat([placeholders, input_ids], dim=1)
+        mask = torch.cat([torch.ones_like(attention_mask[:, :1]).expand(batch_size, P), attention_mask], dim=1)
+        if self.prefix_config.method == PREFIX_TUNING:
+            kwargs[self._cache_arg] = self.prefix_cache(batch_size)
+        else:
+            embeds = self.base_model.get_input_embeddings()(input_ids)
+            kwargs["inputs_embeds"] = torch.cat([self.prompt_embeddings(batch_size).to(embeds.dtype), embeds], 1)
+        out = self.base_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return out[:, P:]
+        out["sequences"] = out.sequences[:, P:]
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.prefix_config
+        return (f"method={c.method}, num_virtual_tokens={c.num_virtual_tokens}, num_layers={c.num_layers}, "
+                f"num_kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, disabled={self.disabled}")
+
+
+_GRADIENT_CHECKPOINTING = ("prefix tuning cannot be combined with gradient checkpointing (the checkpointed layers "
+                           "recompute without the prefix cache; PEFT refuses it too). Call "
+                           "model.gradient_checkpointing_disable() on the base model first")
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers sets `gradient_checkpointing` on the modules that checkpoint (it acts in training only)
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"[:120]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building, folding, removing
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_model(model, method: str) -> dict:
+    if isinstance(model, PrefixModel) or core.get_config(model, _METHOD) is not None:
+        raise ValueError(f"this model already has virtual tokens ({method} cannot be applied twice). Call "
+                         "remove_prefix(model) first, or start from a fresh copy of the base model")
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"{method} needs a transformers causal language model (with a .config), got "
+                        f"{type(model).__name__}")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise TypeError(f"{method} here supports decoder-only causal LMs; {type(model).__name__} is an "
+                        "encoder-decoder model")
+    if _cache_argument(model) is None:
+        raise TypeError(f"{type(model).__name__}.forward takes no key/value cache (past_key_values/cache), so the "
+                        "prefix has no way in; use a causal LM such as GPT2LMHeadModel or LlamaForCausalLM")
+    if method == PREFIX_TUNING and _checkpointing(model):
+        raise ValueError(_GRADIENT_CHECKPOINTING)
+    return prefix_shapes(model.config)
+
+
+def _check_tokens(num_virtual_tokens) -> None:
+    if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int):
+        raise TypeError(f"num_virtual_tokens must be a positive int (the prefix length P), got "
+                        f"{num_virtual_tokens!r} ({type(num_virtual_tokens).__name__}); e.g. num_virtual_tokens=20")
+    if num_virtual_tokens <= 0:
+        raise ValueError(f"num_virtual_tokens must be a positive int (P ≥ 1), got {num_virtual_tokens}; "
+                         "e.g. num_virtual_tokens=20")
+
+
+def _adapter_dtype(model: nn.Module) -> torch.dtype:
+    # Half-precision bases get a float32 prefix, as PEFT does by default (autocast_adapter_dtype=True).
+    dtype = next(model.parameters()).dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _wrap(model: nn.Module, encoder: nn.Module, config: PrefixConfig) -> PrefixModel:
+    core.freeze(model)  # every weight, embedding and norm of the base; the encoder is created trainable
+    core.record_config(model, _METHOD, config)  # marks the base as held: applying again is refused
+    return PrefixModel(model, encoder, config)
+
+
+def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
+                        projection_dim: int | None = None, init: str = "random") -> PrefixModel:
+    """Prefix tuning (Li & Liang 2021): P trainable keys and values in every layer; return a :class:`PrefixModel`.
+
+    The base ``model`` is frozen and held by the wrapper (not copied). ``projection_dim=m`` trains through the
+    reparameterization of equation (04.4) (PEFT's ``prefix_projection=True, encoder_hidden_size=m``); fold it
+    away after training with :func:`fold_prefix_projection`. With grouped-query attention the prefix has the
+    width of the key/value heads, ``d_kv`` (as in PEFT). ``init="random"`` is PyTorch's (and PEFT's) default,
+    N(0, 1) prefix entries; ``init="zero"`` is PEFT's ``init_weights="zero"``: the prefix (with a projection: the
+    last layer's weight and bias) starts at 0, so its values add nothing and its keys score 0. Raises
+    ``TypeError``/``ValueError`` for a non-integer or non-positive ``num_virtual_tokens`` or ``projection_dim``,
+    a model that has no key/value cache path, gradient checkpointing switched on, and a model that already
+    carries virtual tokens.
+    """
+    _check_tokens(num_virtual_tokens)
+    if projection_dim is not None and (isinstance(projection_dim, bool) or not isinstance(projection_dim, int)
+                                       or projection_dim <= 0):
+        raise ValueError(f"projection_dim must be None (no reparameterization) or a positive int (the hidden "
+                         f"width m of equation 04.4, e.g. the model width), got {projection_dim!r}")
+    if init not in ("random", "zero"):
+        raise ValueError(f'init must be "random" (N(0, 1), PEFT\'s default) or "zero" (PEFT\'s init_weights="zero"), '
+                         f"got {init!r}")
+    s = _check_model(model, PREFIX_TUNING)
+    device = next(model.parameters()).device
+    encoder = PrefixEncoder(num_virtual_tokens, s["num_layers"], s["kv_dim"], projection_dim,
+                            device=device, dtype=_adapter_dtype(model))
+    if init == "zero":
+        last = encoder.embedding if projection_dim is None else encoder.transform[-1]
+        for p in last.parameters():
+            nn.init.zeros_(p)
+    config = PrefixConfig(PREFIX_TUNING, num_virtual_tokens, s["num_layers"], s["num_kv_heads"], s["head_dim"],
+                          s["kv_dim"], projection_dim, init)
+    return _wrap(model, encoder, config)
+
+
+def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20, init: str = "random",
+                        tokenizer=None) -> PrefixModel:
+    """Prompt tuning (Lester et al. 2021): P trainable input embeddings; return a :class:`PrefixModel`.
+
+    ``init``: ``"random"`` (PyTorch's N(0, 1), PEFT's ``RANDOM``), ``"vocab"`` (embeddings of P token ids drawn
+    uniformly from the vocabulary with the global torch generator, PEFT's ``SAMPLE_VOCAB``), or any other string:
+    a text whose token embeddings start the prompt, repeated or cut to P tokens (PEFT's ``TEXT``; needs
+    ``tokenizer``).
+    """
+    _check_tokens(num_virtual_tokens)
+    if not isinstance(init, str) or not init:
+        raise ValueError(f'init must be "random", "vocab" or a non-empty text, got {init!r}')
+    s = _check_model(model, PROMPT_TUNING)
+    words = model.get_input_embeddings()
+    encoder = PromptEmbedding(num_virtual_tokens, s["hidden_size"], device=words.weight.device,
+                              dtype=_adapter_dtype(model))
+    kind, text = init, None
+    if init == "vocab":
+        ids = torch.randint(0, words.num_embeddings, (num_virtual_tokens,), dtype=torch.long)
+    elif init != "random":
+        kind, text = "text", init
+        if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
+            raise ValueError(f"init={init!r} is a text initialisation and needs tokenizer=<the model's "
+                             f'tokenizer>; for a random start use init="random" or init="vocab"')
+        ids = tokenizer(init)["input_ids"]
+        if not ids:
+            raise ValueError(f"init text {init!r} gives no tokens")
+        ids = torch.tensor((ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens])
+    if init != "random":
+        with torch.no_grad():
+            encoder.embedding.weight.copy_(words(ids.to(words.weight.device)).float())
+    config = PrefixConfig(PROMPT_TUNING, num_virtual_tokens, s["num_layers"], s["num_kv_heads"], s["head_dim"],
+                          s["hidden_size"], None, kind, text)
+    return _wrap(model, encoder, config)
+
+
+def is_prefix_model(model, method: str | None = None) -> bool:
+    """Whether ``model`` is a :class:`PrefixModel` (of ``method``: ``"prefix_tuning"``/``"prompt_tuning"``)."""
+    return isinstance(model, PrefixModel) and (method is None or model.prefix_config.method == method)
+
+
+def _require(model) -> PrefixModel:
+    if not isinstance(model, PrefixModel):
+        raise TypeError(f"expected a PrefixModel (from apply_prefix_tuning or apply_prompt_tuning), got "
+                        f"{type(model).__name__}")
+    return model
+
+
+@torch.no_grad()
+def fold_prefix_projection(model: PrefixModel) -> PrefixModel:
+    """Replace the reparameterized encoder by the prefix it computes (equation 04.4 evaluated once).
+
+    Afterwards the prefix is a plain ``Embedding(P, L·2·d_kv)``: the same logits, no MLP to run or store —
+    what PEFT saves to disk. Idempotent: a prefix without projection is left as it is. Returns ``model``.
+    """
+    model = _require(model)
+    enc = model.prompt_encoder
+    if model.prefix_config.method != PREFIX_TUNING or enc.projection_dim is None:
+        return model
+    weight = enc()
+    plain = PrefixEncoder(enc.num_virtual_tokens, enc.num_layers, enc.kv_dim, None,
+                          device=weight.device, dtype=weight.dtype)
+    plain.embedding.weight.copy_(weight)
+    plain.requires_grad_(enc.embedding.weight.requires_grad)
+    model.prompt_encoder = plain
+    c = model.prefix_config
+    model.prefix_config = PrefixConfig(c.method, c.num_virtual_tokens, c.num_layers, c.num_kv_heads, c.head_dim,
+                                       c.token_dim, None, c.init, c.init_text)
+    return model
+
+
+def remove_prefix(model: PrefixModel) -> nn.Module:
+    """The base model object the wrapper held, with its weights exactly as they were (they never train).
+
+    Its parameters stay frozen (``requires_grad=False``), as after ``remove_lora``; call
+    ``requires_grad_(True)`` for full fine-tuning.
+    """
+    base = _require(model).base_model
+    core.clear_config(base, _METHOD)
+    return base
+
+
+@contextmanager
+def disable_prefix(model: PrefixModel):
+    """Inside the block ``model`` computes the base model alone (forward and generate)."""
+    model = _require(model)
+    before = model.disabled
+    model.disabled = True
+    try:
+        yield model
+    finally:
+        model.disabled = before
+
+
+def prefix_state_dict(model: PrefixModel) -> dict[str, torch.Tensor]:
+    """PEFT's saved form: ``{"prompt_embeddings": P × (L·2·d_kv)}`` (prefix tuning, projection evaluated) or
+    ``{"prompt_embeddings": P × d}`` (prompt tuning). Detached; shares storage when there is no projection."""
+    return {"prompt_embeddings": _require(model).prompt_encoder().detach()}
+
+
+@torch.no_grad()
+def load_prefix_state_dict(model: PrefixModel, state_dict) -> PrefixModel:
+    """Copy ``{"prompt_embeddings": tensor}`` into ``model``'s virtual tokens; a projected prefix is folded
+    first (the file holds the prefix, not the MLP). Strict: exactly that key, the same shape; nothing changes
+    when a check fails."""
+    model = _require(model)
+    c = model.prefix_config
+    width = c.num_layers * 2 * c.token_dim if c.method == PREFIX_TUNING else c.token_dim
+    value = state_dict.get("prompt_embeddings") if isinstance(state_dict, Mapping) else None
+    if isinstance(value, torch.Tensor) and tuple(value.shape) != (c.num_virtual_tokens, width):
+        formula = (f"L·2·d_kv = {c.num_layers}·2·{c.token_dim}" if c.method == PREFIX_TUNING
+                   else f"d = {c.token_dim}")
+        raise ValueError(f"prompt_embeddings has shape {tuple(value.shape)}, this model needs "
+                         f"({c.num_virtual_tokens}, {width}): P = {c.num_virtual_tokens} virtual tokens × {formula}. "
+                         "Was it made for another architecture, number of layers or prefix length?")
+    if (not isinstance(state_dict, Mapping) or set(state_dict) != {"prompt_embeddings"}
+            or not isinstance(value, torch.Tensor)):
+        got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
+        raise ValueError(f"expected exactly one tensor named 'prompt_embeddings' (PEFT's prompt-learning "
+                         f"format), got {got}")
+    fold_prefix_projection(model)
+    core.load_adapter_state_dict({"prompt_embeddings": model.prompt_encoder.embedding.weight}, state_dict,
+                                 what=c.method.replace("_", " "))
+    return model
