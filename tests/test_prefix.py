@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
+import peft
 import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
@@ -182,6 +184,9 @@ def test_twenty_training_steps_match_peft(method):
 def test_zero_init_is_peft_init_weights_zero(projection_dim):
     base = small_llama_gqa()
     ours = apply_prefix_tuning(copy.deepcopy(base), P, projection_dim=projection_dim, init="zero")
+    assert (ours.prompt_encoder() == 0).all() and ours.prefix_config.init == "zero"
+    if "init_weights" not in {f.name for f in dataclasses.fields(PrefixTuningConfig)}:
+        pytest.skip(f"peft {peft.__version__} has no PrefixTuningConfig.init_weights to compare with")
     theirs = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, init_weights="zero",
                                                      prefix_projection=projection_dim is not None,
                                                      encoder_hidden_size=projection_dim))
