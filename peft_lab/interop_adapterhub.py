@@ -22,7 +22,6 @@ import os
 import re
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from . import adapters as ad

@@ -1,7 +1,6 @@
 """The course machinery: exercises, results record, Colab header, notebook runner, notebook hygiene."""
 import json
 import re
-from pathlib import Path
 
 import nbformat
 import pytest

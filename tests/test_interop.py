@@ -1,7 +1,6 @@
 """peft_lab.interop: PEFT's adapter directory written by us and loaded by PEFT, and the other way round."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest

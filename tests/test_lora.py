@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import peft_lab

@@ -12,6 +12,9 @@ from typing import Callable
 
 import torch
 
+from ..models import build_from_config, load_base_model
+from ..paths import data_dir
+
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 7,
                       warmup: int = 1) -> dict[str, list[float]]:
@@ -43,3 +46,34 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, 
 def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     """Median over rounds of ``time[a] / time[b]`` measured in the same round: robust to machine-load drift."""
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def base_model(name: str):
+    """The base model a benchmark runs on: ``"tiny"`` from data/ (``None`` if absent), else an architecture
+    of :func:`peft_lab.build_from_config` with random weights, on the CPU."""
+    if name == "tiny":
+        if not (data_dir() / "tiny" / "config.json").is_file():
+            return None
+        return load_base_model("tiny", device="cpu")[0]
+    return build_from_config(name, device="cpu")
+
+
+def train_step(model, batch) -> Callable[[], None]:
+    """One AdamW training step (forward, backward, update) of ``model`` on ``batch`` — token ids (the labels
+    are the ids) or a dict of model inputs with ``labels``."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    inputs = batch if isinstance(batch, dict) else {"input_ids": batch, "labels": batch}
+
+    def step():
+        model(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def forward(model, ids) -> Callable[[], None]:
+    """One inference forward pass of ``model`` on token ids, without autograd."""
+    @torch.no_grad()
+    def fwd():
+        model(input_ids=ids)
+    return fwd

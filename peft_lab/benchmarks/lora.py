@@ -26,42 +26,14 @@ import statistics
 import torch
 
 from .. import lora
-from ..models import build_from_config, load_base_model
-from ..paths import data_dir
-from . import interleaved_times, paired_ratio
-
-
-def _base(name: str):
-    if name == "tiny":
-        if not (data_dir() / "tiny" / "config.json").is_file():
-            return None
-        return load_base_model("tiny", device="cpu")[0]
-    return build_from_config(name, device="cpu")
-
-
-def _train_step(model, ids):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
-def _forward(model, ids):
-    @torch.no_grad()
-    def fwd():
-        model(ids)
-    return fwd
+from . import base_model, forward, interleaved_times, paired_ratio, train_step
 
 
 def bench_model(name: str, rank: int, batch: int, seq: int, repeats: int) -> dict | None:
     """Times for one model; ``None`` when the model is not available."""
     from peft import LoraConfig, get_peft_model
 
-    base = _base(name)
+    base = base_model(name)
     if base is None:
         return None
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -69,7 +41,7 @@ def bench_model(name: str, rank: int, batch: int, seq: int, repeats: int) -> dic
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM",
                                                             fan_in_fan_out=base.config.model_type == "gpt2"))
     ours.train(), theirs.train()
-    train = interleaved_times({"peft_lab": _train_step(ours, ids), "peft": _train_step(theirs, ids)},
+    train = interleaved_times({"peft_lab": train_step(ours, ids), "peft": train_step(theirs, ids)},
                               repeats=repeats)
     del theirs
     ours.eval()
@@ -78,8 +50,8 @@ def bench_model(name: str, rank: int, batch: int, seq: int, repeats: int) -> dic
             t.normal_(0, 0.02)
     merged = lora.merge_lora(ours)
     removed = lora.remove_lora(copy.deepcopy(merged), merge=True)
-    infer = interleaved_times({"base": _forward(base, ids), "merged": _forward(merged, ids),
-                               "merged+removed": _forward(removed, ids)}, repeats=3 * repeats)
+    infer = interleaved_times({"base": forward(base, ids), "merged": forward(merged, ids),
+                               "merged+removed": forward(removed, ids)}, repeats=3 * repeats)
     return {"name": name, "params": sum(p.numel() for p in base.parameters()), "train": train, "infer": infer}
 
 

@@ -26,42 +26,14 @@ import statistics
 import torch
 
 from .. import prefix
-from ..models import build_from_config, load_base_model
-from ..paths import data_dir
-from . import interleaved_times, paired_ratio
-
-
-def _base(name: str):
-    if name == "tiny":
-        if not (data_dir() / "tiny" / "config.json").is_file():
-            return None
-        return load_base_model("tiny", device="cpu")[0]
-    return build_from_config(name, device="cpu")
-
-
-def _train_step(model, ids):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
-def _forward(model, ids):
-    @torch.no_grad()
-    def fwd():
-        model(input_ids=ids)
-    return fwd
+from . import base_model, forward, interleaved_times, paired_ratio, train_step
 
 
 def bench_model(name: str, tokens: int, lengths: list[int], batch: int, seq: int, repeats: int) -> dict | None:
     """Times for one model; ``None`` when the model is not available."""
     from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-    base = _base(name)
+    base = base_model(name)
     if base is None:
         return None
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -74,16 +46,16 @@ def bench_model(name: str, tokens: int, lengths: list[int], batch: int, seq: int
         ours = apply(base, tokens)
         ours.prompt_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())
         ours.train(), theirs.train()
-        train[method] = interleaved_times({"peft_lab": _train_step(ours, ids), "peft": _train_step(theirs, ids)},
+        train[method] = interleaved_times({"peft_lab": train_step(ours, ids), "peft": train_step(theirs, ids)},
                                           repeats=repeats)
         prefix.remove_prefix(ours)
         del theirs, ours
     base.eval()
-    fns = {"base": _forward(base, ids)}
+    fns = {"base": forward(base, ids)}
     for P in lengths:
         if P > 0:
             wrapped = prefix.apply_prefix_tuning(copy.deepcopy(base), P).eval()
-            fns[f"P={P}"] = _forward(wrapped, ids)
+            fns[f"P={P}"] = forward(wrapped, ids)
     infer = interleaved_times(fns, repeats=3 * repeats)
     return {"name": name, "params": sum(p.numel() for p in base.parameters()), "train": train, "infer": infer}
 

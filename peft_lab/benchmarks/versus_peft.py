@@ -24,20 +24,10 @@ import torch
 
 from ..lora import apply_lora, load_lora_state_dict
 from ..measure import measure_memory
-from ..models import build_from_config, load_base_model
-from ..paths import data_dir
 from ..prefix import apply_prefix_tuning, apply_prompt_tuning
-from . import interleaved_times, paired_ratio
+from . import base_model, interleaved_times, paired_ratio, train_step
 
 P = 20  # virtual tokens for prefix and prompt tuning (PEFT's examples use 20)
-
-
-def _base(name: str):
-    if name == "tiny":
-        if not (data_dir() / "tiny" / "config.json").is_file():
-            return None
-        return load_base_model("tiny", device="cpu")[0]
-    return build_from_config(name, device="cpu")
 
 
 def _pair(method: str, base):
@@ -65,24 +55,14 @@ def _pair(method: str, base):
     return ours, theirs
 
 
-def _train_step(model, batch):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
 def bench(method: str, name: str, batch_size: int, seq: int, repeats: int) -> dict | None:
-    base = _base(name)
+    base = base_model(name)
     if base is None:
         return None
     ids = torch.randint(0, base.config.vocab_size, (batch_size, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     ours, theirs = _pair(method, base)
-    times = interleaved_times({"ours": _train_step(ours, batch), "peft": _train_step(theirs, batch)}, repeats)
+    times = interleaved_times({"ours": train_step(ours, batch), "peft": train_step(theirs, batch)}, repeats)
     mem_ours, mem_peft = measure_memory(ours, batch), measure_memory(theirs, batch)
     return {"ms_ours": 1000 * sorted(times["ours"])[len(times["ours"]) // 2],
             "ms_peft": 1000 * sorted(times["peft"])[len(times["peft"]) // 2],
