@@ -6,6 +6,8 @@ slow drift of the machine (heat, another process) hits both alike.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -77,3 +79,23 @@ def forward(model, ids) -> Callable[[], None]:
     def fwd():
         model(input_ids=ids)
     return fwd
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: models, batch × sequence, rounds, torch threads."""
+    parser.add_argument("--models", nargs="+", default=["tiny", "gpt2"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="training rounds per model (inference: 3×); default 25 for tiny, 7 otherwise")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+
+
+def machine_line(args: argparse.Namespace) -> str:
+    """Apply ``--threads``; return the header's first words: torch, threads, CPUs and the load average
+    (a busy machine makes every time noisy)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs (load average "
+            f"{load:.1f}: a busy machine makes every time noisy), batch {args.batch}×{args.seq} tokens")

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 
 import torch
 
 from .. import prefix
-from . import base_model, forward, interleaved_times, paired_ratio, train_step
+from . import (add_common_arguments, base_model, forward, interleaved_times, machine_line, paired_ratio,
+               train_step)
 
 
 def bench_model(name: str, tokens: int, lengths: list[int], batch: int, seq: int, repeats: int) -> dict | None:
@@ -62,20 +62,11 @@ def bench_model(name: str, tokens: int, lengths: list[int], batch: int, seq: int
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "gpt2"])
+    add_common_arguments(parser)
     parser.add_argument("--tokens", type=int, default=20, help="virtual tokens for the training-step comparison")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 32, 64], help="prefix lengths P (inference)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="training rounds per model (inference: 3×); default 25 for tiny, 7 otherwise")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs (load average "
-          f"{load:.1f}: a busy machine makes every time noisy), batch {args.batch}×{args.seq} tokens; times: "
+    print(f"{machine_line(args)}; times: "
           f"medians of interleaved rounds, ratio: median of per-round ratios")
     header = f"{'model':<8}{'params':>12}  {'':<40}{'peft_lab':>11}{'reference':>11}{'ratio':>8}  goal"
     print(header)
