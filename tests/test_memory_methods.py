@@ -1,5 +1,6 @@
 """The analytic memory of a training step with a PEFT method (estimate_memory's ``method``, notebook 05)
-against the tensor accounting of measure_memory: equal to the byte for every method on GPT-2 and LLaMA."""
+against the tensor accounting of measure_memory: equal to the byte for every method of the course on GPT-2
+and on LLaMA with grouped-query attention."""
 import copy
 
 import pytest
@@ -8,6 +9,7 @@ from transformers import GPT2Config, LlamaConfig
 
 import peft_lab
 from peft_lab.measure import activation_elements, estimate_memory, measure_memory
+from peft_lab.prefix import apply_prefix_tuning, apply_prompt_tuning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,6 +37,16 @@ METHODS = {
          else ["q_proj", "o_proj", "down_proj"]},
         lambda m: peft_lab.apply_lora(m, rank=4, target_modules=["c_attn", "c_proj"] if cfg.model_type == "gpt2"
                                       else ["q_proj", "o_proj", "down_proj"])),
+    "pfeiffer": lambda cfg: ({"kind": "pfeiffer", "bottleneck_dim": 8},
+                             lambda m: peft_lab.apply_adapters(m, "pfeiffer", bottleneck_dim=8)),
+    "houlsby": lambda cfg: ({"kind": "houlsby", "bottleneck_dim": 8},
+                            lambda m: peft_lab.apply_adapters(m, "houlsby", bottleneck_dim=8)),
+    "prefix": lambda cfg: ({"kind": "prefix", "num_virtual_tokens": 5},
+                           lambda m: apply_prefix_tuning(m, num_virtual_tokens=5)),
+    "prefix-projection": lambda cfg: ({"kind": "prefix", "num_virtual_tokens": 5, "projection_dim": 16},
+                                      lambda m: apply_prefix_tuning(m, num_virtual_tokens=5, projection_dim=16)),
+    "prompt": lambda cfg: ({"kind": "prompt", "num_virtual_tokens": 5},
+                           lambda m: apply_prompt_tuning(m, num_virtual_tokens=5)),
 }
 
 

@@ -1,0 +1,66 @@
+"""Notebook 05's harness: every method switches off to the exact base, counts at real sizes equal the
+reference libraries' figures, and a run trains only the method's parameters."""
+import copy
+
+import pytest
+import torch
+
+import peft_lab
+from peft_lab import compare
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("name", list(compare.METHODS))
+def test_every_method_switches_off_to_the_exact_base(tiny, name):
+    base, tok = tiny
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = compare.METHODS[name].apply(copy.deepcopy(base), tok)
+    for p in model.parameters():  # move the method away from its (possibly identity) initialisation
+        if p.requires_grad:
+            with torch.no_grad():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        moved = model(input_ids=ids).logits
+        if not compare.METHODS[name].can_switch_off:
+            with pytest.raises(ValueError, match="nothing|no adapter"):
+                with compare.switched_off(model):
+                    pass
+            return
+        assert not torch.equal(moved, want)
+        with compare.switched_off(model):
+            assert torch.equal(model(input_ids=ids).logits, want)
+
+
+@pytest.mark.parametrize("name, expected", [("LoRA r=8", 294_912), ("full FT", 124_439_808)])
+def test_counts_at_real_size(name, expected):
+    """gpt2-small: PEFT's LoRA r=8 on c_attn trains 294,912 (GUIDE §5); full fine-tuning every parameter."""
+    assert compare.trainable_count(name, "gpt2") == expected
+
+
+def test_calculator_equals_measurement_on_tiny(tiny):
+    base, _ = tiny
+    batch = {"input_ids": torch.randint(0, 1000, (4, 24), generator=torch.Generator().manual_seed(0))}
+    for name in compare.CALCULATOR_METHODS:
+        assert compare.calculator(name, "tiny", batch_size=4, seq_len=24) == compare.measured(name, base, batch), name
+
+
+def test_run_trains_the_method_only_and_leaves_the_base(tiny):
+    base, tok = tiny
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    rows = peft_lab.load_task("train", n=32)
+    r = compare.run("LoRA r=8", base, tok, peft_lab.encode_task(rows, tok), peft_lab.load_task("val", n=16),
+                    lr=1e-2, steps=3, batch_size=8, eval_every=3, keep_model=True)
+    assert r.trainable == 16_384 and r.history.step == [1, 2, 3] and 0 <= r.accuracy <= 1
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    with pytest.raises(ValueError, match="unknown method"):
+        compare.run("DoRA", base, tok, [], [], lr=1e-3)
+
+
+def test_steps_to_reach_and_spread():
+    h = peft_lab.History(eval_step=[0, 25, 50], metric=[0.5, 0.92, 0.88])
+    assert compare.steps_to_reach(h, 0.9) == 25 and compare.steps_to_reach(h, 0.95) is None
+    assert compare.spread([0.9, 1.0, 0.95]) == pytest.approx((0.95, 0.9, 1.0))
+    with pytest.raises(ValueError):
+        compare.spread([])
