@@ -14,6 +14,7 @@ from peft_lab.lora import (DEFAULT_TARGET_MODULES, LoRALinear, apply_lora, disab
                            lora_config, lora_layers, lora_state_dict, matches_target, merge_lora, remove_lora,
                            unmerge_lora)
 from peft_lab.measure import print_trainable_parameters
+from peft_lab.tolerance import assert_close
 
 from builders import MODELS, VOCAB, small_gpt2, small_llama
 
@@ -61,8 +62,7 @@ def input_ids(batch=2, length=16, vocab=VOCAB, seed=0):
 def assert_same_forward_backward(ours, theirs, ids):
     out_a = ours(ids, labels=ids)
     out_b = theirs(ids, labels=ids)
-    diff = (out_a.logits - out_b.logits).abs().max().item()
-    assert diff <= 1e-6, f"max |Δlogits| = {diff}"
+    diff = assert_close(out_a.logits, out_b.logits, reason="another library's modules", what="logits")
     out_a.loss.backward()
     out_b.loss.backward()
     grads_b = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
@@ -70,7 +70,7 @@ def assert_same_forward_backward(ours, theirs, ids):
         layer_name, ab, _w = key.rsplit(".", 2)
         g_a = getattr(ours.get_submodule(layer_name), ab).weight.grad
         g_b = grads_b["base_model.model." + key.replace(".weight", ".default.weight")]
-        assert torch.allclose(g_a, g_b, rtol=0, atol=1e-7), key
+        assert_close(g_a, g_b, reason="another library's backward", what=key)
     return diff
 
 
@@ -108,12 +108,12 @@ def test_gpt2_small_architecture_matches_peft():
     ours = apply_lora(theirs.unload(), rank=8, alpha=16)
     load_lora_state_dict(ours, {k: w for k, (w, _) in peft_lora.items()})
     mine = ours(ids, labels=ids)
-    assert (mine.logits - out.logits).abs().max().item() <= 1e-6
+    assert_close(mine.logits, out.logits, reason="another library's modules", what="gpt2 logits")
     mine.loss.backward()
     for name, layer in lora_layers(ours):
         for ab in ("lora_A", "lora_B"):
             grad = getattr(layer, ab).weight.grad
-            assert torch.allclose(grad, peft_lora[f"{name}.{ab}.weight"][1], rtol=0, atol=1e-7), name
+            assert_close(grad, peft_lora[f"{name}.{ab}.weight"][1], reason="another library's backward", what=name)
 
 
 @pytest.mark.parametrize("targets, trainable", [(["c_attn"], 294_912), (["c_attn", "c_proj"], 811_008)])
@@ -152,7 +152,8 @@ def test_twenty_training_steps_match_peft(kind):
             run.append(loss.item())
         losses.append(run)
     assert losses[0][0] != losses[0][-1]  # it did train
-    assert max(abs(a - b) for a, b in zip(*losses)) <= 1e-5
+    assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), reason="another library; Adam carries rounding",
+                 what="20-step loss curve")
 
 
 def test_default_targets_agree_with_peft():
@@ -202,17 +203,17 @@ def test_merge_unmerge_disable(kind):
     assert torch.equal(model(ids).logits, lora_logits)
 
     merge_lora(model)
-    # W + s·BA computed once vs W x + s·B(A x): same maths, different rounding order (fp32) ⇒ ≤ 1e-5
-    assert (model(ids).logits - lora_logits).abs().max() <= 1e-5
+    merged = "W + s·BA computed once vs W x + s·B(A x)"
+    assert_close(model(ids).logits, lora_logits, reason=merged, what="merged logits")
     with disable_lora(model):  # merged layers are unmerged inside and merged again after
-        assert (model(ids).logits - base_logits).abs().max() <= 1e-5
+        assert_close(model(ids).logits, base_logits, reason="W + Δ − Δ rounds", what="unmerged inside disable")
     assert all(layer.merged for _, layer in lora_layers(model))
 
     unmerge_lora(model)
     for name, layer in lora_layers(model):
         w0 = original[f"{name}.weight"]
-        assert (layer.base_layer.weight - w0).abs().max() <= 1e-6  # W + Δ − Δ: rounding only
-    assert (model(ids).logits - lora_logits).abs().max() <= 1e-5
+        assert_close(layer.base_layer.weight, w0, reason="W + Δ − Δ rounds", what=f"{name} unmerged")
+    assert_close(model(ids).logits, lora_logits, reason=merged, what="unmerged logits")
 
 
 def test_merge_equals_delta_weight_in_base_layout():
@@ -224,10 +225,11 @@ def test_merge_equals_delta_weight_in_base_layout():
         unmerged = lora(x)
         expected = unmerged - layer(x).detach()  # the LoRA branch alone
         delta = lora.lora_B.weight @ lora.lora_A.weight * 2.0
-        assert torch.allclose(expected, x @ delta.T, atol=1e-5)
+        assert_close(expected, x @ delta.T, reason="(Wx + sBAx) − Wx vs x(sBA)ᵀ", what="branch")
         lora.merge()
-        assert torch.allclose(lora.base_layer.weight, w0 + (delta.T if lora.fan_in_fan_out else delta), atol=1e-6)
-        assert torch.allclose(lora(x), unmerged, atol=1e-5)
+        assert_close(lora.base_layer.weight, w0 + (delta.T if lora.fan_in_fan_out else delta),
+                     reason="B @ A * s in another order", what="merged weight")
+        assert_close(lora(x), unmerged, reason="merged vs unmerged", what="output")
 
 
 def test_rslora_scaling():
@@ -266,7 +268,7 @@ def test_state_dict_round_trip_and_remove():
     lora_logits = model(ids).logits
     remove_lora(model, merge=True)
     assert not list(lora_layers(model)) and isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
-    assert (model(ids).logits - lora_logits).abs().max() <= 1e-5
+    assert_close(model(ids).logits, lora_logits, reason="merged vs unmerged", what="logits after remove")
     assert apply_lora(model, rank=2) is model  # LoRA can be applied again after removal
 
 
