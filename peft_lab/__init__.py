@@ -2,8 +2,8 @@
 
 The public names below are what the notebooks use; each is documented where it is defined.
 """
-from .adapters import (AdapterConfig, BottleneckAdapter, adapter_config, adapter_layers, adapters_state_dict,
-                       apply_adapters, disable_adapters, load_adapters, load_adapters_state_dict, remove_adapters,
+from .adapters import (AdapterConfig, BottleneckAdapter, adapter_config, adapters_state_dict, apply_adapters,
+                       bottleneck_layers, disable_adapters, load_adapters, load_adapters_state_dict, remove_adapters,
                        save_adapters)
 from .colab import REPO_URL
 from .data import collate, encode_task, encode_texts, evaluate_task, load_heldout, load_task, perplexity
