@@ -193,7 +193,7 @@ def require_adapters_active(model: nn.Module, action: str) -> None:
     """Refuse ``action`` (e.g. ``"train"``) while a method's trainable part (any :class:`Switchable`: an
     adapter layer, a prefix wrapper) is switched off (inside a ``disable_...`` block) or merged into its base
     weight: its parameters would then receive no gradient, and the action would silently do nothing to them."""
-    parts = [(n or "the model", m) for n, m in model.named_modules() if isinstance(m, Switchable)]
+    parts = [(n or type(m).__name__, m) for n, m in model.named_modules() if isinstance(m, Switchable)]
     off = [n for n, part in parts if part.disabled]
     if off:
         raise ValueError(f"cannot {action} inside a `with disable_...(model):` block: the method is switched "

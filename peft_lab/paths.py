@@ -77,6 +77,9 @@ def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
     created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
     tmp = None
     try:
+        blocking = next((d for d in (path.parent, *path.parent.parents) if d.exists() and not d.is_dir()), None)
+        if blocking is not None:
+            raise NotADirectoryError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         if folder:
             tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))

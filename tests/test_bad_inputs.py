@@ -79,6 +79,39 @@ def _export_onto_file(c, tmp):
     peft_lab.export_peft_adapter(c.lora(), tmp / "a_file")
 
 
+def _peft_keys_to_lora_loader(c, tmp):
+    m = c.lora()
+    peft_lab.load_lora_state_dict(m, {"base_model.model." + k: v for k, v in peft_lab.lora_state_dict(m).items()})
+
+
+def _export_under_a_file(c, tmp):
+    (tmp / "a_file").write_text("x")
+    peft_lab.export_peft_adapter(c.lora(), tmp / "a_file" / "adapter")
+
+
+def _peft_folder_as_file(c, tmp):
+    folder = peft_lab.export_peft_adapter(c.lora(), tmp / "adapter")
+    peft_lab.import_peft_adapter(c.small(), folder / "adapter_model.safetensors")
+
+
+def _peft_named_adapter(c, tmp):
+    from peft import LoraConfig, get_peft_model
+    get_peft_model(small_gpt2(), LoraConfig(r=2, target_modules=["c_attn"]), adapter_name="mine").save_pretrained(
+        tmp / "saved", selected_adapters=["mine"])
+    peft_lab.import_peft_adapter(c.small(), tmp / "saved")
+
+
+def _train_inside_disable_prefix(c, tmp):
+    m = peft_lab.apply_prefix_tuning(c.small(), 3)
+    with peft_lab.disable_prefix(m):
+        peft_lab.train(m, c.ex, steps=1, batch_size=2)
+
+
+def _load_adapters_other_settings(c, tmp):
+    path = peft_lab.save_adapters(peft_lab.apply_adapters(c.small(), nonlinearity="gelu", scaling=2), tmp / "a.st")
+    peft_lab.load_adapters(peft_lab.apply_adapters(c.small()), path)
+
+
 def _batch(ids, **extra):
     return {"input_ids": ids, **extra}
 
@@ -335,6 +368,48 @@ CASES = [
     ("interop", "import into str", lambda c, t: peft_lab.import_peft_adapter("model", t), TypeError, ["model"]),
     ("interop", "import missing folder", lambda c, t: peft_lab.import_peft_adapter(c.small(), t / "nope"),
      FileNotFoundError, ["path"]),
+    # --- adapters, AdapterHub --------------------------------------------------------------------------
+    ("adapters", "projection of a str", lambda c, t: peft_lab.apply_adapters(c.small(), bottleneck_dim="8"),
+     TypeError, ["bottleneck_dim", "'8'"]),
+    ("adapters", "placement sequential", lambda c, t: peft_lab.apply_adapters(c.small(), placement="sequential"),
+     ValueError, ["placement", "houlsby"]),
+    ("adapters", "init zeros", lambda c, t: peft_lab.apply_adapters(c.small(), init="zeros"), ValueError,
+     ["init", "'zero'"]),
+    ("adapters", "apply to str", lambda c, t: peft_lab.apply_adapters("gpt2"), TypeError, ["model"]),
+    ("adapters", "layers of str", lambda c, t: list(peft_lab.bottleneck_layers("m")), TypeError, ["model"]),
+    ("adapters", "save to ''", lambda c, t: peft_lab.save_adapters(peft_lab.apply_adapters(c.small()), ""),
+     ValueError, ["path"]),
+    ("adapters", "load other settings", _load_adapters_other_settings, ValueError,
+     ["nonlinearity: file 'gelu', model 'relu'", "scaling", "remove_adapters"]),
+    ("adapters", "load missing file", lambda c, t: peft_lab.load_adapters(c.small(), t / "no.safetensors"),
+     FileNotFoundError, ["path", "save_adapters"]),
+    ("adapters", "hub export name", lambda c, t: peft_lab.export_adapterhub_adapter(
+        peft_lab.apply_adapters(c.small()), t, "a b"), ValueError, ["name"]),
+    ("adapters", "hub import from int", lambda c, t: peft_lab.import_adapterhub_adapter(c.small(), 3), TypeError,
+     ["path"]),
+    # --- prefix and prompt tuning ---------------------------------------------------------------------
+    ("prefix", "tokens str", lambda c, t: peft_lab.apply_prefix_tuning(c.small(), "3"), TypeError,
+     ["num_virtual_tokens", "without quotes"]),
+    ("prefix", "projection str", lambda c, t: peft_lab.apply_prefix_tuning(c.small(), 3, projection_dim="64"),
+     TypeError, ["projection_dim", "without quotes"]),
+    ("prefix", "init zeros", lambda c, t: peft_lab.apply_prefix_tuning(c.small(), 3, init="zeros"), ValueError,
+     ["init", "'zero'"]),
+    ("prefix", "prompt tokens 0", lambda c, t: peft_lab.apply_prompt_tuning(c.small(), 0), ValueError,
+     ["num_virtual_tokens", ">= 1"]),
+    ("prefix", "prompt text without tokenizer", lambda c, t: peft_lab.apply_prompt_tuning(c.small(), 3, init="hi"),
+     ValueError, ["init", "tokenizer"]),
+    ("prefix", "fold a plain model", lambda c, t: peft_lab.fold_prefix_projection(c.small()), TypeError,
+     ["model", "PrefixModel"]),
+    ("prefix", "remove from str", lambda c, t: peft_lab.remove_prefix("m"), TypeError, ["model"]),
+    ("prefix", "train inside disable_prefix", _train_inside_disable_prefix, ValueError, ["train", "disable_"]),
+    # --- the four cases a probe found unclear ---------------------------------------------------------
+    ("lora", "PEFT's keys to the LoRA loader", _peft_keys_to_lora_loader, ValueError,
+     ["base_model.model.", "import_peft_adapter"]),
+    ("interop", "export under a file", _export_under_a_file, NotADirectoryError,
+     ["a_file/adapter", "a_file' is a file"]),
+    ("interop", "import a file", _peft_folder_as_file, NotADirectoryError, ["path", "is a file", "folder"]),
+    ("interop", "PEFT's named adapter", _peft_named_adapter, FileNotFoundError,
+     ["adapter_config.json is missing", "mine/adapter_config.json", "saved/mine"]),
     # --- core -----------------------------------------------------------------------------------------
     ("core", "resolve_targets int", lambda c, t: core.resolve_targets(c.small(), 42, {}, (nn.Linear,)), TypeError,
      ["target_modules"]),

@@ -416,7 +416,7 @@ def test_import_prefix_made_for_another_architecture(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value, error, words", [
-    (0, ValueError, "positive int"), (-3, ValueError, "positive int"), (2.5, TypeError, "2.5"),
+    (0, ValueError, "an integer >= 1, got 0"), (-3, ValueError, "an integer >= 1, got -3"), (2.5, TypeError, "2.5"),
     (True, TypeError, "True"), ("20", TypeError, "'20'"), (None, TypeError, "None")])
 @pytest.mark.parametrize("apply", [apply_prefix_tuning, apply_prompt_tuning])
 def test_bad_num_virtual_tokens(apply, value, error, words):
@@ -425,9 +425,10 @@ def test_bad_num_virtual_tokens(apply, value, error, words):
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize("value", [0, -1, 2.0, "64"])
-def test_bad_projection_dim(value):
-    with pytest.raises(ValueError, match="projection_dim"):
+@pytest.mark.parametrize("value, error", [(0, ValueError), (-1, ValueError), (2.0, TypeError), ("64", TypeError)])
+def test_bad_projection_dim(value, error):
+    """The same kinds of error as num_virtual_tokens (one checker for every count in the package)."""
+    with pytest.raises(error, match="projection_dim must be an integer"):
         apply_prefix_tuning(small_gpt2(), P, projection_dim=value)
 
 
