@@ -367,7 +367,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          f"{hidden_size_of(model)}: load it into the architecture it was trained on")
     if any(True for _ in bottleneck_layers(model)):
         here = asdict(adapter_config(model))
-        differ = {k: (val, here[k]) for k, val in asdict(config).items() if here[k] != val}
+        differ = {k: (val, here[k]) for k, val in asdict(config).items()
+                  if here[k] != val and k != "init"}  # init matters only before weights are loaded
         if differ:
             listed = ", ".join(f"{k}: file {a!r}, model {b!r}" for k, (a, b) in differ.items())
             raise ValueError(f"the file's adapter settings differ from this model's adapters ({listed}); the "

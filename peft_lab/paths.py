@@ -83,12 +83,10 @@ def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         if folder:
             tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-            os.chmod(tmp, 0o777 & ~_umask())
         else:
             fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.close(fd)
             tmp = Path(name)
-            os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
         _put_in_place(tmp, path, folder)
     except BaseException as err:
@@ -106,6 +104,9 @@ def atomic_path(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
 
 
 def _put_in_place(tmp: Path, path: Path, folder: bool) -> None:
+    # the writer may have made its files private (safetensors writes 0600): give every one the usual mode
+    for entry in [tmp, *(tmp.rglob("*") if folder else ())]:
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~_umask())
     if not folder or not path.exists():
         os.replace(tmp, path)
         return
