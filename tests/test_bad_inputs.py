@@ -714,14 +714,13 @@ def _unusual(model):
 
 
 def _break_weights(file: Path) -> None:
-    """Rewrite a safetensors file with one tensor fewer (same metadata): it no longer fits any model."""
+    """Rewrite a safetensors file (same metadata) with its last tensor of the wrong shape: it fits no model,
+    and a loader that copied as it checked would already have copied the others."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     with safe_open(str(file), framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    tensors.pop(sorted(tensors)[0])
-    if not tensors:  # prompt learning saves one tensor: give it the wrong shape instead
-        tensors = {"prompt_embeddings": torch.zeros(1, 1)}
+    tensors[sorted(tensors)[-1]] = torch.zeros(1, 1)
     save_file(tensors, str(file), metadata=meta)
 
 
