@@ -12,7 +12,8 @@ from .interop import export_peft_adapter, import_peft_adapter
 from .interop_adapterhub import export_adapterhub_adapter, import_adapterhub_adapter
 from .lora import (LoRAConfig, LoRALinear, apply_lora, disable_lora, load_lora_state_dict, lora_config,
                    lora_layers, lora_scaling, lora_state_dict, merge_lora, remove_lora, unmerge_lora)
-from .measure import count_parameters, estimate_memory, measure_memory, print_trainable_parameters, time_fn
+from .estimate import estimate_memory
+from .measure import count_parameters, measure_memory, print_trainable_parameters, time_fn
 from .models import build_from_config, load_base_model
 from .prefix import (PrefixModel, apply_prefix_tuning, apply_prompt_tuning, disable_prefix, fold_prefix_projection,
                      remove_prefix)

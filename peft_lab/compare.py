@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .data import evaluate_task, perplexity
-from .measure import count_parameters, estimate_memory, measure_memory
+from .estimate import estimate_memory
+from .measure import count_parameters, measure_memory
 from .train import History, train
 
 __all__ = ["MethodSpec", "Run", "METHODS", "run", "switched_off", "forgetting", "steps_to_reach",

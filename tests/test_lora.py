@@ -284,13 +284,17 @@ def test_half_precision_base_gets_float32_adapter():
     model = apply_lora(small_gpt2().to(torch.bfloat16), rank=4)
     layer = model.transformer.h[0].attn.c_attn
     assert layer.lora_A.weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
-    randomise_lora(model)
+    randomise_lora(model, std=0.05)
     ids = input_ids()
     out = model(ids).logits
     assert out.dtype == torch.bfloat16
+    with disable_lora(model):
+        effect = (model(ids).logits.float() - out.float()).abs().max()  # what the update changes
     merge_lora(model)
     assert layer.base_layer.weight.dtype == torch.bfloat16
-    assert (model(ids).logits.float() - out.float()).abs().max() < 0.1  # bf16 rounding of the merged W
+    # bf16 rounding of the merged W is a few bf16 ulps (~0.004 here) against an effect of ~0.3: a merge that
+    # dropped the update would be off by the whole effect
+    assert (model(ids).logits.float() - out.float()).abs().max() < 0.1 * effect
 
 
 def test_meta_device_counts():

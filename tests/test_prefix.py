@@ -190,7 +190,6 @@ def test_zero_init_is_peft_init_weights_zero(projection_dim):
     theirs = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, init_weights="zero",
                                                      prefix_projection=projection_dim is not None,
                                                      encoder_hidden_size=projection_dim))
-    assert (ours.prompt_encoder() == 0).all() and ours.prefix_config.init == "zero"
     ids, mask, _ = batch(VOCAB, "left")
     with torch.no_grad():  # no weights copied: the zero prefix is the same prefix
         a = ours(input_ids=ids, attention_mask=mask).logits
@@ -274,8 +273,10 @@ def test_package_functions_work_unchanged(tiny):
     examples = peft_lab.encode_task(peft_lab.load_task("train", n=8), tok)
     hist = peft_lab.train(model, examples, steps=2, batch_size=4, lr=1e-2, pad_id=tok.eos_token_id)
     assert hist.trainable_params == count_parameters(model)[0] == P * 4 * 2 * 128
-    acc = peft_lab.evaluate_task(model, tok, peft_lab.load_task("val", n=8))["accuracy"]
-    assert 0 <= acc <= 1
+    val = peft_lab.load_task("val", n=8)
+    with peft_lab.disable_prefix(model):  # evaluate_task sees the wrapper: switched off, it is the base
+        off = peft_lab.evaluate_task(model, tok, val)
+    assert off == peft_lab.evaluate_task(base, tok, val)
     assert peft_lab.perplexity(model, tok, peft_lab.load_heldout(n=4)) > 1
     mem = peft_lab.measure_memory(model, peft_lab.collate(examples[:4], tok.eos_token_id))
     assert mem["gradients"] == 4 * P * 4 * 2 * 128
