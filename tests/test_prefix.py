@@ -277,7 +277,10 @@ def test_package_functions_work_unchanged(tiny):
     with peft_lab.disable_prefix(model):  # evaluate_task sees the wrapper: switched off, it is the base
         off = peft_lab.evaluate_task(model, tok, val)
     assert off == peft_lab.evaluate_task(base, tok, val)
-    assert peft_lab.perplexity(model, tok, peft_lab.load_heldout(n=4)) > 1
+    heldout = peft_lab.load_heldout(n=4)
+    with peft_lab.disable_prefix(model):
+        assert peft_lab.perplexity(model, tok, heldout) == peft_lab.perplexity(base, tok, heldout)
+    assert peft_lab.perplexity(model, tok, heldout) != peft_lab.perplexity(base, tok, heldout)
     mem = peft_lab.measure_memory(model, peft_lab.collate(examples[:4], tok.eos_token_id))
     assert mem["gradients"] == 4 * P * 4 * 2 * 128
 
