@@ -20,7 +20,7 @@ from . import validate
 __all__ = ["Switchable", "AdapterLayer", "matches_target", "resolve_targets", "describe_layers", "replace_module",
            "freeze", "find_layers", "require_layers", "record_config", "get_config", "clear_config",
            "disabled", "adapter_state_dict", "load_adapter_state_dict", "all_adapter_layers",
-           "require_adapters_active", "require_untied", "no_match_hint", "rollback_on_error", "adapter_dtype"]
+           "require_adapters_active", "require_untied", "no_match_hint", "rollback_on_error", "adapter_dtype", "fill_seeded"]
 
 
 class Switchable(nn.Module):
@@ -275,6 +275,17 @@ def disabled(layers: Iterable[AdapterLayer]):
 # ----------------------------------------------------------------------------------------------------------
 # The adapter's own weights
 # ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def fill_seeded(tensors: Mapping[str, torch.Tensor], seed: int, std: float) -> None:
+    """Give every tensor of ``tensors`` (name → tensor, taken in sorted name order) fresh values
+    N(0, ``std``²) from a generator seeded with ``seed``. Used wherever a method's weights must be non-trivial
+    for an equality check: at init LoRA's B and an adapter's W_up are zero, and a comparison would pass
+    whatever the layer computes."""
+    g = torch.Generator().manual_seed(seed)
+    for _, t in sorted(tensors.items()):
+        t.copy_(torch.randn(t.shape, generator=g) * std)
+
 
 def adapter_state_dict(layers: Iterable[tuple[str, AdapterLayer]]) -> dict[str, torch.Tensor]:
     """Only the adapters' tensors, named ``"<layer>.<adapter module>.<parameter>"`` (e.g.

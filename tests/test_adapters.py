@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import peft_lab
+from peft_lab.core import fill_seeded
 from peft_lab import lora
 from peft_lab.adapters import (BottleneckAdapter, ResidualTap, adapter_config, bottleneck_layers, adapters_state_dict,
                                apply_adapters, bottleneck_params, disable_adapters, load_adapters,
@@ -29,10 +30,7 @@ def ids(batch=2, length=12, vocab=VOCAB, seed=0):
 
 
 def randomise(model, seed=1, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, t in sorted(adapters_state_dict(model).items()):
-            t.copy_(torch.randn(t.shape, generator=g) * std)
+    fill_seeded(adapters_state_dict(model), seed, std)
     return model
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import GPT2Config, LlamaConfig
 
 import peft_lab
+from peft_lab.core import fill_seeded
 from peft_lab.interop import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, import_peft_adapter
 from peft_lab.measure import count_parameters, print_trainable_parameters
 from peft_lab.prefix import (PrefixEncoder, PrefixModel, PromptEmbedding, apply_prefix_tuning, apply_prompt_tuning,
@@ -60,10 +61,7 @@ def batch(vocab: int, padding: str | None, b: int = 3, t: int = 9, seed: int = 0
 
 
 def randomise(encoder: nn.Module, seed: int = 1, std: float = 0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(encoder.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+    fill_seeded(dict(encoder.named_parameters()), seed, std)
 
 
 def pair(kind: str, method: str):
