@@ -197,18 +197,9 @@ def _require_lora(model: nn.Module, action: str | None = None) -> list[tuple[str
     return layers
 
 
-def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-               target_modules: Sequence[str] | str | None = None, use_rslora: bool = False) -> nn.Module:
-    """Wrap the target layers of ``model`` in :class:`LoRALinear`, freeze everything else; return ``model``.
-
-    The model is changed in place (as PEFT's ``get_peft_model`` does). ``target_modules=None`` takes the
-    default of the architecture (:data:`DEFAULT_TARGET_MODULES`, e.g. GPT-2 → ``["c_attn"]``, LLaMA/OPT →
-    ``["q_proj", "v_proj"]``, BERT → ``["query", "value"]``); matching follows :func:`matches_target`.
-    Afterwards only the ``lora_A``/``lora_B`` weights have ``requires_grad=True`` (equation 02.5 counts them).
-
-    numpy/torch scalars are accepted for the numbers and stored as Python ``int``/``float``.
-    A failed call leaves the model unchanged.
-    """
+def _check_args(model, rank, alpha, dropout, target_modules, use_rslora):
+    """The arguments of :func:`apply_lora` checked; the targets resolved to the ``(name, module)`` pairs
+    they match (each an ``nn.Linear``/``Conv1D`` whose weight is not tied to another module)."""
     validate.require_module("model", model)
     rank, alpha, dropout, use_rslora = _check_hyperparameters(rank, alpha, dropout, use_rslora)
     if any(True for _ in lora_layers(model)):
@@ -224,6 +215,23 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
         raise TypeError(f"LoRA here wraps nn.Linear and Conv1D layers only, but target_modules {targets!r} "
                         f"matched {listed}. {core.describe_layers(model, SUPPORTED_LAYERS)}")
     core.require_untied(model, [n for n, _ in matched])
+    return rank, alpha, dropout, use_rslora, targets, matched
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
+               target_modules: Sequence[str] | str | None = None, use_rslora: bool = False) -> nn.Module:
+    """Wrap the target layers of ``model`` in :class:`LoRALinear`, freeze everything else; return ``model``.
+
+    The model is changed in place (as PEFT's ``get_peft_model`` does). ``target_modules=None`` takes the
+    default of the architecture (:data:`DEFAULT_TARGET_MODULES`, e.g. GPT-2 → ``["c_attn"]``, LLaMA/OPT →
+    ``["q_proj", "v_proj"]``, BERT → ``["query", "value"]``); matching follows :func:`matches_target`.
+    Afterwards only the ``lora_A``/``lora_B`` weights have ``requires_grad=True`` (equation 02.5 counts them).
+
+    numpy/torch scalars are accepted for the numbers and stored as Python ``int``/``float``.
+    A failed call leaves the model unchanged.
+    """
+    rank, alpha, dropout, use_rslora, targets, matched = _check_args(model, rank, alpha, dropout, target_modules,
+                                                                     use_rslora)
     # Build every wrapper before changing anything: a failure leaves the model as it came.
     wrapped = [(name, LoRALinear(module, rank, alpha, dropout, use_rslora)) for name, module in matched]
     core.freeze(model)  # the base: W, biases, embeddings, norms
