@@ -261,8 +261,9 @@ def _check_args(model, placement, nonlinearity, init, scaling) -> tuple[tuple[st
                                         choices=sorted(NONLINEARITIES))
     validate.require_str("init", init, choices=INITS)
     scaling = validate.require_real("scaling", default_scaling if scaling is None else scaling, min=0, min_open=True)
-    if any(True for _ in core.find_layers(model, core.AdapterLayer)):
-        raise ValueError(f"this model already has {sorted({type(m).__name__ for _, m in core.all_adapter_layers(model)})} "
+    present = sorted({type(layer).__name__ for _, layer in core.all_adapter_layers(model)})
+    if present:
+        raise ValueError(f"this model already has {present} "
                          "layers; a second method (or applying adapters twice) is not supported. Remove them first "
                          "(remove_adapters(model) or remove_lora(model)), or use a fresh copy of the base model")
     return sublayers, nonlinearity, scaling

@@ -20,7 +20,8 @@ from . import validate
 __all__ = ["Switchable", "AdapterLayer", "matches_target", "resolve_targets", "describe_layers", "replace_module",
            "freeze", "find_layers", "require_layers", "record_config", "get_config", "clear_config",
            "disabled", "adapter_state_dict", "load_adapter_state_dict", "all_adapter_layers",
-           "require_adapters_active", "require_untied", "no_match_hint", "rollback_on_error", "adapter_dtype", "fill_seeded"]
+           "require_adapters_active", "require_untied", "no_match_hint", "rollback_on_error", "adapter_dtype",
+           "fill_seeded"]
 
 
 class Switchable(nn.Module):
@@ -210,8 +211,8 @@ def require_adapters_active(model: nn.Module, action: str) -> None:
 def rollback_on_error(model: nn.Module):
     """Inside the block a loader may change ``model`` freely; if the block raises, ``model`` is put back
     exactly as it came — the same submodule objects in the same places, the same values (of the methods'
-    tensors already there; the base's are never written by a loader), the same ``requires_grad``, the same train/eval mode and the same config records — and the
-    error propagates. On success nothing is undone. Every loader (``load_adapters``, ``import_peft_adapter``,
+    tensors already there; the base's are never written by a loader), the same ``requires_grad``, the same
+    train/eval mode and the same config records — and the error propagates. On success nothing is undone. Every loader (``load_adapters``, ``import_peft_adapter``,
     ``import_adapterhub_adapter``) runs inside it, so none needs its own clean-up."""
     children = {name: dict(module._modules) for name, module in model.named_modules(remove_duplicate=False)}
     owners = {name: module for name, module in model.named_modules(remove_duplicate=False)}

@@ -22,7 +22,7 @@ values); those go to the model as a ``DynamicCache``, with P ones prepended to t
 
 Typical use::
 
-    model = apply_prefix_tuning(base, num_virtual_tokens=20)   # a PrefixModel; the base is frozen
+    model = apply_prefix_tuning(base, num_virtual_tokens=20)   # a PrefixTuningModel; the base is frozen
     history = train(model, examples)                             # only the prefix trains
     with disable_prefix(model):                                  # exactly the base model
         ...
@@ -382,8 +382,6 @@ def _check_args(model, method: str, num_virtual_tokens) -> dict:
     if _cache_argument(model) is None:
         raise TypeError(f"{type(model).__name__}.forward takes no key/value cache (past_key_values/cache), so the "
                         "prefix has no way in; use a causal LM such as GPT2LMHeadModel or LlamaForCausalLM")
-    if method == PREFIX_TUNING and _checkpointing(model):
-        raise ValueError(_GRADIENT_CHECKPOINTING)
     return prefix_shapes(model.config)
 
 
@@ -406,10 +404,13 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     last layer's weight and bias) starts at 0, so its values add nothing and its keys score 0.
     """
     s = _check_args(model, PREFIX_TUNING, num_virtual_tokens)
+    if _checkpointing(model):
+        raise ValueError(_GRADIENT_CHECKPOINTING)
     validate.optional(validate.require_int, "projection_dim", projection_dim, min=1)
     validate.require_str("init", init, choices=("random", "zero"))
-    encoder = PrefixEncoder(num_virtual_tokens, s["num_layers"], s["kv_dim"], projection_dim,
-                            device=next(model.parameters()).device, dtype=core.adapter_dtype(next(model.parameters()).dtype))
+    ref = next(model.parameters())
+    encoder = PrefixEncoder(num_virtual_tokens, s["num_layers"], s["kv_dim"], projection_dim, device=ref.device,
+                            dtype=core.adapter_dtype(ref.dtype))
     if init == "zero":
         last = encoder.embedding if projection_dim is None else encoder.transform[-1]
         for p in last.parameters():

@@ -746,7 +746,8 @@ def _hub_folder(tmp):
 
 
 LOADERS = {
-    "import_peft_adapter LoRA": (lambda t: small_gpt2(), lambda m, t: peft_lab.import_peft_adapter(m, _peft_folder("lora", t))),
+    "import_peft_adapter LoRA": (lambda t: small_gpt2(),
+                                 lambda m, t: peft_lab.import_peft_adapter(m, _peft_folder("lora", t))),
     "import_peft_adapter prefix": (lambda t: small_gpt2(),
                                    lambda m, t: peft_lab.import_peft_adapter(m, _peft_folder("prefix", t))),
     "import_peft_adapter prompt": (lambda t: small_gpt2(),

@@ -35,7 +35,8 @@ def test_every_method_switches_off_to_the_exact_base(tiny, name):
 
 @pytest.mark.parametrize("name, expected", [("LoRA r=8", 294_912), ("full FT", 124_439_808)])
 def test_counts_at_real_size(name, expected):
-    """gpt2-small: PEFT's LoRA r=8 on c_attn trains 294,912 (PEFT's print_trainable_parameters, notebook 02); full fine-tuning every parameter."""
+    """gpt2-small: PEFT's LoRA r=8 on c_attn trains 294,912 (PEFT's own count, notebook 02); full fine-tuning
+    every parameter."""
     assert compare.trainable_count(name, "gpt2") == expected
 
 
