@@ -372,7 +372,7 @@ CASES = [
     ("interop", "import missing folder", lambda c, t: peft_lab.import_peft_adapter(c.small(), t / "nope"),
      FileNotFoundError, ["path"]),
     # --- adapters, AdapterHub --------------------------------------------------------------------------
-    ("adapters", "projection of a str", lambda c, t: peft_lab.apply_adapters(c.small(), bottleneck_dim="8"),
+    ("adapters", "bottleneck_dim str", lambda c, t: peft_lab.apply_adapters(c.small(), bottleneck_dim="8"),
      TypeError, ["bottleneck_dim", "'8'"]),
     ("adapters", "placement sequential", lambda c, t: peft_lab.apply_adapters(c.small(), placement="sequential"),
      ValueError, ["placement", "houlsby"]),
