@@ -2,8 +2,8 @@
 
 The public names below are what the notebooks use; each is documented where it is defined.
 """
-from .adapters import (AdapterConfig, BottleneckAdapter, adapter_config, adapter_layers, adapters_state_dict,
-                       apply_adapters, disable_adapters, load_adapters, load_adapters_state_dict, remove_adapters,
+from .adapters import (AdapterConfig, BottleneckAdapter, adapter_config, adapters_state_dict, apply_adapters,
+                       bottleneck_layers, disable_adapters, load_adapters, load_adapters_state_dict, remove_adapters,
                        save_adapters)
 from .colab import REPO_URL
 from .data import collate, encode_task, encode_texts, evaluate_task, load_heldout, load_task, perplexity
@@ -12,10 +12,11 @@ from .interop import export_peft_adapter, import_peft_adapter
 from .interop_adapterhub import export_adapterhub_adapter, import_adapterhub_adapter
 from .lora import (LoRAConfig, LoRALinear, apply_lora, disable_lora, load_lora_state_dict, lora_config,
                    lora_layers, lora_scaling, lora_state_dict, merge_lora, remove_lora, unmerge_lora)
-from .measure import count_parameters, estimate_memory, measure_memory, print_trainable_parameters, time_fn
+from .estimate import estimate_memory
+from .measure import count_parameters, measure_memory, print_trainable_parameters, time_fn
 from .models import build_from_config, load_base_model
-from .prefix import (PrefixModel, apply_prefix_tuning, apply_prompt_tuning, disable_prefix, fold_prefix_projection,
-                     remove_prefix)
+from .prefix import (PrefixModel, PrefixTuningModel, PromptTuningModel, apply_prefix_tuning, apply_prompt_tuning,
+                     disable_prefix, fold_prefix_projection, remove_prefix)
 from .paths import data_dir, pick_device
 from .plots import plot_history, plot_memory, plot_parameters
 from .results import record, save_figure

@@ -15,7 +15,7 @@ The equations of notebook 03 ("Adapters"), for a model of width ``d`` and a bott
   - parallel (one adapter beside the MLP, fed the MLP's input stream ``x₁``, scaled by ``s``):
     ``out = (s · f(x₁) + y) + x₁``
 
-* (03.4) init ``"zeros"``: ``W_up = 0, b_up = 0`` (``W_down`` kaiming-uniform, ``b_down = 0``), so ``f ≡ 0`` and the
+* (03.4) init ``"zero"``: ``W_up = 0, b_up = 0`` (``W_down`` kaiming-uniform, ``b_down = 0``), so ``f ≡ 0`` and the
   model is *exactly* the base model at step 0. ``"bert"`` (AdapterHub's default) draws both weights from
   N(0, 0.02²) and ``"houlsby"`` from a normal with std 10⁻² truncated at ±2·10⁻²: near, not exactly, identity.
 
@@ -41,22 +41,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from numbers import Real
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
-from . import core
+from . import core, validate
+from .paths import atomic_path
 
-__all__ = ["AdapterConfig", "BottleneckAdapter", "ResidualTap", "apply_adapters", "adapter_layers",
+__all__ = ["AdapterConfig", "BottleneckAdapter", "ResidualTap", "apply_adapters", "bottleneck_layers",
            "adapter_config", "disable_adapters", "remove_adapters", "adapters_state_dict",
            "load_adapters_state_dict", "save_adapters", "load_adapters", "bottleneck_params",
-           "PLACEMENTS", "NONLINEARITIES", "INITS", "ARCHITECTURES"]
+           "PLACEMENTS", "NONLINEARITIES", "INITS", "BLOCK_LAYOUTS"]
 
 _METHOD = "adapters"
 
@@ -73,11 +72,11 @@ NONLINEARITIES: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh, "identity": nn.Identity,
 }
 
-INITS = ("zeros", "bert", "houlsby")
+INITS = ("zero", "bert", "houlsby")
 
 
 @dataclass(frozen=True)
-class Arch:
+class BlockLayout:
     """Where the pieces of a pre-LN block live: the block list, and in each block the attention sublayer,
     the norm before the feed-forward sublayer (its input is ``x₁``) and the feed-forward sublayer."""
 
@@ -87,10 +86,10 @@ class Arch:
     ffn: str
 
 
-_LLAMA = Arch("model.layers", "self_attn", "post_attention_layernorm", "mlp")
-#: ``model.config.model_type`` → :class:`Arch`.
-ARCHITECTURES: dict[str, Arch] = {
-    "gpt2": Arch("transformer.h", "attn", "ln_2", "mlp"),
+_LLAMA = BlockLayout("model.layers", "self_attn", "post_attention_layernorm", "mlp")
+#: ``model.config.model_type`` → :class:`BlockLayout`.
+BLOCK_LAYOUTS: dict[str, BlockLayout] = {
+    "gpt2": BlockLayout("transformer.h", "attn", "ln_2", "mlp"),
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
 }
 
@@ -103,7 +102,7 @@ class AdapterConfig:
     bottleneck_dim: int = 48
     hidden_size: int = 768
     nonlinearity: str = "relu"
-    init: str = "zeros"
+    init: str = "zero"
     scaling: float = 1.0
 
     @property
@@ -124,26 +123,24 @@ def bottleneck_params(hidden_size: int, bottleneck_dim: int) -> int:
 class BottleneckAdapter(core.AdapterLayer):
     """A frozen sublayer (``base_layer``: attention or MLP) plus a trainable bottleneck on its output.
 
-    ``mode`` says what the bottleneck reads (equation 03.3), with ``y`` the sublayer's output:
-    ``"sequential"`` (Houlsby) ``f(y)``, ``"pfeiffer"`` ``f(y + x₁)``, ``"parallel"`` ``f(x₁)``, where ``x₁`` is
-    handed over by the block's :class:`ResidualTap`. The sublayer then returns ``s · f(·) + y``; the block adds
+    ``placement`` says what the bottleneck reads (equation 03.3), with ``y`` the sublayer's output:
+    ``"houlsby"`` ``f(y)``, ``"pfeiffer"`` ``f(y + x₁)``, ``"parallel"`` ``f(x₁)``, where ``x₁`` is handed over
+    by the block's :class:`ResidualTap`. The sublayer then returns ``s · f(·) + y``; the block adds
     its residual itself. A sublayer that returns a tuple (attention) has its first element changed.
     """
 
     adapter_modules = ("adapter_down", "adapter_up")
 
     def __init__(self, base_layer: nn.Module, hidden_size: int, bottleneck_dim: int, nonlinearity: str = "relu",
-                 mode: str = "sequential", scaling: float = 1.0, init: str = "zeros"):
+                 placement: str = "houlsby", scaling: float = 1.0, init: str = "zero"):
         super().__init__()
-        if mode not in ("sequential", "pfeiffer", "parallel"):
-            raise ValueError(f"mode must be 'sequential', 'pfeiffer' or 'parallel', got {mode!r}")
+        self.placement = validate.require_str("placement", placement, choices=sorted(PLACEMENTS))
         self.base_layer = base_layer
         self.hidden_size, self.bottleneck_dim = hidden_size, bottleneck_dim
-        self.nonlinearity, self.mode, self.scaling, self.init = nonlinearity, mode, float(scaling), init
+        self.nonlinearity, self.scaling, self.init = nonlinearity, float(scaling), init
         ref = next(base_layer.parameters(), None)
         device = ref.device if ref is not None else None
-        # half-precision bases get float32 adapters (as peft_lab.lora does)
-        dtype = torch.float32 if ref is None or ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
+        dtype = core.adapter_dtype(ref.dtype if ref is not None else torch.float32)
         self.adapter_down = nn.Sequential(nn.Linear(hidden_size, bottleneck_dim, device=device, dtype=dtype),
                                           NONLINEARITIES[nonlinearity]())
         self.adapter_up = nn.Linear(bottleneck_dim, hidden_size, device=device, dtype=dtype)
@@ -151,12 +148,13 @@ class BottleneckAdapter(core.AdapterLayer):
         self.reset_adapter_parameters(init)
 
     @torch.no_grad()
-    def reset_adapter_parameters(self, init: str = "zeros") -> None:
-        """Equation (03.4). ``"zeros"``: W_up = 0 and all biases 0 (W_down kaiming-uniform, a = √5), an exact
+    def reset_adapter_parameters(self, init: str = "zero") -> None:
+        """Equation (03.4). ``"zero"``: W_up = 0 and all biases 0 (W_down kaiming-uniform, a = √5), an exact
         identity; ``"bert"``: weights N(0, 0.02²), biases 0; ``"houlsby"``: weights N(0, 0.01²) truncated at
         ±0.02, biases 0 — AdapterHub's ``mam_adapter``, ``bert`` and ``houlsby``."""
         down, up = self.adapter_down[0], self.adapter_up
-        if init == "zeros":
+        validate.require_str("init", init, choices=INITS)
+        if init == "zero":
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
             nn.init.zeros_(up.weight)
         elif init == "bert":
@@ -165,8 +163,6 @@ class BottleneckAdapter(core.AdapterLayer):
         elif init == "houlsby":
             for w in (down.weight, up.weight):
                 nn.init.trunc_normal_(w, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
-        else:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         nn.init.zeros_(down.bias)
         nn.init.zeros_(up.bias)
         self.init = init
@@ -181,19 +177,19 @@ class BottleneckAdapter(core.AdapterLayer):
         if self.disabled:
             return out
         y = out[0] if isinstance(out, tuple) else out
-        if self.mode == "sequential":
+        if self.placement == "houlsby":
             h = y
         else:
             if residual is None:
-                raise RuntimeError(f"the {self.mode} adapter did not receive x₁: its ResidualTap did not run "
+                raise RuntimeError(f"the {self.placement} adapter did not receive x₁: its ResidualTap did not run "
                                    "(was the block's norm replaced after apply_adapters?)")
-            h = y + residual if self.mode == "pfeiffer" else residual
+            h = y + residual if self.placement == "pfeiffer" else residual
         dtype = y.dtype
         new = (self.bottleneck(h.to(self.adapter_up.weight.dtype)) + y).to(dtype)  # (03.3): (s·f(h) + y)
         return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode!r}, hidden_size={self.hidden_size}, bottleneck_dim={self.bottleneck_dim}, "
+        return (f"placement={self.placement!r}, hidden_size={self.hidden_size}, bottleneck_dim={self.bottleneck_dim}, "
                 f"nonlinearity={self.nonlinearity!r}, scaling={self.scaling:g}")
 
 
@@ -214,17 +210,6 @@ class ResidualTap(nn.Module):
 # Whole-model operations
 # ----------------------------------------------------------------------------------------------------------
 
-def _fail(argument: str, value, expected: str, fix: str, error=ValueError):
-    raise error(f"{argument}={value!r}: expected {expected}. {fix}")
-
-
-def _check_number(argument: str, value, positive: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        _fail(argument, value, "a number", f"Pass {argument} as an int or float.", TypeError)
-    if not math.isfinite(value) or (positive and value <= 0):
-        _fail(argument, value, "a positive finite number", f"Pass {argument} > 0.")
-
-
 def hidden_size_of(model: nn.Module) -> int:
     """The model width ``d`` from its config (``hidden_size``; GPT-2's ``n_embd``)."""
     config = getattr(model, "config", None)
@@ -235,45 +220,57 @@ def hidden_size_of(model: nn.Module) -> int:
     return d
 
 
-def _arch(model: nn.Module) -> Arch:
+def _layout(model: nn.Module) -> BlockLayout:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"model type {model_type!r}: expected one of {sorted(ARCHITECTURES)}. Adapters are placed "
-                         "by the block layout of those architectures; add an Arch entry to "
-                         "peft_lab.adapters.ARCHITECTURES for another one.")
-    return ARCHITECTURES[model_type]
+    if model_type not in BLOCK_LAYOUTS:
+        raise ValueError(f"model type {model_type!r} has no block layout for adapters; known: "
+                         f"{sorted(BLOCK_LAYOUTS)}. Add a BlockLayout entry to peft_lab.adapters.BLOCK_LAYOUTS "
+                         "for another architecture")
+    return BLOCK_LAYOUTS[model_type]
 
 
 def resolve_bottleneck_dim(hidden_size: int, reduction_factor=16, bottleneck_dim=None) -> int:
     """``m`` from ``bottleneck_dim`` if given, else ``d / reduction_factor``, which must be a whole number."""
     if bottleneck_dim is not None:
-        if isinstance(bottleneck_dim, bool) or not isinstance(bottleneck_dim, int):
-            _fail("bottleneck_dim", bottleneck_dim, "a positive int (the bottleneck size m)",
-                  "Pass an int, or leave it None to use reduction_factor.", TypeError)
-        if bottleneck_dim <= 0:
-            _fail("bottleneck_dim", bottleneck_dim, "a positive int (m ≥ 1)", "Pass bottleneck_dim ≥ 1.")
-        return bottleneck_dim
-    _check_number("reduction_factor", reduction_factor)
+        return validate.require_int("bottleneck_dim", bottleneck_dim, min=1)
+    reduction_factor = validate.require_real("reduction_factor", reduction_factor, min=0, min_open=True)
     m = hidden_size / reduction_factor
     if m < 1 or m != int(m):
         divisors = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if hidden_size % k == 0]
-        _fail("reduction_factor", reduction_factor,
-              f"a factor that divides the width d = {hidden_size} (d / reduction_factor = {m:g} is not a whole "
-              "number ≥ 1)", f"Use one of {divisors}, or pass bottleneck_dim=m directly.")
+        raise ValueError(f"reduction_factor must divide the width d = {hidden_size} into a whole number ≥ 1, got "
+                         f"{reduction_factor:g} (d / reduction_factor = {m:g}). Use one of {divisors}, or pass "
+                         "bottleneck_dim=m directly")
     return int(m)
 
 
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, BottleneckAdapter]]:
+def bottleneck_layers(model: nn.Module) -> Iterator[tuple[str, BottleneckAdapter]]:
     """``(name, layer)`` for every :class:`BottleneckAdapter` in ``model``, in module order."""
-    return core.find_layers(model, BottleneckAdapter)
+    return core.find_layers(validate.require_module("model", model), BottleneckAdapter)
 
 
 def _require_adapters(model: nn.Module) -> list[tuple[str, BottleneckAdapter]]:
     return core.require_layers(model, BottleneckAdapter, "bottleneck adapter", "apply_adapters(model, ...)")
 
 
+def _check_args(model, placement, nonlinearity, init, scaling) -> tuple[tuple[str, ...], str, float]:
+    """The arguments of :func:`apply_adapters` checked; the placement's defaults filled in."""
+    validate.require_module("model", model)
+    sublayers, default_act, default_scaling = PLACEMENTS[
+        validate.require_str("placement", placement, choices=sorted(PLACEMENTS))]
+    nonlinearity = validate.require_str("nonlinearity", default_act if nonlinearity is None else nonlinearity,
+                                        choices=sorted(NONLINEARITIES))
+    validate.require_str("init", init, choices=INITS)
+    scaling = validate.require_real("scaling", default_scaling if scaling is None else scaling, min=0, min_open=True)
+    present = sorted({type(layer).__name__ for _, layer in core.all_adapter_layers(model)})
+    if present:
+        raise ValueError(f"this model already has {present} "
+                         "layers; a second method (or applying adapters twice) is not supported. Remove them first "
+                         "(remove_adapters(model) or remove_lora(model)), or use a fresh copy of the base model")
+    return sublayers, nonlinearity, scaling
+
+
 def apply_adapters(model: nn.Module, placement: str = "pfeiffer", reduction_factor: float = 16,
-                   bottleneck_dim: int | None = None, nonlinearity: str | None = None, init: str = "zeros",
+                   bottleneck_dim: int | None = None, nonlinearity: str | None = None, init: str = "zero",
                    scaling: float | None = None) -> nn.Module:
     """Add a bottleneck adapter to every block of ``model`` (in place), freeze the rest; return ``model``.
 
@@ -281,50 +278,22 @@ def apply_adapters(model: nn.Module, placement: str = "pfeiffer", reduction_fact
     ``"parallel"`` (beside the MLP), equation (03.3). The bottleneck has ``m = bottleneck_dim`` units, or
     ``d / reduction_factor`` (AdapterHub's default 16 gives 48 on GPT-2 small). ``nonlinearity=None`` takes
     AdapterHub's default for the placement (relu; swish for houlsby); ``scaling=None`` likewise (1; 4 for
-    parallel). ``init="zeros"`` starts as the exact base model (03.4).
-
-    Raises ``ValueError`` for an unknown placement, nonlinearity, init or architecture, a reduction factor
-    that does not divide the width, ``bottleneck_dim ≤ 0``, a model that already has adapters or another
-    method's layers (LoRA), and ``TypeError`` for arguments of the wrong type.
+    parallel). ``init="zero"`` starts as the exact base model (03.4).
     """
-    if not isinstance(model, nn.Module):
-        _fail("model", type(model).__name__, "a torch.nn.Module (a transformers model)",
-              "Load one with peft_lab.load_base_model or build_from_config.", TypeError)
-    if placement not in PLACEMENTS:
-        _fail("placement", placement, f"one of {sorted(PLACEMENTS)}", "Pick one of those names.")
-    sublayers, default_act, default_scaling = PLACEMENTS[placement]
-    nonlinearity = default_act if nonlinearity is None else nonlinearity
-    if not isinstance(nonlinearity, str) or nonlinearity.lower() not in NONLINEARITIES:
-        _fail("nonlinearity", nonlinearity, f"one of {sorted(NONLINEARITIES)} or None (the placement's default)",
-              "Pick one of those names.")
-    nonlinearity = nonlinearity.lower()
-    if init not in INITS:
-        _fail("init", init, f"one of {list(INITS)}", '"zeros" starts as the exact base model.')
-    scaling = default_scaling if scaling is None else scaling
-    _check_number("scaling", scaling)
-    arch = _arch(model)
-    d = hidden_size_of(model)
+    sublayers, nonlinearity, scaling = _check_args(model, placement, nonlinearity, init, scaling)
+    layout, d = _layout(model), hidden_size_of(model)
     m = resolve_bottleneck_dim(d, reduction_factor, bottleneck_dim)
-    if any(True for _ in adapter_layers(model)):
-        raise ValueError("this model already has bottleneck adapters; applying them twice is not supported. "
-                         "Call remove_adapters(model) first, or use a fresh copy of the base model.")
-    others = sorted({type(layer).__name__ for _, layer in core.find_layers(model, core.AdapterLayer)})
-    if others:
-        raise ValueError(f"this model already has {others} layers (another PEFT method, e.g. LoRA); adapters on "
-                         "top of it are not supported here. Remove that method first (e.g. remove_lora(model)).")
-    blocks = model.get_submodule(arch.blocks)
     core.freeze(model)
-    mode = {"houlsby": "sequential", "pfeiffer": "pfeiffer", "parallel": "parallel"}[placement]
-    for i, _ in enumerate(blocks):
-        prefix = f"{arch.blocks}.{i}"
+    for i, _ in enumerate(model.get_submodule(layout.blocks)):
+        block = f"{layout.blocks}.{i}"
         for which in sublayers:
-            name = f"{prefix}.{getattr(arch, which)}"
-            layer = BottleneckAdapter(model.get_submodule(name), d, m, nonlinearity, mode, scaling, init)
+            name = f"{block}.{getattr(layout, which)}"
+            layer = BottleneckAdapter(model.get_submodule(name), d, m, nonlinearity, placement, scaling, init)
             core.replace_module(model, name, layer)
-            if mode != "sequential":
-                norm = f"{prefix}.{arch.ffn_norm}"
+            if placement != "houlsby":  # the adapter also needs x₁, the input of the MLP's norm
+                norm = f"{block}.{layout.ffn_norm}"
                 core.replace_module(model, norm, ResidualTap(model.get_submodule(norm), layer))
-    core.record_config(model, _METHOD, AdapterConfig(placement, m, d, nonlinearity, init, float(scaling)))
+    core.record_config(model, _METHOD, AdapterConfig(placement, m, d, nonlinearity, init, scaling))
     return model
 
 
@@ -345,7 +314,8 @@ def disable_adapters(model: nn.Module):
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
-    """Put the original sublayers and norms back (the very same modules: the base is restored bit for bit)."""
+    """Put the original sublayers and norms back (the very same modules: the base is restored bit for bit).
+    Base parameters stay frozen (``requires_grad=False``), as after ``remove_lora``."""
     _require_adapters(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, (BottleneckAdapter, ResidualTap)):
@@ -365,56 +335,49 @@ def load_adapters_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
     return model
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place with ``os.replace``: no half-written files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapter weights to one safetensors file; the settings go into its metadata."""
     from safetensors.torch import save_file
-    tensors = {k: v.contiguous() for k, v in adapters_state_dict(model).items()}
+    path = validate.require_path("path", path)
+    tensors = {k: t.contiguous() for k, t in adapters_state_dict(model).items()}
     meta = {"peft_lab_adapters": json.dumps(asdict(adapter_config(model)))}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    return Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Read a file written by :func:`save_adapters`: apply adapters with its settings (if the model has none
-    yet) and load the weights. A file that does not fit leaves the model as it came."""
+    """Read a file written by :func:`save_adapters` into ``model``: a model without adapters gets them with
+    the file's settings; a model that has adapters must have the file's settings (else ``ValueError`` naming
+    the differences). A failed call leaves the model as it came (:func:`peft_lab.core.rollback_on_error`)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-    path = Path(path)
+    validate.require_module("model", model)
+    path = validate.require_path("path", path)
     if not path.is_file():
-        _fail("path", str(path), "an existing .safetensors file written by save_adapters", "Check the path.",
-              FileNotFoundError)
+        raise FileNotFoundError(f"path={str(path)!r} is not an existing file; expected a .safetensors file "
+                                "written by save_adapters")
     with safe_open(str(path), framework="pt") as f:
         meta = (f.metadata() or {}).get("peft_lab_adapters")
     if meta is None:
-        _fail("path", str(path), "a file written by save_adapters (its metadata has the adapter settings)",
-              "For AdapterHub's files use peft_lab.interop_adapterhub.import_adapterhub_adapter.")
+        raise ValueError(f"path={str(path)!r} was not written by save_adapters (its metadata has no adapter "
+                         "settings); for AdapterHub's folders use peft_lab.import_adapterhub_adapter")
     config = AdapterConfig(**json.loads(meta))
-    added = not any(True for _ in adapter_layers(model))
-    if added:
-        if hidden_size_of(model) != config.hidden_size:
-            _fail("model", f"width {hidden_size_of(model)}", f"width {config.hidden_size} (the file's)",
-                  "Load it into the architecture it was trained on.")
-        apply_adapters(model, config.placement, bottleneck_dim=config.bottleneck_dim,
-                       nonlinearity=config.nonlinearity, init=config.init, scaling=config.scaling)
-    try:
+    if hidden_size_of(model) != config.hidden_size:
+        raise ValueError(f"the file was saved from a model of width {config.hidden_size}, this model has width "
+                         f"{hidden_size_of(model)}: load it into the architecture it was trained on")
+    if any(True for _ in bottleneck_layers(model)):
+        here = asdict(adapter_config(model))
+        differ = {k: (val, here[k]) for k, val in asdict(config).items()
+                  if here[k] != val and k != "init"}  # init matters only before weights are loaded
+        if differ:
+            listed = ", ".join(f"{k}: file {a!r}, model {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"the file's adapter settings differ from this model's adapters ({listed}); the "
+                             "weights would compute another function. Load into a model without adapters (they "
+                             "are then applied with the file's settings), or call remove_adapters(model) first")
+    with core.rollback_on_error(model):
+        if not any(True for _ in bottleneck_layers(model)):
+            apply_adapters(model, config.placement, bottleneck_dim=config.bottleneck_dim,
+                           nonlinearity=config.nonlinearity, init=config.init, scaling=config.scaling)
         load_adapters_state_dict(model, load_file(str(path)))
-    except Exception:
-        if added:
-            remove_adapters(model)
-        raise
     return model

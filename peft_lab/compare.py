@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .data import evaluate_task, perplexity
-from .measure import count_parameters, estimate_memory, measure_memory
+from .estimate import estimate_memory
+from .measure import count_parameters, measure_memory
 from .train import History, train
 
 __all__ = ["MethodSpec", "Run", "METHODS", "run", "switched_off", "forgetting", "steps_to_reach",
@@ -154,7 +155,7 @@ def switched_off(model: nn.Module):
         ctx = prefix.disable_prefix(model)
     elif any(True for _ in lora.lora_layers(model)):
         ctx = lora.disable_lora(model)
-    elif any(True for _ in adapters.adapter_layers(model)):
+    elif any(True for _ in adapters.bottleneck_layers(model)):
         ctx = adapters.disable_adapters(model)
     else:
         raise ValueError("this model carries no adapter to switch off (full fine-tuning changes the base itself)")
@@ -192,17 +193,17 @@ def spread(values) -> tuple[float, float, float]:
 
 def trainable_count(name: str, arch) -> int:
     """The method's trainable parameters on architecture ``arch`` (a name of ``build_from_config`` or a
-    config), counted by applying the method itself to the model built on the meta device (nothing allocated)."""
-    if isinstance(arch, str):
-        return _trainable_on_named(name, arch)
+    config), counted by applying the method itself to the model built on the meta device (nothing allocated);
+    named architectures are counted once per session."""
+    return _trainable_on_named(name, arch) if isinstance(arch, str) else _count_trainable(name, arch)
+
+
+def _count_trainable(name: str, arch) -> int:
     from .models import build_from_config
     return count_parameters(METHODS[name].apply(build_from_config(arch, device="meta"), None))[0]
 
 
-@lru_cache(maxsize=None)
-def _trainable_on_named(name: str, arch: str) -> int:
-    from .models import build_from_config
-    return count_parameters(METHODS[name].apply(build_from_config(arch, device="meta"), None))[0]
+_trainable_on_named = lru_cache(maxsize=None)(_count_trainable)
 
 
 def calculator(name: str, arch, batch_size: int = 1, seq_len: int = 128, precision: str = "fp32") -> dict:

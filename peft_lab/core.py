@@ -1,5 +1,6 @@
 """What every method shares: choosing layers, swapping modules, freezing, the config record, switching an
-adapter off, and its state dict with a strict loader (GUIDE §1, "core").
+adapter off, undoing a failed load, and its state dict with a strict loader (notebook 02, "Build it as a
+package").
 
 A method module (``lora``, ``adapters``, ...) defines its layer class as a subclass of :class:`AdapterLayer`
 and builds on the functions here; it never imports another method module. Notebook 02 ("Build it as a
@@ -14,24 +15,41 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import validate as v
+from . import validate
 
-__all__ = ["AdapterLayer", "matches_target", "resolve_targets", "describe_layers", "replace_module",
+__all__ = ["Switchable", "AdapterLayer", "matches_target", "resolve_targets", "describe_layers", "replace_module",
            "freeze", "find_layers", "require_layers", "record_config", "get_config", "clear_config",
-           "disabled", "adapter_state_dict", "load_adapter_state_dict", "adapter_layers",
-           "require_adapters_active", "require_untied", "no_match_hint"]
+           "disabled", "adapter_state_dict", "load_adapter_state_dict", "all_adapter_layers",
+           "require_adapters_active", "require_untied", "no_match_hint", "rollback_on_error", "adapter_dtype",
+           "fill_seeded"]
 
 
-class AdapterLayer(nn.Module):
-    """Base of every method's layer: a ``disabled`` switch and the names of the submodules that hold the
-    adapter's own (trainable) parameters, e.g. ``("lora_A", "lora_B")``. Those names become the keys of
-    :func:`adapter_state_dict`."""
+class Switchable(nn.Module):
+    """What every method's trainable part says about itself, so that training can refuse to run when it
+    would update nothing: ``disabled`` (inside a ``disable_...`` block the method computes the base alone)
+    and ``merged`` (the update lives inside the base weight). ``merged_fix`` is what the user calls to undo a
+    merge (a method that can merge sets it, e.g. ``"unmerge_lora(model)"``)."""
 
-    adapter_modules: tuple[str, ...] = ()
+    merged_fix: str = ""
 
     def __init__(self):
         super().__init__()
         self.disabled = False
+        self.merged = False
+
+
+class AdapterLayer(Switchable):
+    """Base of every method's layer: the :class:`Switchable` flags and the names of the submodules that hold
+    the adapter's own (trainable) parameters, e.g. ``("lora_A", "lora_B")``. Those names become the keys of
+    :func:`adapter_state_dict`."""
+
+    adapter_modules: tuple[str, ...] = ()
+
+
+def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a method's own weights on a base of ``dtype``: half-precision bases (fp16, bf16) get
+    float32 adapters, as PEFT does by default (``autocast_adapter_dtype=True``); others their own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,7 +103,7 @@ def resolve_targets(model: nn.Module, target_modules, defaults: Mapping[str, Seq
         return target_modules
     if not isinstance(target_modules, (list, tuple, set, frozenset)):
         raise TypeError(f"target_modules must be None, a list of module names or a regex string, "
-                        f"got {v.describe(target_modules)}")
+                        f"got {validate.describe(target_modules)}")
     targets = tuple(sorted(target_modules)) if isinstance(target_modules, (set, frozenset)) else tuple(target_modules)
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules must be a non-empty list of non-empty strings, got {target_modules!r}")
@@ -112,9 +130,9 @@ def no_match_hint(model: nn.Module, targets: tuple[str, ...] | str, layer_types:
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule called ``name`` was (``"transformer.h.0.attn.c_attn"``)."""
-    v.require_module("model", model)
-    v.require_str("name", name)
-    v.require_module("new", new)
+    validate.require_module("model", model)
+    validate.require_str("name", name)
+    validate.require_module("new", new)
     try:
         model.get_submodule(name)
     except AttributeError:
@@ -127,7 +145,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def freeze(model: nn.Module) -> nn.Module:
     """``requires_grad=False`` for every parameter: the base stays as pretrained; adapters added after this
     call are the only trainable parameters."""
-    return v.require_module("model", model).requires_grad_(False)
+    return validate.require_module("model", model).requires_grad_(False)
 
 
 def find_layers(model: nn.Module, layer_type: type) -> Iterator[tuple[str, nn.Module]]:
@@ -140,7 +158,7 @@ def find_layers(model: nn.Module, layer_type: type) -> Iterator[tuple[str, nn.Mo
 def require_layers(model: nn.Module, layer_type: type, method: str, apply_hint: str) -> list[tuple[str, nn.Module]]:
     """:func:`find_layers` as a list, or a ``ValueError`` saying the model has no ``method`` layers and to
     call ``apply_hint`` first."""
-    v.require_module("model", model)
+    validate.require_module("model", model)
     layers = list(find_layers(model, layer_type))
     if not layers:
         raise ValueError(f"this model has no {method} layers; call {apply_hint} first")
@@ -167,25 +185,62 @@ def clear_config(model: nn.Module, method: str) -> None:
         delattr(model, _config_attr(method))
 
 
-def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    """Every adapter layer of any method in ``model``."""
+def all_adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Every adapter layer of any method in ``model`` (a list; each method has its own ``*_layers``)."""
     return list(find_layers(model, AdapterLayer))
 
 
 def require_adapters_active(model: nn.Module, action: str) -> None:
-    """Refuse ``action`` (e.g. ``"train"``) while an adapter is switched off (inside a ``disable_...`` block)
-    or merged into its base weight: the adapter's parameters would then receive no gradient, and the action
-    would silently do nothing to them."""
-    layers = adapter_layers(model)
-    off = [n for n, layer in layers if layer.disabled]
+    """Refuse ``action`` (e.g. ``"train"``) while a method's trainable part (any :class:`Switchable`: an
+    adapter layer, a prefix wrapper) is switched off (inside a ``disable_...`` block) or merged into its base
+    weight: its parameters would then receive no gradient, and the action would silently do nothing to them."""
+    parts = [(n or type(m).__name__, m) for n, m in model.named_modules() if isinstance(m, Switchable)]
+    off = [n for n, part in parts if part.disabled]
     if off:
-        raise ValueError(f"cannot {action} inside a `with disable_...(model):` block: the adapters are switched "
+        raise ValueError(f"cannot {action} inside a `with disable_...(model):` block: the method is switched "
                          f"off there (e.g. {off[0]!r}); {action} after the block ends")
-    merged = [n for n, layer in layers if getattr(layer, "merged", False)]
+    merged = [(n, part) for n, part in parts if part.merged]
     if merged:
+        name, part = merged[0]
         raise ValueError(f"cannot {action} a model whose adapters are merged into the base weights (e.g. "
-                         f"{merged[0]!r}): the adapter would get no gradient. Call unmerge_lora(model) first, "
-                         "or apply a fresh adapter")
+                         f"{name!r}): the adapter would get no gradient. Call {part.merged_fix or 'unmerge'} "
+                         "first, or apply a fresh adapter")
+
+
+@contextmanager
+def rollback_on_error(model: nn.Module):
+    """Inside the block a loader may change ``model`` freely; if the block raises, ``model`` is put back
+    exactly as it came — the same submodule objects in the same places, the same values (of the methods'
+    tensors already there; the base's are never written by a loader), the same ``requires_grad``, the same
+    train/eval mode and the same config records — and the error propagates. On success nothing is undone. Every loader (``load_adapters``, ``import_peft_adapter``,
+    ``import_adapterhub_adapter``) runs inside it, so none needs its own clean-up."""
+    children = {name: dict(module._modules) for name, module in model.named_modules(remove_duplicate=False)}
+    owners = {name: module for name, module in model.named_modules(remove_duplicate=False)}
+    # a loader writes only into a method's tensors (the base's are never copied into): snapshot those
+    own = [t for m in model.modules() if isinstance(m, Switchable) for t in [*m.parameters(), *m.buffers()]]
+    tensors = {id(t): (t, t.detach().clone()) for t in own}
+    grads = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    modes = [(m, m.training) for m in model.modules()]
+    records = {k: val for k, val in vars(model).items() if k.startswith("_peft_lab_")}
+    try:
+        yield model
+    except BaseException:
+        for name, module in owners.items():
+            module._modules.clear()
+            module._modules.update(children[name])
+        with torch.no_grad():
+            for t, saved in tensors.values():
+                if t.shape == saved.shape:
+                    t.copy_(saved)
+        for p, flag in grads.values():
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+        for k in [k for k in vars(model) if k.startswith("_peft_lab_")]:
+            delattr(model, k)
+        for k, val in records.items():
+            setattr(model, k, val)
+        raise
 
 
 def require_untied(model: nn.Module, names: Iterable[str]) -> None:
@@ -222,6 +277,17 @@ def disabled(layers: Iterable[AdapterLayer]):
 # The adapter's own weights
 # ----------------------------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def fill_seeded(tensors: Mapping[str, torch.Tensor], seed: int, std: float) -> None:
+    """Give every tensor of ``tensors`` (name → tensor, taken in sorted name order) fresh values
+    N(0, ``std``²) from a generator seeded with ``seed``. Used wherever a method's weights must be non-trivial
+    for an equality check: at init LoRA's B and an adapter's W_up are zero, and a comparison would pass
+    whatever the layer computes."""
+    g = torch.Generator().manual_seed(seed)
+    for _, t in sorted(tensors.items()):
+        t.copy_(torch.randn(t.shape, generator=g) * std)
+
+
 def adapter_state_dict(layers: Iterable[tuple[str, AdapterLayer]]) -> dict[str, torch.Tensor]:
     """Only the adapters' tensors, named ``"<layer>.<adapter module>.<parameter>"`` (e.g.
     ``transformer.h.0.attn.c_attn.lora_A.weight``). Detached and sharing storage, like ``state_dict``."""
@@ -233,6 +299,15 @@ def adapter_state_dict(layers: Iterable[tuple[str, AdapterLayer]]) -> dict[str, 
     return out
 
 
+def _extra_prefix(missing: list[str], unexpected: list[str]) -> str:
+    """The one prefix that turns every missing key into an unexpected one (``"base_model.model."`` for a
+    PEFT file's keys), or ``""``."""
+    if not missing or len(missing) != len(unexpected):
+        return ""
+    candidates = {u[:-len(m)] for u in unexpected[:1] for m in missing if u.endswith("." + m)}
+    return next((p for p in candidates if {p + m for m in missing} == set(unexpected)), "")
+
+
 @torch.no_grad()
 def load_adapter_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor],
                             what: str = "adapter") -> None:
@@ -242,9 +317,15 @@ def load_adapter_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Ma
     checked before anything is copied, so a failed call changes nothing.
     """
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, got {v.describe(state_dict)}")
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {validate.describe(state_dict)}")
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
+    prefix = _extra_prefix(missing, unexpected)
+    if prefix:
+        peft = ("; this is PEFT's file format: read a PEFT folder with peft_lab.import_peft_adapter(model, folder)"
+                if prefix == "base_model.model." else "")
+        raise ValueError(f"{what} weights do not fit this model as given: every key carries the extra prefix "
+                         f"{prefix!r} (e.g. {unexpected[0]!r} for {missing[0]!r}){peft}; or strip the prefix")
     if missing or unexpected:
         raise ValueError(f"{what} weights do not fit this model: missing keys {missing[:4]}"
                          f"{' ...' if len(missing) > 4 else ''}, unexpected keys {unexpected[:4]}"
@@ -253,7 +334,7 @@ def load_adapter_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Ma
     for key, target in expected.items():
         value = state_dict[key]
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {v.describe(value)}; convert with "
+            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {validate.describe(value)}; convert with "
                             "torch.as_tensor(...)")
         if not (value.is_floating_point() or value.is_complex()) and target.is_floating_point():
             raise TypeError(f"state_dict[{key!r}] must hold floating-point weights, got dtype {value.dtype}")

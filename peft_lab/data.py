@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import validate as v
+from . import validate
 from .corpus import VERDICTS, generate_corpus, generate_task
 from .paths import atomic_path, data_dir
 
@@ -24,7 +24,7 @@ HELDOUT = (400, 10_001)  # pretraining-style documents the base model never saw:
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
-    path = v.require_path("path", path)
+    path = validate.require_path("path", path)
     if not path.is_file():
         raise FileNotFoundError(
             f"data file not found: {path}. Rebuild the task data with `python -m peft_lab.build_data`, "
@@ -36,7 +36,7 @@ def load_jsonl(path: str | Path) -> list[dict]:
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
     """One JSON object per line, written atomically (a failed write leaves the old file)."""
-    path = v.require_path("path", path)
+    path = validate.require_path("path", path)
     lines = [json.dumps(row, sort_keys=True) + "\n" for row in rows]  # fail before touching the file
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         f.writelines(lines)
@@ -46,14 +46,14 @@ def load_task(split: str = "train", n: int | None = None) -> list[dict]:
     """Raw examples of the review task: ``split`` in train/val/test, optionally only the first ``n``."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
-    n = v.optional(v.require_int, "n", n, min=0)
+    n = validate.optional(validate.require_int, "n", n, min=0)
     rows = load_jsonl(data_dir() / "task" / f"{split}.jsonl")
     return _first(rows, n, f"the {split!r} split")
 
 
 def load_heldout(n: int | None = None) -> list[str]:
     """Held-out pretraining-style documents, to measure perplexity and forgetting."""
-    n = v.optional(v.require_int, "n", n, min=0)
+    n = validate.optional(validate.require_int, "n", n, min=0)
     rows = load_jsonl(data_dir() / "heldout.jsonl")
     return [r["text"] for r in _first(rows, n, "the held-out documents")]
 
@@ -66,12 +66,12 @@ def _first(rows: list, n: int | None, what: str) -> list:
 
 
 def _check_tokenizer(tokenizer) -> None:
-    v.require_tokenizer("tokenizer", tokenizer)
+    validate.require_tokenizer("tokenizer", tokenizer)
 
 
 def encode_task(examples: list[dict], tokenizer) -> list[dict]:
     """Token ids and labels for causal-LM training: prompt masked with -100, answer + EOS supervised."""
-    examples = v.require_task_rows("examples", examples, nonempty=False)
+    examples = validate.require_task_rows("examples", examples, nonempty=False)
     _check_tokenizer(tokenizer)
     out = []
     for ex in examples:
@@ -83,9 +83,9 @@ def encode_task(examples: list[dict], tokenizer) -> list[dict]:
 
 def encode_texts(texts: list[str], tokenizer, max_length: int | None = None) -> list[dict]:
     """Plain language-modelling examples (every token supervised), each ending in EOS."""
-    texts = v.require_texts("texts", texts, nonempty=False)
+    texts = validate.require_texts("texts", texts, nonempty=False)
     _check_tokenizer(tokenizer)
-    max_length = v.optional(v.require_int, "max_length", max_length, min=1)
+    max_length = validate.optional(validate.require_int, "max_length", max_length, min=1)
     out = []
     for ids in tokenizer(texts)["input_ids"] if texts else []:  # one batched call: fast tokenizers
         ids = (ids + [tokenizer.eos_token_id])[:max_length]
@@ -97,8 +97,8 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a list of ``{"input_ids", "labels"}`` to a batch with an attention mask."""
     if isinstance(examples, (list, tuple)) and len(examples) == 0:
         raise ValueError("cannot collate an empty batch: examples is empty")
-    examples = v.require_encoded_examples("examples", examples)
-    pad_id = v.require_int("pad_id", pad_id, min=0)
+    examples = validate.require_encoded_examples("examples", examples)
+    pad_id = validate.require_int("pad_id", pad_id, min=0)
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
@@ -123,23 +123,23 @@ def evaluate_task(model, tokenizer, examples: list[dict], batch_size: int = 64,
     Batched and deterministic (eval mode, no sampling). Prompts are left-aligned; we read the logit at each
     row's last real token. Returns ``{"accuracy", "n", "predictions"}``.
     """
-    model = v.require_module("model", model)
+    model = validate.require_module("model", model)
     _check_tokenizer(tokenizer)
     if isinstance(examples, (list, tuple)) and len(examples) == 0:
         raise ValueError("evaluate_task needs at least one example (examples is empty)")
-    examples = v.require_task_rows("examples", examples)
-    batch_size = v.require_int("batch_size", batch_size, min=1)
-    choices = tuple(v.require_texts("choices", choices))
+    examples = validate.require_task_rows("examples", examples)
+    batch_size = validate.require_int("batch_size", batch_size, min=1)
+    choices = tuple(validate.require_texts("choices", choices))
     choice_ids = [tokenizer.encode(" " + c) for c in choices]
     if any(len(c) != 1 for c in choice_ids):
         raise ValueError(f"each choice must be one token, got {dict(zip(choices, choice_ids))}")
-    vocab, context = v.model_limits(model)
+    vocab, context = validate.model_limits(model)
     if vocab is not None and any(c[0] >= vocab for c in choice_ids):
         raise ValueError(f"the choices' token ids {dict(zip(choices, choice_ids))} are outside the model's "
                          f"vocabulary [0, {vocab}); do the model and the tokenizer belong together?")
     choice_ids = torch.tensor([c[0] for c in choice_ids])
     # Encode and check every prompt before the model runs: a bad one fails here, not midway.
-    encoded = v.require_encoded_examples(
+    encoded = validate.require_encoded_examples(
         "examples", [{"input_ids": tokenizer.encode(e["prompt"])} for e in examples],
         vocab_size=vocab, context=context)
     was_training = model.training
@@ -163,14 +163,14 @@ def evaluate_task(model, tokenizer, examples: list[dict], batch_size: int = 64,
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
     """Token-level perplexity exp(mean NLL) of ``texts`` (each followed by EOS), padding excluded."""
-    model = v.require_module("model", model)
+    model = validate.require_module("model", model)
     if isinstance(texts, (list, tuple)) and len(texts) == 0:
         raise ValueError("perplexity needs at least one text (texts is empty)")
-    texts = v.require_texts("texts", texts)
+    texts = validate.require_texts("texts", texts)
     _check_tokenizer(tokenizer)
-    batch_size = v.require_int("batch_size", batch_size, min=1)
-    vocab, context = v.model_limits(model)
-    enc = v.require_encoded_examples("texts", encode_texts(texts, tokenizer), vocab_size=vocab, context=context)
+    batch_size = validate.require_int("batch_size", batch_size, min=1)
+    vocab, context = validate.model_limits(model)
+    enc = validate.require_encoded_examples("texts", encode_texts(texts, tokenizer), vocab_size=vocab, context=context)
     if all(len(e["input_ids"]) < 2 for e in enc):  # the first token of a text is never a target
         raise ValueError("texts hold nothing to score: every text is empty (only its end-of-text token)")
     was_training = model.training

@@ -13,15 +13,12 @@ A PEFT adapter is a directory with two files:
 written by ``get_peft_model(...).save_pretrained(path)`` (or by us). Only safetensors is read or written —
 never pickle (``adapter_model.bin``), which can run arbitrary code when loaded.
 
-Each method registers a :class:`Method` in :data:`METHODS` under its PEFT ``peft_type``; both functions
+Each method registers a :class:`Method` in :data:`PEFT_TYPES` under its PEFT ``peft_type``; both functions
 dispatch on it, so a new method (prefix tuning, prompt tuning, ...) adds an entry and nothing else.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,12 +26,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import lora, prefix
-from . import validate as v
-from .paths import _umask
+from . import core, lora, prefix
+from . import validate
+from .paths import atomic_path
 
 __all__ = ["export_peft_adapter", "import_peft_adapter", "read_adapter_config", "read_adapter_weights",
-           "METHODS", "Method", "CONFIG_NAME", "WEIGHTS_NAME", "KEY_PREFIX"]
+           "PEFT_TYPES", "Method", "CONFIG_NAME", "WEIGHTS_NAME", "KEY_PREFIX"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -119,12 +116,7 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
                          f"{err}") from err
     except TypeError as err:
         raise TypeError(f"this adapter does not fit the model: {err}") from err
-    try:
-        lora.load_lora_state_dict(model, tensors)
-    except Exception:
-        lora.remove_lora(model, merge=False)  # leave the model as it came
-        raise
-    return model
+    return lora.load_lora_state_dict(model, tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,17 +166,12 @@ def _load_prompt_learning(method: str):
                              f"{made} (base {config.get('base_model_name_or_path')!r}), this model has {here}")
         apply = prefix.apply_prefix_tuning if method == prefix.PREFIX_TUNING else prefix.apply_prompt_tuning
         wrapped = apply(model, num_virtual_tokens=config["num_virtual_tokens"])
-        try:
-            prefix.load_prefix_state_dict(wrapped, tensors)
-        except Exception:
-            prefix.remove_prefix(wrapped)  # leave the model as it came
-            raise
-        return wrapped
+        return prefix.load_prefix_state_dict(wrapped, tensors)
     return load
 
 
 #: PEFT ``peft_type`` → how that method is exported and imported.
-METHODS: dict[str, Method] = {
+PEFT_TYPES: dict[str, Method] = {
     "LORA": Method(detect=_has_lora, export=_export_lora, load=_load_lora),
     "PREFIX_TUNING": Method(detect=lambda m: prefix.is_prefix_model(m, prefix.PREFIX_TUNING),
                             export=_export_prompt_learning, load=_load_prompt_learning(prefix.PREFIX_TUNING),
@@ -207,64 +194,53 @@ def export_peft_adapter(model: nn.Module, path, task_type: str = "CAUSAL_LM") ->
     ``path`` is expanded; ``""`` is refused. Both files are written into a temporary folder beside ``path``
     and moved into place only when both are complete, so a failed call leaves ``path`` as it was.
     """
-    v.require_module("model", model)
-    out = v.require_path("path", path)
-    v.require_str("task_type", task_type)
+    validate.require_module("model", model)
+    out = validate.require_path("path", path)
+    validate.require_str("task_type", task_type)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"path={str(path)!r} is an existing file; an adapter is a folder: pass a folder "
                               "name (it is created if missing)")
-    found = [peft_type for peft_type, method in METHODS.items() if method.detect(model)]
+    found = [peft_type for peft_type, method in PEFT_TYPES.items() if method.detect(model)]
     if not found:
-        raise ValueError(f"this model carries no adapter to export (supported: {sorted(METHODS)}); "
+        raise ValueError(f"this model carries no adapter to export (supported: {sorted(PEFT_TYPES)}); "
                          "apply one first, e.g. apply_lora(model)")
     if len(found) > 1:
         raise ValueError(f"this model carries several adapters {found}; export supports one at a time")
     peft_type = found[0]
-    fields, tensors = METHODS[peft_type].export(model)
+    fields, tensors = PEFT_TYPES[peft_type].export(model)
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or "tiny"
     config = {"peft_type": peft_type, "task_type": task_type, "base_model_name_or_path": str(name),
               "inference_mode": True, "revision": None, **fields}
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # fails here, before any file is touched
-    key_prefix = METHODS[peft_type].key_prefix  # "base_model.model." for LoRA, none for prompt learning
+    key_prefix = PEFT_TYPES[peft_type].key_prefix  # "base_model.model." for LoRA, none for prompt learning
     weights = {key_prefix + k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     _write_adapter_dir(out, text, weights)
     return out
 
 
 def _write_adapter_dir(out: Path, config_text: str, weights: dict[str, torch.Tensor]) -> None:
-    """Both files into a temporary folder beside ``out``, then renamed into place (``os.replace``)."""
+    """Both files at once (:func:`peft_lab.paths.atomic_path` with ``folder=True``)."""
     from safetensors.torch import save_file
-    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_path(out, folder=True) as tmp:
         save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(config_text, encoding="utf-8")
-        if out.is_dir():  # keep whatever else the folder holds; replace the two files
-            for file in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(tmp / file, out / file)
-            tmp.rmdir()
-        else:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:  # innermost first: folders this call made
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
 
 
 def read_adapter_config(path) -> dict:
     """The parsed ``adapter_config.json`` of an adapter directory, with clear errors for missing/bad files."""
-    folder = v.require_path("path", path)
+    folder = validate.require_path("path", path)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"path={str(path)!r} is a file; a PEFT adapter is a folder holding {CONFIG_NAME} "
+                                 f"and {WEIGHTS_NAME}: pass that folder")
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter directory {folder} does not exist (path={str(path)!r})")
     file = folder / CONFIG_NAME
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        inner = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
+        hint = (f"; it has {[f'{n}/{CONFIG_NAME}' for n in inner]}: PEFT saves an adapter with a name other than "
+                f"'default' in a subfolder of that name, so pass path={str(folder / inner[0])!r}") if inner else ""
+        raise FileNotFoundError(f"{file} is missing: an adapter directory needs {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}{hint}")
     try:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -276,7 +252,7 @@ def read_adapter_config(path) -> dict:
 
 def read_adapter_weights(path) -> dict[str, torch.Tensor]:
     """The tensors of ``adapter_model.safetensors`` (prefix ``base_model.model.`` removed). Never unpickles."""
-    folder = v.require_path("path", path)
+    folder = validate.require_path("path", path)
     file = folder / WEIGHTS_NAME
     if not file.is_file():
         pickled = [p.name for p in (folder / "adapter_model.bin", folder / "adapter_model.pt") if p.is_file()]
@@ -295,27 +271,19 @@ def import_peft_adapter(model: nn.Module, path) -> nn.Module:
     """Load the PEFT adapter directory ``path`` into ``model`` (a plain base model); return ``model``.
 
     The adapter's own settings are applied (for LoRA: ``apply_lora`` with ``r``, ``lora_alpha``,
-    ``lora_dropout``, ``target_modules``, ``use_rslora``), then its weights are copied in. Errors are
-    ``FileNotFoundError`` (missing files), ``ValueError`` (bad JSON, corrupt safetensors, unsupported
-    ``peft_type`` or option, an adapter for another architecture or size — the message names the key and
-    shapes). On failure the model is left exactly as it came: same modules, values and ``requires_grad``.
+    ``lora_dropout``, ``target_modules``, ``use_rslora``), then its weights are copied in. On failure the
+    model is left exactly as it came (:func:`peft_lab.core.rollback_on_error`).
     """
-    v.require_module("model", model)
-    path = v.require_path("path", path)
+    validate.require_module("model", model)
+    path = validate.require_path("path", path)
     config = read_adapter_config(path)
     peft_type = config.get("peft_type")
-    if peft_type not in METHODS:
+    if peft_type not in PEFT_TYPES:
         raise ValueError(f"unsupported peft_type {peft_type!r} in {Path(path) / CONFIG_NAME}; "
-                         f"peft_lab imports {sorted(METHODS)}")
+                         f"peft_lab imports {sorted(PEFT_TYPES)}")
     tensors = read_adapter_weights(path)
     bad = [k for k, v in tensors.items() if not torch.is_floating_point(v)]
     if bad:
         raise ValueError(f"{WEIGHTS_NAME} holds non-float tensors {bad[:3]}")
-    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
-        return METHODS[peft_type].load(model, config, tensors)  # removes its own layers on failure
-    except BaseException:
-        for name, p in model.named_parameters():
-            if name in trainable:
-                p.requires_grad_(trainable[name])
-        raise
+    with core.rollback_on_error(model):
+        return PEFT_TYPES[peft_type].load(model, config, tensors)

@@ -25,6 +25,8 @@ from pathlib import Path
 from torch import nn
 
 from . import adapters as ad
+from . import core, validate
+from .paths import atomic_path
 
 __all__ = ["export_adapterhub_adapter", "import_adapterhub_adapter", "adapterhub_config",
            "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
@@ -46,7 +48,7 @@ _IGNORED = {"factorized_phm_W", "factorized_phm_rule", "hypercomplex_nonlinearit
             "init_weights_seed", "inv_adapter_reduction_factor", "residual_before_ln"}
 _PLACEMENT_FLAGS = {"mh_adapter", "output_adapter", "original_ln_before", "is_parallel"}
 _OTHERS = {"reduction_factor", "non_linearity", "init_weights", "scaling", "architecture"}
-_INIT_NAMES = {"zeros": "mam_adapter", "bert": "bert", "houlsby": "houlsby"}
+_INIT_NAMES = {"zero": "mam_adapter", "bert": "bert", "houlsby": "houlsby"}
 _ACT_NAMES = {"relu": "relu", "swish": "swish", "silu": "silu", "gelu": "gelu", "tanh": "tanh", "identity": "linear"}
 _SUBLAYER_KEYS = {"attn": "attention_adapters", "mlp": "output_adapters"}
 
@@ -76,21 +78,15 @@ def adapterhub_config(config: ad.AdapterConfig) -> dict:
     return dict(sorted(fields.items()))
 
 
-def _check_path_type(path) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path={path!r}: expected a directory path (str or os.PathLike). Pass the folder that "
-                        f"holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    return Path(path)
-
-
 def export_adapterhub_adapter(model: nn.Module, path, name: str) -> Path:
     """Write ``model``'s adapters as AdapterHub's ``save_adapter(path, name, with_head=False,
-    use_safetensors=True)`` would: ``adapter_config.json`` + ``adapter.safetensors``, each written atomically."""
+    use_safetensors=True)`` would: ``adapter_config.json`` + ``adapter.safetensors``, written together
+    (:func:`peft_lab.paths.atomic_path`: a failed call leaves ``path`` as it was)."""
     from safetensors.torch import save_file
-    path = _check_path_type(path)
+    path = validate.require_path("path", path)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise ValueError(f"name={name!r}: expected a non-empty adapter name of letters, digits, '_' or '-' "
-                         "(it becomes part of every key). Pass e.g. name='task'.")
+        raise ValueError(f"name must be a non-empty adapter name of letters, digits, '_' or '-' (it becomes part "
+                         f"of every key), got name={name!r}; pass e.g. name='task'")
     config = ad.adapter_config(model)
     model_type = model.config.model_type
     if model_type not in _SUPPORTED_TYPES:
@@ -106,9 +102,10 @@ def export_adapterhub_adapter(model: nn.Module, path, name: str) -> Path:
     meta = {"config": adapterhub_config(config), "hidden_size": config.hidden_size,
             "model_class": type(model).__name__, "model_name": _model_name(model), "model_type": model_type,
             "name": name, "version": FORMAT_VERSION}
-    path.mkdir(parents=True, exist_ok=True)
-    ad.atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    ad.atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    text = json.dumps(meta, indent=2) + "\n"
+    with atomic_path(path, folder=True) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
     return path
 
 
@@ -180,7 +177,8 @@ def import_adapterhub_adapter(model: nn.Module, path) -> nn.Module:
     ``peft_lab.adapters`` does not implement (naming them), and leaves the model as it came on any error.
     """
     from safetensors.torch import load_file
-    path = _check_path_type(path)
+    validate.require_module("model", model)
+    path = validate.require_path("path", path)
     meta = _read_config(path)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _SUPPORTED_TYPES:
@@ -207,10 +205,7 @@ def import_adapterhub_adapter(model: nn.Module, path) -> nn.Module:
                              f"keys like 'transformer.h.0.output_adapters.adapters.{name}.adapter_up.weight'")
         block, sub, _, part, kind = m.groups()
         ours[f"{block}.{inverse[sub]}.{part}.{kind}"] = value
-    ad.apply_adapters(model, **settings)
-    try:
+    with core.rollback_on_error(model):
+        ad.apply_adapters(model, **settings)
         ad.load_adapters_state_dict(model, ours)
-    except Exception:
-        ad.remove_adapters(model)
-        raise
     return model

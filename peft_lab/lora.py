@@ -37,7 +37,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import core
-from . import validate as v
+from . import validate
 from .core import AdapterLayer, matches_target
 
 __all__ = [
@@ -105,6 +105,7 @@ class LoRALinear(AdapterLayer):
     """
 
     adapter_modules = ("lora_A", "lora_B")
+    merged_fix = "unmerge_lora(model)"
 
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False):
@@ -112,7 +113,7 @@ class LoRALinear(AdapterLayer):
         rank, alpha, dropout, use_rslora = _check_hyperparameters(rank, alpha, dropout, use_rslora)
         if not isinstance(base_layer, SUPPORTED_LAYERS):
             raise TypeError(f"base_layer must be an nn.Linear or transformers' Conv1D (what LoRALinear wraps), "
-                            f"got {v.describe(base_layer)}")
+                            f"got {validate.describe(base_layer)}")
         weight = base_layer.weight
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         # nn.Linear stores W as (d_out, d_in); Conv1D as (d_in, d_out).
@@ -122,11 +123,9 @@ class LoRALinear(AdapterLayer):
         self.scaling = lora_scaling(rank, alpha, use_rslora)
         self.base_layer = base_layer
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
-        # Half-precision bases get float32 adapters, as PEFT does by default (autocast_adapter_dtype=True).
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = core.adapter_dtype(weight.dtype)
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=weight.device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
-        self.merged = False
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -172,11 +171,11 @@ class LoRALinear(AdapterLayer):
 def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> tuple[int, float, float, bool]:
     """The four settings checked and made plain Python numbers (numpy/torch scalars accepted), so that the
     config record and its JSON export hold ints and floats."""
-    rank = v.require_int("rank", rank, min=1)
-    alpha, dropout = v.as_python_number(alpha), v.as_python_number(dropout)
-    v.require_real("alpha", alpha, min=0, min_open=True)
-    v.require_real("dropout", dropout, min=0, max=1, max_open=True)
-    return rank, alpha, dropout, v.require_bool("use_rslora", use_rslora)
+    rank = validate.require_int("rank", rank, min=1)
+    alpha, dropout = validate.as_python_number(alpha), validate.as_python_number(dropout)
+    validate.require_real("alpha", alpha, min=0, min_open=True)
+    validate.require_real("dropout", dropout, min=0, max=1, max_open=True)
+    return rank, alpha, dropout, validate.require_bool("use_rslora", use_rslora)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,7 +184,7 @@ def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> tuple[int, float
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """``(name, layer)`` for every :class:`LoRALinear` in ``model``, in module order."""
-    return core.find_layers(v.require_module("model", model), LoRALinear)
+    return core.find_layers(validate.require_module("model", model), LoRALinear)
 
 
 def _require_lora(model: nn.Module, action: str | None = None) -> list[tuple[str, LoRALinear]]:
@@ -198,24 +197,10 @@ def _require_lora(model: nn.Module, action: str | None = None) -> list[tuple[str
     return layers
 
 
-def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-               target_modules: Sequence[str] | str | None = None, use_rslora: bool = False) -> nn.Module:
-    """Wrap the target layers of ``model`` in :class:`LoRALinear`, freeze everything else; return ``model``.
-
-    The model is changed in place (as PEFT's ``get_peft_model`` does). ``target_modules=None`` takes the
-    default of the architecture (:data:`DEFAULT_TARGET_MODULES`, e.g. GPT-2 → ``["c_attn"]``, LLaMA/OPT →
-    ``["q_proj", "v_proj"]``, BERT → ``["query", "value"]``); matching follows :func:`matches_target`.
-    Afterwards only the ``lora_A``/``lora_B`` weights have ``requires_grad=True`` (equation 02.5 counts them).
-
-    Raises ``ValueError`` for ``rank ≤ 0``, ``alpha ≤ 0``, ``dropout`` outside [0, 1), targets that match
-    nothing (the message lists the linear layers present; a single string such as ``"c_attn"`` is a regular
-    expression over the *full* name, and the message says to pass ``["c_attn"]``), a target whose weight is
-    tied to another module (GPT-2's ``lm_head`` and ``wte``: a merge would change both) or a model that
-    already has LoRA, and ``TypeError`` when a target is not an ``nn.Linear``/``Conv1D`` or an argument has
-    the wrong type. numpy/torch scalars are accepted for the numbers and stored as Python ``int``/``float``.
-    A failed call leaves the model unchanged.
-    """
-    v.require_module("model", model)
+def _check_args(model, rank, alpha, dropout, target_modules, use_rslora):
+    """The arguments of :func:`apply_lora` checked; the targets resolved to the ``(name, module)`` pairs
+    they match (each an ``nn.Linear``/``Conv1D`` whose weight is not tied to another module)."""
+    validate.require_module("model", model)
     rank, alpha, dropout, use_rslora = _check_hyperparameters(rank, alpha, dropout, use_rslora)
     if any(True for _ in lora_layers(model)):
         raise ValueError("this model already has LoRA layers; applying LoRA twice is not supported. "
@@ -230,6 +215,23 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
         raise TypeError(f"LoRA here wraps nn.Linear and Conv1D layers only, but target_modules {targets!r} "
                         f"matched {listed}. {core.describe_layers(model, SUPPORTED_LAYERS)}")
     core.require_untied(model, [n for n, _ in matched])
+    return rank, alpha, dropout, use_rslora, targets, matched
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
+               target_modules: Sequence[str] | str | None = None, use_rslora: bool = False) -> nn.Module:
+    """Wrap the target layers of ``model`` in :class:`LoRALinear`, freeze everything else; return ``model``.
+
+    The model is changed in place (as PEFT's ``get_peft_model`` does). ``target_modules=None`` takes the
+    default of the architecture (:data:`DEFAULT_TARGET_MODULES`, e.g. GPT-2 → ``["c_attn"]``, LLaMA/OPT →
+    ``["q_proj", "v_proj"]``, BERT → ``["query", "value"]``); matching follows :func:`matches_target`.
+    Afterwards only the ``lora_A``/``lora_B`` weights have ``requires_grad=True`` (equation 02.5 counts them).
+
+    numpy/torch scalars are accepted for the numbers and stored as Python ``int``/``float``.
+    A failed call leaves the model unchanged.
+    """
+    rank, alpha, dropout, use_rslora, targets, matched = _check_args(model, rank, alpha, dropout, target_modules,
+                                                                     use_rslora)
     # Build every wrapper before changing anything: a failure leaves the model as it came.
     wrapped = [(name, LoRALinear(module, rank, alpha, dropout, use_rslora)) for name, module in matched]
     core.freeze(model)  # the base: W, biases, embeddings, norms
@@ -286,7 +288,7 @@ def disable_lora(model: nn.Module):
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain layers back. ``merge=True`` keeps the learned update inside ``W`` (equation 02.7);
     ``merge=False`` drops it (the base model again). Base parameters stay frozen (``requires_grad=False``)."""
-    merge = v.require_bool("merge", merge)
+    merge = validate.require_bool("merge", merge)
     for name, layer in _require_lora(model, "remove_lora"):
         if merge:
             layer.merge()
@@ -307,11 +309,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Copy LoRA weights (keys as in :func:`lora_state_dict`) into ``model``; every key must match exactly.
-
-    Checks everything before copying anything: missing or unexpected keys and shape mismatches raise
-    ``ValueError`` naming the key and both shapes. Merged layers are refused (unmerge first).
-    """
+    """Copy LoRA weights (keys as in :func:`lora_state_dict`) into ``model``; strict, all or nothing
+    (:func:`peft_lab.core.load_adapter_state_dict`). Merged layers are refused (unmerge first)."""
     expected = lora_state_dict(model)
     if any(layer.merged for _, layer in lora_layers(model)):
         raise ValueError("cannot load LoRA weights into merged layers; call unmerge_lora(model) first")

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 from transformers.utils import logging as hf_logging
 
-from . import validate as v
+from . import validate
 from .paths import data_dir, pick_device
 
 TINY = "tiny"
@@ -57,12 +57,12 @@ def build_from_config(name, device: str | torch.device = "meta", dtype: torch.dt
     from transformers import PretrainedConfig
     if not isinstance(name, (str, PretrainedConfig)):
         raise TypeError(f"name must be an architecture name such as 'gpt2' (one of {[TINY, *ARCHITECTURES]}) "
-                        f"or a transformers config, got {v.describe(name)}")
+                        f"or a transformers config, got {validate.describe(name)}")
     _check_dtype(dtype)
-    seed = v.require_int("seed", seed)
+    seed = validate.require_int("seed", seed)
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a string such as 'meta' or 'cpu', or a torch.device, got "
-                        f"{v.describe(device)}")
+                        f"{validate.describe(device)}")
     config = name if not isinstance(name, str) else architecture_config(name)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -90,7 +90,7 @@ def load_base_model(name: str = TINY, device: str | torch.device | None = None,
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string (\"tiny\", a hub id such as \"gpt2\", or a folder), "
-                        f"got {v.describe(name)}")
+                        f"got {validate.describe(name)}")
     target = pick_device(device)
     _check_dtype(dtype)
     local = name == TINY or _is_local(name)
@@ -128,7 +128,7 @@ def load_base_model(name: str = TINY, device: str | torch.device | None = None,
 def _check_dtype(dtype) -> None:
     if dtype is not None and not isinstance(dtype, torch.dtype):
         fix = f" (write torch.{dtype} without quotes)" if isinstance(dtype, str) else ""
-        raise TypeError(f"dtype must be None or a torch.dtype such as torch.float16, got {v.describe(dtype)}{fix}")
+        raise TypeError(f"dtype must be None or a torch.dtype such as torch.float16, got {validate.describe(dtype)}{fix}")
 
 
 def _is_local(name: str) -> bool:

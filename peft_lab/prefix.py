@@ -22,7 +22,7 @@ values); those go to the model as a ``DynamicCache``, with P ones prepended to t
 
 Typical use::
 
-    model = apply_prefix_tuning(base, num_virtual_tokens=20)   # a PrefixModel; the base is frozen
+    model = apply_prefix_tuning(base, num_virtual_tokens=20)   # a PrefixTuningModel; the base is frozen
     history = train(model, examples)                             # only the prefix trains
     with disable_prefix(model):                                  # exactly the base model
         ...
@@ -39,9 +39,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import core
+from . import core, validate
 
-__all__ = ["PrefixConfig", "PrefixEncoder", "PromptEmbedding", "PrefixModel", "apply_prefix_tuning",
+__all__ = ["PrefixConfig", "PrefixEncoder", "PromptEmbedding", "PrefixModel", "PrefixTuningModel",
+           "PromptTuningModel", "apply_prefix_tuning",
            "apply_prompt_tuning", "fold_prefix_projection", "remove_prefix", "disable_prefix",
            "prefix_state_dict", "load_prefix_state_dict", "prefix_shapes", "is_prefix_model"]
 
@@ -158,17 +159,17 @@ def _max_positions(config) -> int | None:
     return None
 
 
-class PrefixModel(nn.Module):
-    """A frozen causal LM plus virtual tokens: prefix tuning (keys/values in every layer) or prompt tuning
-    (embeddings before the input). Built by :func:`apply_prefix_tuning` / :func:`apply_prompt_tuning`.
+class PrefixModel(core.Switchable):
+    """What prefix tuning and prompt tuning share: a frozen causal LM plus ``P`` virtual tokens in front of
+    the input. :class:`PrefixTuningModel` puts them into every layer's keys and values, :class:`PromptTuningModel`
+    before the input embeddings; built by :func:`apply_prefix_tuning` / :func:`apply_prompt_tuning`.
 
-    Submodules: ``base_model`` (frozen) and ``prompt_encoder`` (:class:`PrefixEncoder` or
-    :class:`PromptEmbedding`, the only trainable part), so ``parameters()``, ``state_dict()``,
-    ``count_parameters`` and ``train`` see both with no special case. ``forward`` takes what the base model
-    takes (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``labels``, ...) and returns the base model's
-    output with logits for the input tokens only (prompt tuning's virtual positions are dropped; the loss is
-    PEFT's, over the real tokens). ``config`` is the base model's transformers config; ``prefix_config`` the
-    :class:`PrefixConfig`.
+    Submodules: ``base_model`` (frozen) and ``prompt_encoder`` (the only trainable part), so ``parameters()``,
+    ``state_dict()``, ``count_parameters`` and ``train`` see both with no special case. ``forward`` takes what
+    the base model takes (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``labels``, ...) and returns
+    the base model's output with logits for the input tokens only; each subclass injects its own input
+    (:meth:`_run`, :meth:`_generation_inputs`). ``config`` is the base model's transformers config;
+    ``prefix_config`` the :class:`PrefixConfig`.
     """
 
     def __init__(self, base_model: nn.Module, prompt_encoder: nn.Module, prefix_config: PrefixConfig):
@@ -176,7 +177,6 @@ class PrefixModel(nn.Module):
         self.base_model = base_model
         self.prompt_encoder = prompt_encoder
         self.prefix_config = prefix_config
-        self.disabled = False
         self._cache_arg = _cache_argument(base_model)
 
     # -- what the rest of the package and transformers expect of a model -----------------------------------
@@ -198,63 +198,27 @@ class PrefixModel(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
 
-    # -- the virtual tokens ----------------------------------------------------------------------------------
-    def prefix_key_values(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's prefix ``(keys, values)``, both ``batch_size × h_kv × P × d_h`` (equation 04.1), in the
-        base model's dtype: PEFT's ``view(B, P, 2L, h_kv, d_h).permute(2, 0, 3, 1, 4).split(2)``."""
-        c = self.prefix_config
-        if c.method != PREFIX_TUNING:
-            raise ValueError("prefix_key_values belongs to prefix tuning; this model does prompt tuning")
-        flat = self.prompt_encoder().to(self.base_model.dtype)
-        kv = flat.unsqueeze(0).expand(batch_size, -1, -1)
-        kv = kv.view(batch_size, c.num_virtual_tokens, 2 * c.num_layers, c.num_kv_heads, c.head_dim)
-        return [(pair[0], pair[1]) for pair in kv.permute(2, 0, 3, 1, 4).split(2)]
-
-    def prefix_cache(self, batch_size: int):
-        """The prefix as a transformers ``DynamicCache`` holding P positions in every layer."""
-        from transformers import DynamicCache
-        cache = DynamicCache()
-        for layer, (keys, values) in enumerate(self.prefix_key_values(batch_size)):
-            cache.update(keys, values, layer)
-        return cache
-
-    def prompt_embeddings(self, batch_size: int) -> torch.Tensor:
-        """Prompt tuning's virtual tokens, ``batch_size × P × d``, in the base model's dtype."""
-        if self.prefix_config.method != PROMPT_TUNING:
-            raise ValueError("prompt_embeddings belongs to prompt tuning; this model does prefix tuning")
-        return self.prompt_encoder().to(self.base_model.dtype).unsqueeze(0).expand(batch_size, -1, -1)
-
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, position_ids=None,
                 **kwargs):
         if self.disabled:
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                    inputs_embeds=inputs_embeds, position_ids=position_ids, **kwargs)
-        batch_size, seq_len = self._check_inputs(input_ids, inputs_embeds, attention_mask, labels, kwargs)
-        P = self.num_virtual_tokens
+        batch_size, _ = self._check_inputs(input_ids, inputs_embeds, attention_mask, labels, kwargs)
         if attention_mask is not None:  # the real tokens may attend to all P virtual tokens
-            ones = torch.ones(batch_size, P, dtype=attention_mask.dtype, device=attention_mask.device)
+            ones = torch.ones(batch_size, self.num_virtual_tokens, dtype=attention_mask.dtype,
+                              device=attention_mask.device)
             attention_mask = torch.cat([ones, attention_mask], dim=1)
-        if self.prefix_config.method == PREFIX_TUNING:
-            if self.training and _checkpointing(self.base_model):
-                raise ValueError(_GRADIENT_CHECKPOINTING)
-            if position_ids is not None:  # PEFT shifts given positions past the prefix (equation 04.5)
-                position_ids = position_ids + P
-            kwargs[self._cache_arg] = self.prefix_cache(batch_size)
-            return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   labels=labels, position_ids=position_ids, **kwargs)
-        # prompt tuning: [virtual tokens; input embeddings], labels padded with -100 as PEFT does
-        if position_ids is not None:
-            raise ValueError("position_ids are not supported with prompt tuning: the P virtual tokens take "
-                             "positions 0…P−1 and the input follows them. Leave position_ids out.")
-        if inputs_embeds is None:
-            inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
-        inputs_embeds = torch.cat([self.prompt_embeddings(batch_size).to(inputs_embeds.dtype), inputs_embeds], 1)
-        if labels is not None:
-            labels = torch.cat([labels.new_full((batch_size, P), -100), labels], dim=1)
-        out = self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
-        out["logits"] = out.logits[:, P:]  # one row per input token, as the base model returns
-        return out
+        return self._run(batch_size, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                         attention_mask=attention_mask, labels=labels, position_ids=position_ids, **kwargs)
+
+    def _run(self, batch_size: int, **inputs):
+        """The base model on ``inputs`` (attention mask already extended) with this method's virtual tokens."""
+        raise NotImplementedError
+
+    def _generation_inputs(self, input_ids: torch.Tensor, batch_size: int) -> dict:
+        """What ``generate`` gets besides the ids: the virtual tokens as P already-processed positions."""
+        raise NotImplementedError
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, labels, kwargs) -> tuple[int, int]:
         if (input_ids is None) == (inputs_embeds is None):
@@ -262,21 +226,21 @@ class PrefixModel(nn.Module):
         if input_ids is not None:
             if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
                 raise ValueError(f"input_ids must be a 2-D tensor of token ids (batch × length), got "
-                                 f"{_describe(input_ids)}; for one sequence use ids.unsqueeze(0)")
+                                 f"{validate.describe(input_ids)}; for one sequence use ids.unsqueeze(0)")
             shape = tuple(input_ids.shape)
         else:
             if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
                 raise ValueError(f"inputs_embeds must be a 3-D tensor (batch × length × width), got "
-                                 f"{_describe(inputs_embeds)}")
+                                 f"{validate.describe(inputs_embeds)}")
             shape = tuple(inputs_embeds.shape[:2])
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                            or tuple(attention_mask.shape) != shape):
             raise ValueError(f"attention_mask must have the shape of the input, {shape} (batch × length, 1 = real "
-                             f"token, 0 = padding), got {_describe(attention_mask)}. The wrapper adds the "
+                             f"token, 0 = padding), got {validate.describe(attention_mask)}. The wrapper adds the "
                              f"{self.num_virtual_tokens} virtual tokens' ones itself: pass the mask of the real "
                              "tokens only")
         if labels is not None and (not isinstance(labels, torch.Tensor) or tuple(labels.shape) != shape):
-            raise ValueError(f"labels must have the shape of the input, {shape}, got {_describe(labels)}")
+            raise ValueError(f"labels must have the shape of the input, {shape}, got {validate.describe(labels)}")
         for name in ("past_key_values", "cache"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name} cannot be passed to a {self.prefix_config.method} model: the wrapper "
@@ -315,11 +279,7 @@ class PrefixModel(nn.Module):
         placeholders = input_ids[:, :1].expand(batch_size, P)  # never embedded: they stand for the prefix slots
         ids = torch.cat([placeholders, input_ids], dim=1)
         mask = torch.cat([torch.ones_like(attention_mask[:, :1]).expand(batch_size, P), attention_mask], dim=1)
-        if self.prefix_config.method == PREFIX_TUNING:
-            kwargs[self._cache_arg] = self.prefix_cache(batch_size)
-        else:
-            embeds = self.base_model.get_input_embeddings()(input_ids)
-            kwargs["inputs_embeds"] = torch.cat([self.prompt_embeddings(batch_size).to(embeds.dtype), embeds], 1)
+        kwargs.update(self._generation_inputs(input_ids, batch_size))
         out = self.base_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         if isinstance(out, torch.Tensor):
             return out[:, P:]
@@ -332,6 +292,67 @@ class PrefixModel(nn.Module):
                 f"num_kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, disabled={self.disabled}")
 
 
+class PrefixTuningModel(PrefixModel):
+    """Prefix tuning: the :class:`PrefixEncoder`'s keys and values sit before the real ones in every layer
+    (equations 04.1, 04.5), handed to the base model as its key/value cache."""
+
+    def prefix_key_values(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's prefix ``(keys, values)``, both ``batch_size × h_kv × P × d_h`` (equation 04.1), in the
+        base model's dtype: PEFT's ``view(B, P, 2L, h_kv, d_h).permute(2, 0, 3, 1, 4).split(2)``."""
+        c = self.prefix_config
+        flat = self.prompt_encoder().to(self.base_model.dtype)
+        kv = flat.unsqueeze(0).expand(batch_size, -1, -1)
+        kv = kv.view(batch_size, c.num_virtual_tokens, 2 * c.num_layers, c.num_kv_heads, c.head_dim)
+        return [(pair[0], pair[1]) for pair in kv.permute(2, 0, 3, 1, 4).split(2)]
+
+    def prefix_cache(self, batch_size: int):
+        """The prefix as a transformers ``DynamicCache`` holding P positions in every layer."""
+        from transformers import DynamicCache
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(self.prefix_key_values(batch_size)):
+            cache.update(keys, values, layer)
+        return cache
+
+    def _run(self, batch_size: int, position_ids=None, **inputs):
+        if self.training and _checkpointing(self.base_model):
+            raise ValueError(_GRADIENT_CHECKPOINTING)
+        if position_ids is not None:  # PEFT shifts given positions past the prefix (equation 04.5)
+            position_ids = position_ids + self.num_virtual_tokens
+        inputs[self._cache_arg] = self.prefix_cache(batch_size)
+        return self.base_model(position_ids=position_ids, **inputs)
+
+    def _generation_inputs(self, input_ids: torch.Tensor, batch_size: int) -> dict:
+        return {self._cache_arg: self.prefix_cache(batch_size)}
+
+
+class PromptTuningModel(PrefixModel):
+    """Prompt tuning: the :class:`PromptEmbedding`'s P vectors are concatenated before the input embeddings;
+    labels get P ``-100`` in front, and the P virtual positions' logits are dropped (PEFT's loss, over the
+    real tokens)."""
+
+    def prompt_embeddings(self, batch_size: int) -> torch.Tensor:
+        """The virtual tokens, ``batch_size × P × d``, in the base model's dtype."""
+        return self.prompt_encoder().to(self.base_model.dtype).unsqueeze(0).expand(batch_size, -1, -1)
+
+    def _run(self, batch_size: int, input_ids=None, inputs_embeds=None, labels=None, position_ids=None, **inputs):
+        if position_ids is not None:
+            raise ValueError("position_ids are not supported with prompt tuning: the P virtual tokens take "
+                             "positions 0…P−1 and the input follows them. Leave position_ids out.")
+        P = self.num_virtual_tokens
+        if inputs_embeds is None:
+            inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
+        inputs_embeds = torch.cat([self.prompt_embeddings(batch_size).to(inputs_embeds.dtype), inputs_embeds], 1)
+        if labels is not None:
+            labels = torch.cat([labels.new_full((batch_size, P), -100), labels], dim=1)
+        out = self.base_model(inputs_embeds=inputs_embeds, labels=labels, **inputs)
+        out["logits"] = out.logits[:, P:]  # one row per input token, as the base model returns
+        return out
+
+    def _generation_inputs(self, input_ids: torch.Tensor, batch_size: int) -> dict:
+        embeds = self.base_model.get_input_embeddings()(input_ids)
+        return {"inputs_embeds": torch.cat([self.prompt_embeddings(batch_size).to(embeds.dtype), embeds], 1)}
+
+
 _GRADIENT_CHECKPOINTING = ("prefix tuning cannot be combined with gradient checkpointing (the checkpointed layers "
                            "recompute without the prefix cache; PEFT refuses it too). Call "
                            "model.gradient_checkpointing_disable() on the base model first")
@@ -342,17 +363,13 @@ def _checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return f"{type(x).__name__} {x!r}"[:120]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Building, folding, removing
 # ----------------------------------------------------------------------------------------------------------
 
-def _check_model(model, method: str) -> dict:
+def _check_args(model, method: str, num_virtual_tokens) -> dict:
+    """The model and the prefix length checked; the model's sizes (:func:`prefix_shapes`) returned."""
+    validate.require_int("num_virtual_tokens", num_virtual_tokens, min=1)
     if isinstance(model, PrefixModel) or core.get_config(model, _METHOD) is not None:
         raise ValueError(f"this model already has virtual tokens ({method} cannot be applied twice). Call "
                          "remove_prefix(model) first, or start from a fresh copy of the base model")
@@ -365,112 +382,89 @@ def _check_model(model, method: str) -> dict:
     if _cache_argument(model) is None:
         raise TypeError(f"{type(model).__name__}.forward takes no key/value cache (past_key_values/cache), so the "
                         "prefix has no way in; use a causal LM such as GPT2LMHeadModel or LlamaForCausalLM")
-    if method == PREFIX_TUNING and _checkpointing(model):
-        raise ValueError(_GRADIENT_CHECKPOINTING)
     return prefix_shapes(model.config)
 
 
-def _check_tokens(num_virtual_tokens) -> None:
-    if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int):
-        raise TypeError(f"num_virtual_tokens must be a positive int (the prefix length P), got "
-                        f"{num_virtual_tokens!r} ({type(num_virtual_tokens).__name__}); e.g. num_virtual_tokens=20")
-    if num_virtual_tokens <= 0:
-        raise ValueError(f"num_virtual_tokens must be a positive int (P ≥ 1), got {num_virtual_tokens}; "
-                         "e.g. num_virtual_tokens=20")
-
-
-def _adapter_dtype(model: nn.Module) -> torch.dtype:
-    # Half-precision bases get a float32 prefix, as PEFT does by default (autocast_adapter_dtype=True).
-    dtype = next(model.parameters()).dtype
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _wrap(model: nn.Module, encoder: nn.Module, config: PrefixConfig) -> PrefixModel:
+def _wrap(model: nn.Module, cls: type, encoder: nn.Module, config: PrefixConfig) -> PrefixModel:
     core.freeze(model)  # every weight, embedding and norm of the base; the encoder is created trainable
     core.record_config(model, _METHOD, config)  # marks the base as held: applying again is refused
-    return PrefixModel(model, encoder, config)
+    return cls(model, encoder, config)
 
 
 def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
-                        projection_dim: int | None = None, init: str = "random") -> PrefixModel:
-    """Prefix tuning (Li & Liang 2021): P trainable keys and values in every layer; return a :class:`PrefixModel`.
+                        projection_dim: int | None = None, init: str = "random") -> PrefixTuningModel:
+    """Prefix tuning (Li & Liang 2021): P trainable keys and values in every layer; return a
+    :class:`PrefixTuningModel`.
 
     The base ``model`` is frozen and held by the wrapper (not copied). ``projection_dim=m`` trains through the
     reparameterization of equation (04.4) (PEFT's ``prefix_projection=True, encoder_hidden_size=m``); fold it
     away after training with :func:`fold_prefix_projection`. With grouped-query attention the prefix has the
     width of the key/value heads, ``d_kv`` (as in PEFT). ``init="random"`` is PyTorch's (and PEFT's) default,
     N(0, 1) prefix entries; ``init="zero"`` is PEFT's ``init_weights="zero"``: the prefix (with a projection: the
-    last layer's weight and bias) starts at 0, so its values add nothing and its keys score 0. Raises
-    ``TypeError``/``ValueError`` for a non-integer or non-positive ``num_virtual_tokens`` or ``projection_dim``,
-    a model that has no key/value cache path, gradient checkpointing switched on, and a model that already
-    carries virtual tokens.
+    last layer's weight and bias) starts at 0, so its values add nothing and its keys score 0.
     """
-    _check_tokens(num_virtual_tokens)
-    if projection_dim is not None and (isinstance(projection_dim, bool) or not isinstance(projection_dim, int)
-                                       or projection_dim <= 0):
-        raise ValueError(f"projection_dim must be None (no reparameterization) or a positive int (the hidden "
-                         f"width m of equation 04.4, e.g. the model width), got {projection_dim!r}")
-    if init not in ("random", "zero"):
-        raise ValueError(f'init must be "random" (N(0, 1), PEFT\'s default) or "zero" (PEFT\'s init_weights="zero"), '
-                         f"got {init!r}")
-    s = _check_model(model, PREFIX_TUNING)
-    device = next(model.parameters()).device
-    encoder = PrefixEncoder(num_virtual_tokens, s["num_layers"], s["kv_dim"], projection_dim,
-                            device=device, dtype=_adapter_dtype(model))
+    s = _check_args(model, PREFIX_TUNING, num_virtual_tokens)
+    if _checkpointing(model):
+        raise ValueError(_GRADIENT_CHECKPOINTING)
+    validate.optional(validate.require_int, "projection_dim", projection_dim, min=1)
+    validate.require_str("init", init, choices=("random", "zero"))
+    ref = next(model.parameters())
+    encoder = PrefixEncoder(num_virtual_tokens, s["num_layers"], s["kv_dim"], projection_dim, device=ref.device,
+                            dtype=core.adapter_dtype(ref.dtype))
     if init == "zero":
         last = encoder.embedding if projection_dim is None else encoder.transform[-1]
         for p in last.parameters():
             nn.init.zeros_(p)
     config = PrefixConfig(PREFIX_TUNING, num_virtual_tokens, s["num_layers"], s["num_kv_heads"], s["head_dim"],
                           s["kv_dim"], projection_dim, init)
-    return _wrap(model, encoder, config)
+    return _wrap(model, PrefixTuningModel, encoder, config)
 
 
 def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20, init: str = "random",
-                        tokenizer=None) -> PrefixModel:
-    """Prompt tuning (Lester et al. 2021): P trainable input embeddings; return a :class:`PrefixModel`.
+                        tokenizer=None) -> PromptTuningModel:
+    """Prompt tuning (Lester et al. 2021): P trainable input embeddings; return a :class:`PromptTuningModel`.
 
     ``init``: ``"random"`` (PyTorch's N(0, 1), PEFT's ``RANDOM``), ``"vocab"`` (embeddings of P token ids drawn
     uniformly from the vocabulary with the global torch generator, PEFT's ``SAMPLE_VOCAB``), or any other string:
     a text whose token embeddings start the prompt, repeated or cut to P tokens (PEFT's ``TEXT``; needs
     ``tokenizer``).
     """
-    _check_tokens(num_virtual_tokens)
-    if not isinstance(init, str) or not init:
-        raise ValueError(f'init must be "random", "vocab" or a non-empty text, got {init!r}')
-    s = _check_model(model, PROMPT_TUNING)
-    words = model.get_input_embeddings()
-    encoder = PromptEmbedding(num_virtual_tokens, s["hidden_size"], device=words.weight.device,
-                              dtype=_adapter_dtype(model))
-    kind, text = init, None
-    if init == "vocab":
-        ids = torch.randint(0, words.num_embeddings, (num_virtual_tokens,), dtype=torch.long)
-    elif init != "random":
-        kind, text = "text", init
-        if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
+    s = _check_args(model, PROMPT_TUNING, num_virtual_tokens)
+    validate.require_str("init", init)
+    kind, text = (init, None) if init in ("random", "vocab") else ("text", init)
+    if kind == "text":
+        if tokenizer is None:
             raise ValueError(f"init={init!r} is a text initialisation and needs tokenizer=<the model's "
                              f'tokenizer>; for a random start use init="random" or init="vocab"')
+        validate.require_tokenizer("tokenizer", tokenizer)
+    words = model.get_input_embeddings()
+    encoder = PromptEmbedding(num_virtual_tokens, s["hidden_size"], device=words.weight.device,
+                              dtype=core.adapter_dtype(next(model.parameters()).dtype))
+    if kind == "vocab":
+        ids = torch.randint(0, words.num_embeddings, (num_virtual_tokens,), dtype=torch.long)
+    elif kind == "text":
         ids = tokenizer(init)["input_ids"]
         if not ids:
             raise ValueError(f"init text {init!r} gives no tokens")
         ids = torch.tensor((ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens])
-    if init != "random":
+    if kind != "random":
         with torch.no_grad():
             encoder.embedding.weight.copy_(words(ids.to(words.weight.device)).float())
     config = PrefixConfig(PROMPT_TUNING, num_virtual_tokens, s["num_layers"], s["num_kv_heads"], s["head_dim"],
                           s["hidden_size"], None, kind, text)
-    return _wrap(model, encoder, config)
+    return _wrap(model, PromptTuningModel, encoder, config)
 
 
 def is_prefix_model(model, method: str | None = None) -> bool:
     """Whether ``model`` is a :class:`PrefixModel` (of ``method``: ``"prefix_tuning"``/``"prompt_tuning"``)."""
-    return isinstance(model, PrefixModel) and (method is None or model.prefix_config.method == method)
+    cls = {None: PrefixModel, PREFIX_TUNING: PrefixTuningModel, PROMPT_TUNING: PromptTuningModel}[method]
+    return isinstance(model, cls)
 
 
 def _require(model) -> PrefixModel:
     if not isinstance(model, PrefixModel):
-        raise TypeError(f"expected a PrefixModel (from apply_prefix_tuning or apply_prompt_tuning), got "
-                        f"{type(model).__name__}")
+        raise TypeError(f"model must be a PrefixModel (from apply_prefix_tuning or apply_prompt_tuning), got "
+                        f"{validate.describe(model)}")
     return model
 
 
@@ -483,7 +477,7 @@ def fold_prefix_projection(model: PrefixModel) -> PrefixModel:
     """
     model = _require(model)
     enc = model.prompt_encoder
-    if model.prefix_config.method != PREFIX_TUNING or enc.projection_dim is None:
+    if not isinstance(model, PrefixTuningModel) or enc.projection_dim is None:
         return model
     weight = enc()
     plain = PrefixEncoder(enc.num_virtual_tokens, enc.num_layers, enc.kv_dim, None,
@@ -511,13 +505,8 @@ def remove_prefix(model: PrefixModel) -> nn.Module:
 @contextmanager
 def disable_prefix(model: PrefixModel):
     """Inside the block ``model`` computes the base model alone (forward and generate)."""
-    model = _require(model)
-    before = model.disabled
-    model.disabled = True
-    try:
+    with core.disabled([_require(model)]):
         yield model
-    finally:
-        model.disabled = before
 
 
 def prefix_state_dict(model: PrefixModel) -> dict[str, torch.Tensor]:
@@ -533,10 +522,11 @@ def load_prefix_state_dict(model: PrefixModel, state_dict) -> PrefixModel:
     when a check fails."""
     model = _require(model)
     c = model.prefix_config
-    width = c.num_layers * 2 * c.token_dim if c.method == PREFIX_TUNING else c.token_dim
+    prefix_tuning = isinstance(model, PrefixTuningModel)
+    width = c.num_layers * 2 * c.token_dim if prefix_tuning else c.token_dim
     value = state_dict.get("prompt_embeddings") if isinstance(state_dict, Mapping) else None
     if isinstance(value, torch.Tensor) and tuple(value.shape) != (c.num_virtual_tokens, width):
-        formula = (f"L·2·d_kv = {c.num_layers}·2·{c.token_dim}" if c.method == PREFIX_TUNING
+        formula = (f"L·2·d_kv = {c.num_layers}·2·{c.token_dim}" if prefix_tuning
                    else f"d = {c.token_dim}")
         raise ValueError(f"prompt_embeddings has shape {tuple(value.shape)}, this model needs "
                          f"({c.num_virtual_tokens}, {width}): P = {c.num_virtual_tokens} virtual tokens × {formula}. "

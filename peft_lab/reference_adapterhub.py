@@ -18,10 +18,15 @@ from pathlib import Path
 
 import torch
 
+from .core import fill_seeded
+
 SEED = 0
 NAME = "reference"
-#: placement → the AdapterHub config class name (1.3.0): Pfeiffer = SeqBnConfig, Houlsby = DoubleSeqBnConfig.
+#: placement → the AdapterHub config class name (1.3.0) of the committed reference files: Pfeiffer = SeqBnConfig,
+#: Houlsby = DoubleSeqBnConfig.
 CONFIGS = {"pfeiffer": "SeqBnConfig", "houlsby": "DoubleSeqBnConfig"}
+#: Every placement compared with AdapterHub in its own environment (``tests/adapterhub``): also parallel = ParBnConfig.
+ADAPTERHUB_CONFIGS = {**CONFIGS, "parallel": "ParBnConfig"}
 INPUT_SHAPE = (2, 12)
 
 
@@ -39,13 +44,9 @@ def adapterhub_model(placement: str, name: str = NAME, model=None, seed: int = S
         model = load_base_model("tiny", device="cpu")[0]
     model.config.name_or_path = "tiny"  # the name AdapterHub writes as model_name (never a local path)
     adapters.init(model)
-    model.add_adapter(name, config=getattr(adapters, CONFIGS[placement])())
+    model.add_adapter(name, config=getattr(adapters, ADAPTERHUB_CONFIGS[placement])())
     model.train_adapter(name)  # freezes the base, activates the adapter
-    g = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key in sorted(k for k in params if f".adapters.{name}." in k):
-            params[key].copy_(torch.randn(params[key].shape, generator=g) * 0.05)
+    fill_seeded({k: p for k, p in model.named_parameters() if f".adapters.{name}." in k}, seed, 0.05)
     return model.eval()
 
 

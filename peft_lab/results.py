@@ -10,7 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from .paths import write_text_atomic
+from . import validate
+from .paths import atomic_path, write_text_atomic
 
 ENV_VAR = "PEFT_LAB_RESULTS"
 FIGURES_VAR = "PEFT_LAB_FIGURES"  # a folder: save_figure writes <name>.png there (the main command sets it)
@@ -52,12 +53,12 @@ def save_figure(fig, name: str):
     """Save ``fig`` as ``<name>.png`` (150 dpi, tight) in ``$PEFT_LAB_FIGURES`` when the notebook runner sets
     it — slide-ready copies of a notebook's plots under ``build/figures/``; otherwise do nothing. Returns
     the path written, or ``None``."""
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+    if "/" in validate.require_str("name", name) or "\\" in name:
         raise ValueError(f"name must be a plain file name without folders, got {name!r}")
     folder = os.environ.get(FIGURES_VAR)
     if not folder:
         return None
     path = Path(folder) / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
     return path

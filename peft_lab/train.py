@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import validate as v
+from . import validate
 from .core import require_adapters_active
 from .data import collate
 
@@ -78,24 +78,24 @@ def train(
     returns a number (e.g. accuracy), recorded at step 0, every ``eval_every`` steps and at the end.
     ``progress=None`` shows a ``tqdm.auto`` bar except under CI (``CI`` or ``PEFT_LAB_QUIET`` set).
     """
-    model = v.require_module("model", model)
-    steps = v.require_int("steps", steps, min=1)
-    batch_size = v.require_int("batch_size", batch_size, min=1)
-    lr = v.require_real("lr", lr, min=0, min_open=True)
-    weight_decay = v.require_real("weight_decay", weight_decay, min=0)
-    warmup_steps = v.require_int("warmup_steps", warmup_steps, min=0)
-    v.require_str("schedule", schedule, choices=("constant", "cosine"))
-    grad_clip = v.optional(v.require_real, "grad_clip", grad_clip, min=0, min_open=True)
-    v.optional(v.require_callable, "eval_fn", eval_fn)
-    eval_every = v.optional(v.require_int, "eval_every", eval_every, min=1)
-    seed = v.require_int("seed", seed)
-    progress = v.optional(v.require_bool, "progress", progress)
-    v.require_str("desc", desc, nonempty=False)
+    model = validate.require_module("model", model)
+    steps = validate.require_int("steps", steps, min=1)
+    batch_size = validate.require_int("batch_size", batch_size, min=1)
+    lr = validate.require_real("lr", lr, min=0, min_open=True)
+    weight_decay = validate.require_real("weight_decay", weight_decay, min=0)
+    warmup_steps = validate.require_int("warmup_steps", warmup_steps, min=0)
+    validate.require_str("schedule", schedule, choices=("constant", "cosine"))
+    grad_clip = validate.optional(validate.require_real, "grad_clip", grad_clip, min=0, min_open=True)
+    validate.optional(validate.require_callable, "eval_fn", eval_fn)
+    eval_every = validate.optional(validate.require_int, "eval_every", eval_every, min=1)
+    seed = validate.require_int("seed", seed)
+    progress = validate.optional(validate.require_bool, "progress", progress)
+    validate.require_str("desc", desc, nonempty=False)
     if isinstance(examples, (list, tuple)) and len(examples) == 0:
         raise ValueError("train needs at least one example (examples is empty)")
-    vocab, context = v.model_limits(model)
-    pad_id = v.require_int("pad_id", pad_id, min=0, max=None if vocab is None else vocab - 1)
-    examples = v.require_encoded_examples("examples", examples, vocab_size=vocab, context=context,
+    vocab, context = validate.model_limits(model)
+    pad_id = validate.require_int("pad_id", pad_id, min=0, max=None if vocab is None else vocab - 1)
+    examples = validate.require_encoded_examples("examples", examples, vocab_size=vocab, context=context,
                                           supervised=True)
     require_adapters_active(model, "train")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -116,7 +116,7 @@ def train(
     def evaluate(step: int) -> None:
         if eval_fn is not None:
             hist.eval_step.append(step)
-            hist.metric.append(v.require_real("eval_fn(model)'s result", eval_fn(model)))
+            hist.metric.append(validate.require_real("eval_fn(model)'s result", eval_fn(model)))
             model.train()
 
     model.train()

@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import matplotlib.pyplot as plt
 
-from .measure import estimate_memory
+from .estimate import estimate_memory
 from .plots import memory_unit, plot_memory
 
 MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "llama-7b")
@@ -25,7 +25,7 @@ def show_memory(name: str = "gpt2", precision: str = "fp32", trainable_percent: 
                 batch_size: int = 1, seq_len: int = 512):
     """Plot the estimated memory of full fine-tuning vs a frozen base with ``trainable_percent`` % trained.
 
-    Uses :func:`peft_lab.measure.estimate_memory`; prints the totals. Returns the Axes.
+    Uses :func:`peft_lab.estimate.estimate_memory`; prints the totals. Returns the Axes.
     """
     total = _num_parameters(name)
     trainable = round(total * trainable_percent / 100)

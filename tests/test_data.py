@@ -1,4 +1,3 @@
-import json
 import math
 
 import pytest
@@ -94,7 +93,5 @@ def test_tiny_model_beats_unigram_on_heldout_slice(tiny):
     ppl = perplexity(model, tok, held)
     uni = unigram_perplexity(generate_corpus(5000, seed=0), held, tok)
     assert math.isfinite(ppl) and ppl < 0.4 * uni, (ppl, uni)
-    card = json.loads((data_dir() / "tiny" / "pretrain_stats.json").read_text())
-    assert card["heldout_perplexity"] < card["unigram_perplexity"]
     with pytest.raises(ValueError):
         perplexity(model, tok, [])

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import peft_lab
 from peft_lab.tolerance import assert_close
+from peft_lab.core import fill_seeded
 from peft_lab.interop import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, import_peft_adapter
 from peft_lab.lora import apply_lora, lora_config, lora_layers, lora_state_dict
 
@@ -23,21 +24,14 @@ IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0
 def trained_lora(base, seed: int = 1, **kw):
     """``base`` with LoRA and random (non-zero) A and B, standing in for a trained adapter."""
     model = apply_lora(base, **kw)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, t in sorted(lora_state_dict(model).items()):
-            t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+    fill_seeded(lora_state_dict(model), seed, 0.05)
     return model
 
 
 def peft_adapter(base, path, seed: int = 2, **config):
     """Save a PEFT LoRA adapter with random non-zero B to ``path``; return the PEFT model."""
     model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **config))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    fill_seeded({n: p for n, p in model.named_parameters() if "lora_" in n}, seed, 0.05)
     model.save_pretrained(path)
     return model.eval()
 

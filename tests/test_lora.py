@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 import peft_lab
+from peft_lab.core import fill_seeded
 from peft_lab.lora import (DEFAULT_TARGET_MODULES, LoRALinear, apply_lora, disable_lora, load_lora_state_dict,
                            lora_config, lora_layers, lora_state_dict, matches_target, merge_lora, remove_lora,
                            unmerge_lora)
@@ -28,10 +29,7 @@ def make_model(kind: str):
 
 def randomise_lora(model, seed: int = 1, std: float = 0.02):
     """Give B (and A) fresh random values, so the LoRA branch is not the trivial zero of init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, t in sorted(lora_state_dict(model).items()):
-            t.copy_(torch.randn(t.shape, generator=g) * std)
+    fill_seeded(lora_state_dict(model), seed, std)
 
 
 def copy_into_peft(ours, peft_model):
@@ -97,10 +95,7 @@ def test_gpt2_small_architecture_matches_peft():
     base = peft_lab.build_from_config("gpt2", device="cpu")
     ids = input_ids(2, 16, vocab=base.config.vocab_size)
     theirs = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, fan_in_fan_out=True, task_type="CAUSAL_LM"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in sorted((n, p) for n, p in theirs.named_parameters() if p.requires_grad):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    fill_seeded({n: p for n, p in theirs.named_parameters() if p.requires_grad}, 1, 0.02)
     out = theirs(ids, labels=ids)
     out.loss.backward()
     peft_lora = {n.removeprefix("base_model.model.").replace(".default", ""): (p.detach().clone(), p.grad)
@@ -286,13 +281,17 @@ def test_half_precision_base_gets_float32_adapter():
     model = apply_lora(small_gpt2().to(torch.bfloat16), rank=4)
     layer = model.transformer.h[0].attn.c_attn
     assert layer.lora_A.weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
-    randomise_lora(model)
+    randomise_lora(model, std=0.05)
     ids = input_ids()
     out = model(ids).logits
     assert out.dtype == torch.bfloat16
+    with disable_lora(model):
+        effect = (model(ids).logits.float() - out.float()).abs().max()  # what the update changes
     merge_lora(model)
     assert layer.base_layer.weight.dtype == torch.bfloat16
-    assert (model(ids).logits.float() - out.float()).abs().max() < 0.1  # bf16 rounding of the merged W
+    # bf16 rounding of the merged W is a few bf16 ulps (~0.004 here) against an effect of ~0.3: a merge that
+    # dropped the update would be off by the whole effect
+    assert (model(ids).logits.float() - out.float()).abs().max() < 0.1 * effect
 
 
 def test_meta_device_counts():

@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig
 
-from peft_lab.measure import MEMORY_KEYS, estimate_memory, measure_memory, time_fn
+from peft_lab.estimate import estimate_memory
+from peft_lab.measure import MEMORY_KEYS, measure_memory, time_fn
 from peft_lab.models import build_from_config
 
 # measured on CPU: the per-layer formula of activation_elements counts the very tensors autograd saves, so

@@ -50,6 +50,23 @@ def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
+def print_header(label_width: int) -> None:
+    """The header of the table every benchmark prints: model, size, what is compared, both medians, ratio."""
+    header = f"{'model':<8}{'params':>12}  {'':<{label_width}}{'peft_lab':>11}{'reference':>11}{'ratio':>8}  goal"
+    print(header)
+    print("-" * len(header))
+
+
+def print_rows(name: str, params: int, rows, label_width: int) -> None:
+    """One model's rows ``(label, times, a, b, goal)``: the medians of ``times[a]`` and ``times[b]`` in ms,
+    their :func:`paired_ratio` and the goal; the model's name and size on the first row only."""
+    for k, (label, times, a, b, goal) in enumerate(rows):
+        first = f"{name:<8}{params:>12,}" if k == 0 else " " * 20
+        ta, tb = statistics.median(times[a]), statistics.median(times[b])
+        print(f"{first}  {label:<{label_width}}{ta * 1e3:>9.1f}ms{tb * 1e3:>9.1f}ms"
+              f"{paired_ratio(times, a, b):>8.3f}  {goal}")
+
+
 def base_model(name: str):
     """The base model a benchmark runs on: ``"tiny"`` from data/ (``None`` if absent), else an architecture
     of :func:`peft_lab.build_from_config` with random weights, on the CPU."""

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 
 import torch
 
 from .. import lora
-from . import (add_common_arguments, base_model, forward, interleaved_times, machine_line, paired_ratio,
-               train_step)
+from . import (add_common_arguments, base_model, forward, interleaved_times, machine_line, print_header,
+               print_rows, train_step)
 
 
 def bench_model(name: str, rank: int, batch: int, seq: int, repeats: int) -> dict | None:
@@ -63,9 +62,7 @@ def main(argv=None) -> None:
     print(f"{machine_line(args)}, "
           f"rank {args.rank}, default target modules; times: medians of interleaved rounds, ratio: median of "
           f"per-round ratios")
-    header = f"{'model':<8}{'params':>12}  {'':<36}{'peft_lab':>11}{'reference':>11}{'ratio':>8}  goal"
-    print(header)
-    print("-" * len(header))
+    print_header(36)
     for name in args.models:
         repeats = args.repeats or (25 if name == "tiny" else 7)
         r = bench_model(name, args.rank, args.batch, args.seq, repeats)
@@ -75,10 +72,7 @@ def main(argv=None) -> None:
         rows = [("train step: peft_lab LoRA vs PEFT LoRA", r["train"], "peft_lab", "peft", "<= 1.00"),
                 ("inference: merged vs base", r["infer"], "merged", "base", "<= 1.02"),
                 ("inference: merged+removed vs base", r["infer"], "merged+removed", "base", "<= 1.02")]
-        for k, (label, times, a, b, goal) in enumerate(rows):
-            first = f"{name:<8}{r['params']:>12,}" if k == 0 else " " * 20
-            ta, tb = statistics.median(times[a]), statistics.median(times[b])
-            print(f"{first}  {label:<36}{ta * 1e3:>9.1f}ms{tb * 1e3:>9.1f}ms{paired_ratio(times, a, b):>8.3f}  {goal}")
+        print_rows(name, r["params"], rows, 36)
 
 
 if __name__ == "__main__":

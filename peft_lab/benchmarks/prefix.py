@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 
 import torch
 
 from .. import prefix
-from . import (add_common_arguments, base_model, forward, interleaved_times, machine_line, paired_ratio,
-               train_step)
+from . import (add_common_arguments, base_model, forward, interleaved_times, machine_line, print_header,
+               print_rows, train_step)
 
 
 def bench_model(name: str, tokens: int, lengths: list[int], batch: int, seq: int, repeats: int) -> dict | None:
@@ -68,9 +67,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     print(f"{machine_line(args)}; times: "
           f"medians of interleaved rounds, ratio: median of per-round ratios")
-    header = f"{'model':<8}{'params':>12}  {'':<40}{'peft_lab':>11}{'reference':>11}{'ratio':>8}  goal"
-    print(header)
-    print("-" * len(header))
+    print_header(40)
     for name in args.models:
         repeats = args.repeats or (25 if name == "tiny" else 7)
         r = bench_model(name, args.tokens, args.lengths, args.batch, args.seq, repeats)
@@ -81,10 +78,7 @@ def main(argv=None) -> None:
                 for m, times in r["train"].items()]
         rows += [(f"inference, prefix {k}: vs base", r["infer"], k, "base", "")
                  for k in r["infer"] if k != "base"]
-        for k, (label, times, a, b, goal) in enumerate(rows):
-            first = f"{name:<8}{r['params']:>12,}" if k == 0 else " " * 20
-            ta, tb = statistics.median(times[a]), statistics.median(times[b])
-            print(f"{first}  {label:<40}{ta * 1e3:>9.1f}ms{tb * 1e3:>9.1f}ms{paired_ratio(times, a, b):>8.3f}  {goal}")
+        print_rows(name, r["params"], rows, 40)
 
 
 if __name__ == "__main__":

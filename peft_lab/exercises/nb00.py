@@ -18,7 +18,7 @@ def _n(name: str) -> int:
 @exercise("00.ex1", "Full fine-tuning with fp32 AdamW: how many bytes does each parameter need for its weight, "
                   "gradient and optimizer state together (activations excluded)?", aliases=("00.1",))
 def _bytes_per_param(answer):
-    from ..measure import PRECISIONS
+    from ..estimate import PRECISIONS
     b = PRECISIONS["fp32"]
     expected = b["weight"] + b["grad"] + b["adam"]
     return number(answer, expected, rel_tol=1e-6,
@@ -76,7 +76,7 @@ def _lora_percent(answer):
                   "MiB of activations does one gpt2 (small) training step on a batch of 8 x 512 tokens keep?",
           aliases=("00.4",))
 def _activations(answer):
-    from ..measure import estimate_memory
+    from ..estimate import estimate_memory
     expected = estimate_memory("gpt2", batch_size=8, seq_len=512)["activations"] / MIB
     from ..models import build_from_config
     c = build_from_config("gpt2", device="meta").config
@@ -116,7 +116,7 @@ def _real_state_bytes(n_in: int = 64, n_hidden: int = 32) -> tuple[int, int, int
                     "parameters of which n_trainable are trained, precision 'fp32' or 'bf16-mixed'. Pass the "
                     "function itself to check.")
 def _model_state_bytes(answer):
-    from ..measure import estimate_memory
+    from ..estimate import estimate_memory
 
     if not callable(answer):
         raise TypeError("pass your function itself, e.g. check('00.ex5', model_state_bytes)")

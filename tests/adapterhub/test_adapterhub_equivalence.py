@@ -1,6 +1,7 @@
 """peft_lab.adapters against AdapterHub `adapters` 1.3.0, weights moved both ways through its on-disk format:
-logits, gradients and a short loss curve equal (the tolerance policy's "reordered" bound) for Pfeiffer and Houlsby on the tiny model and the
-gpt2-small architecture; counts; the committed reference files are what AdapterHub makes."""
+logits, gradients and a short loss curve equal (the tolerance policy's "reordered" bound) for Pfeiffer, Houlsby and
+parallel (ParBn) on the tiny model and the gpt2-small architecture; counts; the committed reference files are what
+AdapterHub makes."""
 from __future__ import annotations
 
 import copy
@@ -13,11 +14,12 @@ import torch
 adapters = pytest.importorskip("adapters", reason="AdapterHub runs in the floor environment (.ci/floor)")
 
 import peft_lab  # noqa: E402
+from peft_lab.core import fill_seeded  # noqa: E402
 from peft_lab.adapters import adapters_state_dict, apply_adapters, bottleneck_params  # noqa: E402
 from peft_lab.interop_adapterhub import export_adapterhub_adapter, import_adapterhub_adapter  # noqa: E402
 from peft_lab.paths import data_dir  # noqa: E402
-from peft_lab.reference_adapterhub import (CONFIGS, adapterhub_model, reference_inputs,  # noqa: E402
-                                           write_reference)
+from peft_lab.reference_adapterhub import (ADAPTERHUB_CONFIGS, CONFIGS, adapterhub_model,  # noqa: E402
+                                           reference_inputs, write_reference)
 from peft_lab.tolerance import COMMITTED, assert_close  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,10 +48,7 @@ def pair(bases, arch: str, placement: str, direction: str, tmp_path):
         ours = import_adapterhub_adapter(copy.deepcopy(bases[arch]), tmp_path)
     else:
         ours = apply_adapters(copy.deepcopy(bases[arch]), placement=placement, init="bert")
-        g = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for _, t in sorted(adapters_state_dict(ours).items()):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+        fill_seeded(adapters_state_dict(ours), 2, 0.05)
         export_adapterhub_adapter(ours, tmp_path, "ours")
         theirs = copy.deepcopy(bases[arch])
         adapters.init(theirs)
@@ -63,7 +62,7 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
 
 
 @pytest.mark.parametrize("direction", ["from_adapterhub", "to_adapterhub"])
-@pytest.mark.parametrize("placement", sorted(CONFIGS))
+@pytest.mark.parametrize("placement", sorted(ADAPTERHUB_CONFIGS))  # parallel: AdapterHub's ParBnConfig
 @pytest.mark.parametrize("arch", ["tiny", "gpt2-small"])
 def test_equal_logits_gradients_and_loss_curve(bases, arch, placement, direction, tmp_path):
     ours, theirs = pair(bases, arch, placement, direction, tmp_path)
