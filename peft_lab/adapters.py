@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from . import core
+from .arch import LAYOUTS, Layout
 
 __all__ = ["AdapterConfig", "BottleneckAdapter", "ResidualTap", "apply_adapters", "adapter_layers",
            "adapter_config", "disable_adapters", "remove_adapters", "adapters_state_dict",
@@ -76,23 +77,10 @@ NONLINEARITIES: dict[str, type[nn.Module]] = {
 INITS = ("zeros", "bert", "houlsby")
 
 
-@dataclass(frozen=True)
-class Arch:
-    """Where the pieces of a pre-LN block live: the block list, and in each block the attention sublayer,
-    the norm before the feed-forward sublayer (its input is ``x₁``) and the feed-forward sublayer."""
-
-    blocks: str
-    attn: str
-    ffn_norm: str
-    ffn: str
-
-
-_LLAMA = Arch("model.layers", "self_attn", "post_attention_layernorm", "mlp")
-#: ``model.config.model_type`` → :class:`Arch`.
-ARCHITECTURES: dict[str, Arch] = {
-    "gpt2": Arch("transformer.h", "attn", "ln_2", "mlp"),
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
-}
+#: Where the pieces of a pre-LN block live (:class:`peft_lab.arch.Layout`), per ``model.config.model_type``:
+#: the one table of block layouts in :mod:`peft_lab.arch`, under the names this module has always used.
+Arch = Layout
+ARCHITECTURES: dict[str, Arch] = LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -239,8 +227,8 @@ def _arch(model: nn.Module) -> Arch:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model type {model_type!r}: expected one of {sorted(ARCHITECTURES)}. Adapters are placed "
-                         "by the block layout of those architectures; add an Arch entry to "
-                         "peft_lab.adapters.ARCHITECTURES for another one.")
+                         "by the block layout of those architectures; add a Layout entry to "
+                         "peft_lab.arch.LAYOUTS for another one.")
     return ARCHITECTURES[model_type]
 
 
