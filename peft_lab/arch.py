@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = [
     "Layout", "LAYOUTS", "DEFAULT_TARGETS", "MODEL_ENV_VAR", "model_name", "model_type", "layout", "blocks",
-    "block_name", "attention", "mlp", "width", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    "block_name", "attention", "mlp", "attention_qkv", "attention_output", "width", "num_layers", "num_heads", "num_kv_heads", "head_dim",
     "vocab_size", "context_length", "head_is_tied", "default_targets",
 ]
 
@@ -37,12 +37,13 @@ class Layout:
     attn: str
     ffn_norm: str
     ffn: str
+    attn_norm: str = ""     # the norm before the attention sublayer (its input is the block input x)
 
 
-_LLAMA = Layout("model.layers", "self_attn", "post_attention_layernorm", "mlp")
+_LLAMA = Layout("model.layers", "self_attn", "post_attention_layernorm", "mlp", "input_layernorm")
 #: ``model.config.model_type`` → :class:`Layout`.
 LAYOUTS: dict[str, Layout] = {
-    "gpt2": Layout("transformer.h", "attn", "ln_2", "mlp"),
+    "gpt2": Layout("transformer.h", "attn", "ln_2", "mlp", "ln_1"),
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
 }
 
@@ -138,17 +139,54 @@ def mlp(model: nn.Module, i: int = 0) -> nn.Module:
     return getattr(blocks(model)[i], layout(model).ffn)
 
 
+def attention_qkv(attn: nn.Module, hidden, position_embeddings=None):
+    """Queries, keys and values of the attention sublayer ``attn`` for its input ``hidden`` (B, T, d), as the
+    attention kernel sees them: ``q`` of shape (B, heads, T, d_h), ``k`` and ``v`` of shape
+    (B, KV heads, T, d_h) — fewer heads than ``q`` under grouped-query attention; repeat each
+    ``heads / KV heads`` times to pair them with the queries (``repeat_interleave(g, dim=1)``).
+
+    GPT-2: one fused ``c_attn`` split into q, k, v (positions were added to the input embeddings). LLaMA:
+    ``q_proj``, ``k_proj``, ``v_proj``, then the rotary position embedding on q and k, for which
+    ``position_embeddings`` = the ``(cos, sin)`` the model passed to this layer (capture it with a forward hook
+    registered ``with_kwargs=True``)."""
+    B, T, _ = hidden.shape
+    if hasattr(attn, "c_attn"):                                   # GPT-2
+        d = hidden.shape[-1]
+        heads = attn.num_heads
+        split = lambda t: t.view(B, T, heads, -1).transpose(1, 2)
+        return tuple(split(t) for t in attn.c_attn(hidden).split(d, dim=-1))
+    hd = attn.head_dim
+    split = lambda t: t.view(B, T, -1, hd).transpose(1, 2)
+    q, k, v = split(attn.q_proj(hidden)), split(attn.k_proj(hidden)), split(attn.v_proj(hidden))
+    if position_embeddings is None:
+        raise ValueError("a rotary-position model needs position_embeddings=(cos, sin): take them from the "
+                         "attention layer's forward kwargs")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def attention_output(attn: nn.Module, per_head):
+    """The attention sublayer's output from the heads' results ``per_head`` (B, heads, T, d_h): heads
+    concatenated, then the output projection (GPT-2 ``c_proj``, LLaMA ``o_proj``)."""
+    B, _, T, _ = per_head.shape
+    proj = attn.c_proj if hasattr(attn, "c_attn") else attn.o_proj
+    return proj(per_head.transpose(1, 2).reshape(B, T, -1))
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a wrapper (PEFT's ``PeftModel``, our ``PrefixModel``): the first of
-    ``model``, ``model.base_model``, ``model.base_model.model`` that has the block list."""
+    """The transformers model inside a wrapper (PEFT's ``PeftModel``, our ``PrefixModel``): the nearest of
+    ``model`` and its nested ``.model`` / ``.base_model`` that has the block list."""
     path = layout(model).blocks
-    candidate = model
-    for _ in range(3):
-        if _has_path(candidate, path):
-            return candidate
-        candidate = getattr(candidate, "base_model", None) or getattr(candidate, "model", None)
-        if not isinstance(candidate, nn.Module):
-            break
+    level = [model]
+    for _ in range(4):      # PeftModel -> LoraModel -> the transformers model: a few levels at most
+        for candidate in level:
+            if _has_path(candidate, path):
+                return candidate
+        level = [inner for candidate in level for inner in (getattr(candidate, "model", None),
+                                                             getattr(candidate, "base_model", None))
+                 if isinstance(inner, nn.Module) and inner is not candidate]
     raise ValueError(f"no block list {path!r} found in the {type(model).__name__} given")
 
 
