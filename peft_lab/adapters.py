@@ -227,8 +227,8 @@ def _arch(model: nn.Module) -> Arch:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model type {model_type!r}: expected one of {sorted(ARCHITECTURES)}. Adapters are placed "
-                         "by the block layout of those architectures; add a Layout entry to "
-                         "peft_lab.arch.LAYOUTS for another one.")
+                         "by the block layout of those architectures; add an Arch entry to "
+                         "peft_lab.adapters.ARCHITECTURES for another one.")
     return ARCHITECTURES[model_type]
 
 

@@ -43,8 +43,8 @@ TINY_LLAMA_CONFIG = dict(vocab_size=1024, max_position_embeddings=128, hidden_si
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          tie_word_embeddings=False, rms_norm_eps=1e-5, attention_dropout=0.0)
 ARCHS = ("gpt2", "llama")
-# tiny-llama trains for half of tiny's steps: the machine it was made on (2 CPU cores shared with other jobs)
-# ran ~0.5 s per step, and 1,500 steps fit the ~12 minutes tiny's 3,000 took on an idle machine.
+# tiny-llama trains for half of tiny's steps: on the machine it was made on (2 CPU cores shared with other jobs)
+# a step took ~0.5 s, so 1,500 steps were to fit the ~12 minutes tiny's 3,000 took on an idle machine.
 STEPS = {"gpt2": 3000, "llama": 1500}
 DEFAULTS = dict(n_docs=150_000, steps=None, batch_size=16, block_size=128, lr=3e-3, seed=0)
 
@@ -160,8 +160,8 @@ same tokenizer, same data order and optimiser settings; only the network differs
 `peft_lab.load_base_model("tiny-llama")`.
 
 - **Size**: the untied head costs {c['vocab_size']} x {c['hidden_size']} = {c['vocab_size'] * c['hidden_size']:,}
-  parameters that `tiny` shares with its embedding; grouped-query attention saves a third of the attention
-  weights. The SwiGLU width {c['intermediate_size']} (a multiple of 8) brings the total closest to `tiny`'s
+  parameters that `tiny` shares with its embedding; grouped-query attention saves a quarter of the
+  attention weights (k and v are d x 64 instead of d x d). The SwiGLU width {c['intermediate_size']} (a multiple of 8) brings the total closest to `tiny`'s
   940,800.
 - **Corpus**: {s['corpus_docs']:,} generated documents from `peft_lab/corpus.py`, seed {s['seed']};
   {s['corpus_tokens']:,} tokens. No third-party text.
@@ -170,8 +170,10 @@ same tokenizer, same data order and optimiser settings; only the network differs
 - **Training**: {s['steps']:,} AdamW steps, batch {s['batch_size']} x {s['block_size']} tokens
   ({s['tokens_seen']:,} tokens seen), peak learning rate {s['lr']}, 5% warmup then cosine decay, weight decay
   0.01, seed {s['seed']}, in {s['pretrain_seconds']:.0f} s on {s['threads']} thread(s) of a 2-core CPU
-  shared with other jobs (torch {s['torch']}). Half of `tiny`'s 3,000 steps: on that busy machine a step took
-  ~0.5 s, and 1,500 steps fit the ~12 minutes `tiny`'s pretraining took on an idle one.
+  shared with other jobs (torch {s['torch']}). Half of `tiny`'s 3,000 steps, chosen for time: on that busy
+  machine a step took ~0.5 s when measured before the run (a LLaMA step costs about what a GPT-2 step of the same
+  size does), so 1,500 steps were to fit the ~12 minutes `tiny`'s 3,000 took on an idle one; the load of the
+  other jobs made it the time above. With half the tokens seen, its held-out perplexity is above `tiny`'s.
 - **Final training loss** (mean of the last 50 steps): {s['final_loss']}.
 - **Held-out perplexity** on {s['heldout_docs']} unseen documents (`data/heldout.jsonl`):
   **{s['heldout_perplexity']}**, against **{s['unigram_perplexity']}** for an add-one unigram model over
@@ -179,7 +181,8 @@ same tokenizer, same data order and optimiser settings; only the network differs
 - **Not** trained on the review task (`data/task/`).
 
 Reproduce: `python -m peft_lab.build_data && python -m peft_lab.pretrain --arch llama --out {out.as_posix()}`
-(figures in `pretrain_stats.json`).
+(figures in `pretrain_stats.json`; this run used {s['threads']} thread(s), set with `OMP_NUM_THREADS`: another thread
+count or CPU orders float sums differently, so a rebuild agrees to rounding, not bit for bit).
 """
 
 
