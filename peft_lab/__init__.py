@@ -2,6 +2,7 @@
 
 The public names below are what the notebooks use; each is documented where it is defined.
 """
+from . import arch
 from .adapters import (AdapterConfig, BottleneckAdapter, adapter_config, adapters_state_dict, apply_adapters,
                        bottleneck_layers, disable_adapters, load_adapters, load_adapters_state_dict, remove_adapters,
                        save_adapters)

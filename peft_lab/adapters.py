@@ -50,12 +50,13 @@ import torch
 from torch import nn
 
 from . import core, validate
+from .arch import LAYOUTS, Layout
 from .paths import atomic_path
 
 __all__ = ["AdapterConfig", "BottleneckAdapter", "ResidualTap", "apply_adapters", "bottleneck_layers",
            "adapter_config", "disable_adapters", "remove_adapters", "adapters_state_dict",
            "load_adapters_state_dict", "save_adapters", "load_adapters", "bottleneck_params",
-           "PLACEMENTS", "NONLINEARITIES", "INITS", "BLOCK_LAYOUTS"]
+           "PLACEMENTS", "NONLINEARITIES", "INITS"]
 
 _METHOD = "adapters"
 
@@ -75,23 +76,6 @@ NONLINEARITIES: dict[str, type[nn.Module]] = {
 INITS = ("zero", "bert", "houlsby")
 
 
-@dataclass(frozen=True)
-class BlockLayout:
-    """Where the pieces of a pre-LN block live: the block list, and in each block the attention sublayer,
-    the norm before the feed-forward sublayer (its input is ``x₁``) and the feed-forward sublayer."""
-
-    blocks: str
-    attn: str
-    ffn_norm: str
-    ffn: str
-
-
-_LLAMA = BlockLayout("model.layers", "self_attn", "post_attention_layernorm", "mlp")
-#: ``model.config.model_type`` → :class:`BlockLayout`.
-BLOCK_LAYOUTS: dict[str, BlockLayout] = {
-    "gpt2": BlockLayout("transformer.h", "attn", "ln_2", "mlp"),
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
-}
 
 
 @dataclass(frozen=True)
@@ -220,13 +204,12 @@ def hidden_size_of(model: nn.Module) -> int:
     return d
 
 
-def _layout(model: nn.Module) -> BlockLayout:
+def _layout(model: nn.Module) -> Layout:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in BLOCK_LAYOUTS:
+    if model_type not in LAYOUTS:
         raise ValueError(f"model type {model_type!r} has no block layout for adapters; known: "
-                         f"{sorted(BLOCK_LAYOUTS)}. Add a BlockLayout entry to peft_lab.adapters.BLOCK_LAYOUTS "
-                         "for another architecture")
-    return BLOCK_LAYOUTS[model_type]
+                         f"{sorted(LAYOUTS)}. Add a Layout entry to peft_lab.arch.LAYOUTS for another architecture")
+    return LAYOUTS[model_type]
 
 
 def resolve_bottleneck_dim(hidden_size: int, reduction_factor=16, bottleneck_dim=None) -> int:

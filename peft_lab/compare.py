@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .arch import default_targets
 from .data import evaluate_task, perplexity
 from .estimate import estimate_memory
 from .measure import count_parameters, measure_memory
@@ -44,7 +45,7 @@ class MethodSpec:
 
 
 def _lora_targets(config) -> list[str]:
-    return ["c_attn"] if config.model_type == "gpt2" else ["q_proj", "v_proj"]
+    return default_targets(config, "lora")
 
 
 def _lora(rank: int):

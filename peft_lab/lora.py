@@ -38,6 +38,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import core
 from . import validate
+from .arch import DEFAULT_TARGETS
 from .core import AdapterLayer, matches_target
 
 __all__ = [
@@ -49,22 +50,10 @@ __all__ = [
 #: Layer types LoRA can wrap here.
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
-#: Default ``target_modules`` per ``model.config.model_type``, the same as PEFT's
-#: ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`` for these architectures (the attention query and
-#: value projections, as in Hu et al. 2021 §7.1; GPT-2 fuses q, k, v into one ``c_attn``).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "t5": ["q", "v"],
-}
+#: Default ``target_modules`` per ``model.config.model_type``: the LoRA row of the package's one table,
+#: :data:`peft_lab.arch.DEFAULT_TARGETS` (PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``: the
+#: attention query and value projections, as in Hu et al. 2021 §7.1; GPT-2 fuses q, k, v into one ``c_attn``).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = DEFAULT_TARGETS["lora"]
 
 _METHOD = "lora"  # the name under which apply_lora records its settings on the model (core.record_config)
 

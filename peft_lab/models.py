@@ -1,4 +1,5 @@
-"""Base models: the shipped offline "tiny", any Hugging Face model online, and real architectures from config.
+"""Base models: the shipped offline "tiny" (GPT-2) and "tiny-llama" (LLaMA), any Hugging Face model online, and
+real architectures from config.
 
 Notebook 00 ("Real architectures on the meta device") and 01 ("The tiny model").
 """
@@ -18,6 +19,12 @@ from . import validate
 from .paths import data_dir, pick_device
 
 TINY = "tiny"
+TINY_LLAMA = "tiny-llama"
+#: The offline models shipped in ``data/``: name → the command that rebuilds it.
+SHIPPED: dict[str, str] = {
+    TINY: "python -m peft_lab.pretrain --out {path}",
+    TINY_LLAMA: "python -m peft_lab.pretrain --arch llama --out {path}",
+}
 
 # Published architecture hyper-parameters, written here so that no download is needed to build them.
 # GPT-2: Radford et al. 2019, Table 2 (the Hugging Face configs of gpt2, gpt2-medium, -large, -xl).
@@ -34,11 +41,12 @@ ARCHITECTURES: dict[str, tuple[type, dict]] = {
 
 
 def architecture_config(name: str):
-    """The transformers config of a named architecture (see :data:`ARCHITECTURES`, or ``"tiny"``)."""
-    if name == TINY:
-        return AutoConfig.from_pretrained(_tiny_dir())
+    """The transformers config of a named architecture (see :data:`ARCHITECTURES`, or a shipped model:
+    ``"tiny"``, ``"tiny-llama"``)."""
+    if name in SHIPPED:
+        return AutoConfig.from_pretrained(_tiny_dir(name))
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture name={name!r}; choose one of {[TINY, *ARCHITECTURES]}")
+        raise ValueError(f"unknown architecture name={name!r}; choose one of {[*SHIPPED, *ARCHITECTURES]}")
     cls, kwargs = ARCHITECTURES[name]
     config = cls(**kwargs)
     if cls is GPT2Config:  # dropout off, as in the tiny model, so runs are deterministic and comparable
@@ -56,7 +64,7 @@ def build_from_config(name, device: str | torch.device = "meta", dtype: torch.dt
     """
     from transformers import PretrainedConfig
     if not isinstance(name, (str, PretrainedConfig)):
-        raise TypeError(f"name must be an architecture name such as 'gpt2' (one of {[TINY, *ARCHITECTURES]}) "
+        raise TypeError(f"name must be an architecture name such as 'gpt2' (one of {[*SHIPPED, *ARCHITECTURES]}) "
                         f"or a transformers config, got {validate.describe(name)}")
     _check_dtype(dtype)
     seed = validate.require_int("seed", seed)
@@ -71,12 +79,12 @@ def build_from_config(name, device: str | torch.device = "meta", dtype: torch.dt
     return model.eval()
 
 
-def _tiny_dir():
-    path = data_dir() / TINY
+def _tiny_dir(name: str = TINY):
+    path = data_dir() / name
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"the tiny model is missing from {path}. Rebuild it with "
-            f"`python -m peft_lab.pretrain --out {path}` (about 12 minutes on a laptop CPU)."
+            f"the {name} model is missing from {path}. Rebuild it with "
+            f"`{SHIPPED[name].format(path=path)}` (about 12 minutes on a laptop CPU)."
         )
     return path
 
@@ -85,16 +93,19 @@ def load_base_model(name: str = TINY, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None):
     """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: cuda → mps → cpu).
 
-    ``"tiny"`` is the offline model shipped in ``data/tiny``; any other name goes to ``from_pretrained``
-    (a hub id such as ``"gpt2"`` when online, or a local folder). The tokenizer always has a pad token.
+    ``"tiny"`` (GPT-2) and ``"tiny-llama"`` (LLaMA: RoPE, grouped-query attention, SwiGLU, untied head) are
+    the offline models shipped in ``data/``; any other name goes to ``from_pretrained`` (a hub id such as
+    ``"gpt2"`` when online, or a local folder). The tokenizer always has a pad token. The notebooks pass
+    :func:`peft_lab.arch.model_name`, so ``PEFT_LAB_MODEL`` picks the model of a whole run.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty string (\"tiny\", a hub id such as \"gpt2\", or a folder), "
                         f"got {validate.describe(name)}")
     target = pick_device(device)
     _check_dtype(dtype)
-    local = name == TINY or _is_local(name)
-    source = _tiny_dir() if name == TINY else (_model_folder(name) if local else name)
+    shipped = name in SHIPPED
+    local = shipped or _is_local(name)
+    source = _tiny_dir(name) if shipped else (_model_folder(name) if local else name)
     kwargs = {"dtype": dtype} if dtype else {}
     # transformers raises OSError, ValueError (the hub client's HFValidationError at 4.57) or ImportError
     # depending on release and what is missing; every one becomes the same message with the hint.
@@ -102,7 +113,7 @@ def load_base_model(name: str = TINY, device: str | torch.device | None = None,
     try:
         try:  # a local folder, or a hub model already in the local cache: no network needed
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-            with _no_loading_bar() if name == TINY else nullcontext():
+            with _no_loading_bar() if shipped else nullcontext():
                 model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
         except errors:
             if local or not _hub_reachable():

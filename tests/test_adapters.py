@@ -227,7 +227,7 @@ def test_bad_models():
         adapters_state_dict(small_gpt2())
     bert_like = small_gpt2()
     bert_like.config.model_type = "bert"
-    with pytest.raises(ValueError, match="model type 'bert'.*BLOCK_LAYOUTS"):
+    with pytest.raises(ValueError, match="model type 'bert'.*peft_lab.arch.LAYOUTS"):
         apply_adapters(bert_like)
 
 

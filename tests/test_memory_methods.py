@@ -8,6 +8,7 @@ import torch
 from transformers import GPT2Config, LlamaConfig
 
 import peft_lab
+from peft_lab.arch import default_targets
 from peft_lab.estimate import activation_elements, estimate_memory
 from peft_lab.measure import measure_memory
 from peft_lab.prefix import apply_prefix_tuning, apply_prompt_tuning
@@ -26,7 +27,7 @@ B, T = 3, 20
 
 
 def _lora_targets(cfg):
-    return ["c_attn"] if cfg.model_type == "gpt2" else ["q_proj", "v_proj"]
+    return default_targets(cfg, "lora")
 
 
 METHODS = {
