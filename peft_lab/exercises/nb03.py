@@ -3,6 +3,7 @@ running ``peft_lab.adapters`` itself, not from stored numbers."""
 from __future__ import annotations
 
 from . import exercise, number
+from ..tolerance import is_close  # student's order of operations vs ours: float32 reordering
 
 
 @exercise("03.ex1", "Write bottleneck(h, down, up): the adapter function f(h) = W_up · relu(W_down · h + b_down) "
@@ -26,11 +27,11 @@ def _bottleneck(answer):
         if got.shape != h.shape:
             return False, f"for h of shape {tuple(h.shape)} you returned shape {tuple(got.shape)}; f maps d → d"
         want = layer.bottleneck(h)
-        if torch.allclose(got, want + h, atol=1e-5):
+        if is_close(got, want + h):
             return False, "that is f(h) + h, the adapter with its residual; f alone has no '+ h'"
-        if torch.allclose(got, layer.adapter_up(layer.adapter_down[0](h)), atol=1e-5):
+        if is_close(got, layer.adapter_up(layer.adapter_down[0](h))):
             return False, "the nonlinearity is missing: relu between the two projections"
-        if not torch.allclose(got, want, atol=1e-5):
+        if not is_close(got, want):
             return False, (f"differs from BottleneckAdapter.bottleneck by up to {(got - want).abs().max():.3g} "
                            f"(d={d}, m={m}); check the order down → relu → up and both biases")
     return True, "equal to peft_lab's BottleneckAdapter on three random shapes, biases included."

@@ -8,6 +8,7 @@ import math
 import torch
 
 from . import exercise, number
+from ..tolerance import is_close  # student's order of operations vs ours: float32 reordering
 
 
 def _configs():
@@ -86,13 +87,13 @@ def _attention_function(answer):
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != (T, dh):
             return False, (f"for T={T}, P={P}, d_h={dh} the output should be a {T} × {dh} tensor, got "
                            f"{tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}")
-        if not torch.allclose(got, expected, atol=1e-5):
+        if not is_close(got, expected):
             causal_free = torch.nn.functional.scaled_dot_product_attention(
                 q, torch.cat([pk, k]), torch.cat([pv, v]))
             no_scale = _reference_attention(q * math.sqrt(dh), k, v, pk, pv)
-            if torch.allclose(got, causal_free, atol=1e-5):
+            if is_close(got, causal_free):
                 why = "token t must not see inputs after t: mask the input part causally (the prefix stays visible)."
-            elif torch.allclose(got, no_scale, atol=1e-5):
+            elif is_close(got, no_scale):
                 why = "divide the scores by √d_h."
             else:
                 why = "compare with softmax([q pkᵀ, q kᵀ + causal mask] / √d_h) · [pv; v]."
