@@ -101,10 +101,13 @@ def _peft_named_adapter(c, tmp):
     peft_lab.import_peft_adapter(c.small(), tmp / "saved")
 
 
+def _train_inside(c, model, disable):
+    with disable(model):
+        peft_lab.train(model, c.ex, steps=1, batch_size=2)
+
+
 def _train_inside_disable_prefix(c, tmp):
-    m = peft_lab.apply_prefix_tuning(c.small(), 3)
-    with peft_lab.disable_prefix(m):
-        peft_lab.train(m, c.ex, steps=1, batch_size=2)
+    _train_inside(c, peft_lab.apply_prefix_tuning(c.small(), 3), peft_lab.disable_prefix)
 
 
 def _load_adapters_other_settings(c, tmp):
@@ -416,6 +419,9 @@ CASES = [
      ["model", "PrefixModel"]),
     ("prefix", "remove from str", lambda c, t: peft_lab.remove_prefix("m"), TypeError, ["model"]),
     ("prefix", "train inside disable_prefix", _train_inside_disable_prefix, ValueError, ["train", "disable_"]),
+    ("adapters", "train inside disable_adapters", lambda c, t: _train_inside(c, peft_lab.apply_adapters(c.small()),
+                                                                             peft_lab.disable_adapters),
+     ValueError, ["train", "disable_"]),
     # --- the four cases a probe found unclear ---------------------------------------------------------
     ("lora", "PEFT's keys to the LoRA loader", _peft_keys_to_lora_loader, ValueError,
      ["base_model.model.", "import_peft_adapter"]),
