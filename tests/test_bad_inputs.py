@@ -830,3 +830,23 @@ def test_adapterhub_export_failing_midway_keeps_the_old_pair(tmp_path, monkeypat
     peft_lab.export_adapterhub_adapter(other, folder, "task")  # a complete new pair, the other file kept
     after = _fill_folder(folder)
     assert after["notes.txt"] == b"kept" and after["adapter.safetensors"] != before["adapter.safetensors"]
+
+
+def test_rollback_undoes_every_kind_of_change():
+    """What any loader might do inside core.rollback_on_error, undone when it raises: modules swapped,
+    parameters frozen, train/eval switched, a config recorded, an existing adapter's values overwritten."""
+    model = _unusual(peft_lab.apply_lora(small_gpt2(), rank=2))
+    core.fill_seeded(peft_lab.lora_state_dict(model), 3, 0.1)
+    snap, values = _full_snapshot(model), {k: t.clone() for k, t in peft_lab.lora_state_dict(model).items()}
+    with pytest.raises(RuntimeError, match="midway"):
+        with core.rollback_on_error(model):
+            core.replace_module(model, "transformer.h.0.mlp", nn.Identity())
+            core.freeze(model)
+            model.eval()
+            core.record_config(model, "adapters", "settings")
+            for t in peft_lab.lora_state_dict(model).values():
+                t.zero_()
+            raise RuntimeError("midway")
+    after = _full_snapshot(model)
+    assert _same(model, snap[0]) and after[1] == snap[1] and after[2] == snap[2]
+    assert all(torch.equal(t, values[k]) for k, t in peft_lab.lora_state_dict(model).items())
