@@ -457,8 +457,10 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20, init: st
 
 def is_prefix_model(model, method: str | None = None) -> bool:
     """Whether ``model`` is a :class:`PrefixModel` (of ``method``: ``"prefix_tuning"``/``"prompt_tuning"``)."""
-    cls = {None: PrefixModel, PREFIX_TUNING: PrefixTuningModel, PROMPT_TUNING: PromptTuningModel}[method]
-    return isinstance(model, cls)
+    kinds = {None: PrefixModel, PREFIX_TUNING: PrefixTuningModel, PROMPT_TUNING: PromptTuningModel}
+    if method is not None:
+        validate.require_str("method", method, choices=[PREFIX_TUNING, PROMPT_TUNING])
+    return isinstance(model, kinds[method])
 
 
 def _require(model) -> PrefixModel:

@@ -102,10 +102,13 @@ def _peft_named_adapter(c, tmp):
     peft_lab.import_peft_adapter(c.small(), tmp / "saved")
 
 
+def _train_inside(c, model, disable):
+    with disable(model):
+        peft_lab.train(model, c.ex, steps=1, batch_size=2)
+
+
 def _train_inside_disable_prefix(c, tmp):
-    m = peft_lab.apply_prefix_tuning(c.small(), 3)
-    with peft_lab.disable_prefix(m):
-        peft_lab.train(m, c.ex, steps=1, batch_size=2)
+    _train_inside(c, peft_lab.apply_prefix_tuning(c.small(), 3), peft_lab.disable_prefix)
 
 
 def _load_adapters_other_settings(c, tmp):
@@ -417,6 +420,9 @@ CASES = [
      ["model", "PrefixModel"]),
     ("prefix", "remove from str", lambda c, t: peft_lab.remove_prefix("m"), TypeError, ["model"]),
     ("prefix", "train inside disable_prefix", _train_inside_disable_prefix, ValueError, ["train", "disable_"]),
+    ("adapters", "train inside disable_adapters", lambda c, t: _train_inside(c, peft_lab.apply_adapters(c.small()),
+                                                                             peft_lab.disable_adapters),
+     ValueError, ["train", "disable_"]),
     # --- the four cases a probe found unclear ---------------------------------------------------------
     ("lora", "PEFT's keys to the LoRA loader", _peft_keys_to_lora_loader, ValueError,
      ["base_model.model.", "import_peft_adapter"]),
@@ -825,3 +831,23 @@ def test_adapterhub_export_failing_midway_keeps_the_old_pair(tmp_path, monkeypat
     peft_lab.export_adapterhub_adapter(other, folder, "task")  # a complete new pair, the other file kept
     after = _fill_folder(folder)
     assert after["notes.txt"] == b"kept" and after["adapter.safetensors"] != before["adapter.safetensors"]
+
+
+def test_rollback_undoes_every_kind_of_change():
+    """What any loader might do inside core.rollback_on_error, undone when it raises: modules swapped,
+    parameters frozen, train/eval switched, a config recorded, an existing adapter's values overwritten."""
+    model = _unusual(peft_lab.apply_lora(small_gpt2(), rank=2))
+    core.fill_seeded(peft_lab.lora_state_dict(model), 3, 0.1)
+    snap, values = _full_snapshot(model), {k: t.clone() for k, t in peft_lab.lora_state_dict(model).items()}
+    with pytest.raises(RuntimeError, match="midway"):
+        with core.rollback_on_error(model):
+            core.replace_module(model, "transformer.h.0.mlp", nn.Identity())
+            core.freeze(model)
+            model.eval()
+            core.record_config(model, "adapters", "settings")
+            for t in peft_lab.lora_state_dict(model).values():
+                t.zero_()
+            raise RuntimeError("midway")
+    after = _full_snapshot(model)
+    assert _same(model, snap[0]) and after[1] == snap[1] and after[2] == snap[2]
+    assert all(torch.equal(t, values[k]) for k, t in peft_lab.lora_state_dict(model).items())

@@ -17,9 +17,9 @@ import peft_lab
 from peft_lab.core import fill_seeded
 from peft_lab.interop import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, import_peft_adapter
 from peft_lab.measure import count_parameters, print_trainable_parameters
-from peft_lab.prefix import (PrefixEncoder, PrefixModel, PromptEmbedding, apply_prefix_tuning, apply_prompt_tuning,
-                             disable_prefix, fold_prefix_projection, load_prefix_state_dict, prefix_shapes,
-                             prefix_state_dict, remove_prefix)
+from peft_lab.prefix import (PrefixEncoder, PrefixModel, PrefixTuningModel, PromptEmbedding, PromptTuningModel,
+                             apply_prefix_tuning, apply_prompt_tuning, disable_prefix, fold_prefix_projection,
+                             load_prefix_state_dict, prefix_shapes, prefix_state_dict, remove_prefix)
 
 from builders import VOCAB, small_gpt2, tiny
 from peft_lab.tolerance import assert_close
@@ -215,6 +215,9 @@ def test_structure_and_frozen_base():
     assert "prompt_encoder" in text and "method=prefix_tuning" in text
     prompt = apply_prompt_tuning(small_gpt2(), P)
     assert isinstance(prompt.prompt_encoder, PromptEmbedding)
+    # one class per method, each injecting only its own input
+    assert type(model) is PrefixTuningModel and type(prompt) is PromptTuningModel
+    assert not hasattr(prompt, "prefix_key_values") and not hasattr(model, "prompt_embeddings")
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
