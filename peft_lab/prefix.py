@@ -57,8 +57,8 @@ class PrefixConfig:
     ``token_dim`` is the width of one virtual token as PEFT counts it: ``d_kv`` for prefix tuning (the keys
     and values of one layer), ``d`` for prompt tuning (an input embedding). ``projection_dim`` is the hidden
     width ``m`` of the reparameterization (None: none, or folded away). ``init`` is prompt tuning's
-    initialisation: ``"random"``, ``"vocab"`` or ``"text"`` (then ``init_text`` holds the text); prefix tuning's
-    ``"random"`` or ``"zero"``.
+    initialisation: ``"random"``, ``"vocab"`` or ``"text"``; prefix tuning's ``"random"``, ``"zero"`` or
+    ``"text"``; with ``"text"``, ``init_text`` holds the text.
     """
 
     method: str
@@ -391,23 +391,34 @@ def _wrap(model: nn.Module, cls: type, encoder: nn.Module, config: PrefixConfig)
     return cls(model, encoder, config)
 
 
-def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
-                        projection_dim: int | None = None, init: str = "random") -> PrefixTuningModel:
+def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20, projection_dim: int | None = None,
+                        init: str = "random", init_text: str | None = None, tokenizer=None) -> PrefixTuningModel:
     """Prefix tuning (Li & Liang 2021): P trainable keys and values in every layer; return a
     :class:`PrefixTuningModel`.
 
     The base ``model`` is frozen and held by the wrapper (not copied). ``projection_dim=m`` trains through the
     reparameterization of equation (04.4) (PEFT's ``prefix_projection=True, encoder_hidden_size=m``); fold it
     away after training with :func:`fold_prefix_projection`. With grouped-query attention the prefix has the
-    width of the key/value heads, ``d_kv`` (as in PEFT). ``init="random"`` is PyTorch's (and PEFT's) default,
-    N(0, 1) prefix entries; ``init="zero"`` is PEFT's ``init_weights="zero"``: the prefix (with a projection: the
-    last layer's weight and bias) starts at 0, so its values add nothing and its keys score 0.
+    width of the key/value heads, ``d_kv`` (as in PEFT). ``init``:
+
+    * ``"random"``: PyTorch's (and PEFT's) default, N(0, 1) prefix entries;
+    * ``"zero"``: PEFT's ``init_weights="zero"``: the prefix (with a projection: the last layer's weight and
+      bias) starts at 0, so its values add nothing and its keys score 0;
+    * ``"text"``: Li & Liang's initialisation from real words (their §7.2): the prefix starts as the keys and
+      values the frozen model computes for the first P tokens of ``init_text`` (repeated or cut to P, as for
+      prompt tuning; needs ``tokenizer``). Before training, the model on an input X then equals the base model
+      on [text; X] at X's positions (notebook 04). Not with a projection: there the prefix is an MLP's output,
+      and no setting of the MLP is "the text's keys and values" without solving for it.
     """
     s = _check_args(model, PREFIX_TUNING, num_virtual_tokens)
     if _checkpointing(model):
         raise ValueError(_GRADIENT_CHECKPOINTING)
     validate.optional(validate.require_int, "projection_dim", projection_dim, min=1)
-    validate.require_str("init", init, choices=("random", "zero"))
+    ids = _check_init(init, ("random", "zero", "text"), init_text, tokenizer, num_virtual_tokens)
+    if ids is not None and projection_dim is not None:
+        raise ValueError("init='text' sets the prefix itself, but with projection_dim the prefix is the output of "
+                         "an MLP; drop projection_dim (a plain prefix, as Li & Liang initialise it) or use "
+                         "init='random'")
     ref = next(model.parameters())
     encoder = PrefixEncoder(num_virtual_tokens, s["num_layers"], s["kv_dim"], projection_dim, device=ref.device,
                             dtype=core.adapter_dtype(ref.dtype))
@@ -415,44 +426,71 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20,
         last = encoder.embedding if projection_dim is None else encoder.transform[-1]
         for p in last.parameters():
             nn.init.zeros_(p)
+    elif ids is not None:
+        with torch.no_grad():
+            encoder.embedding.weight.copy_(_text_key_values(model, ids))
     config = PrefixConfig(PREFIX_TUNING, num_virtual_tokens, s["num_layers"], s["num_kv_heads"], s["head_dim"],
-                          s["kv_dim"], projection_dim, init)
+                          s["kv_dim"], projection_dim, init, init_text if ids is not None else None)
     return _wrap(model, PrefixTuningModel, encoder, config)
 
 
 def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20, init: str = "random",
-                        tokenizer=None) -> PromptTuningModel:
+                        init_text: str | None = None, tokenizer=None) -> PromptTuningModel:
     """Prompt tuning (Lester et al. 2021): P trainable input embeddings; return a :class:`PromptTuningModel`.
 
     ``init``: ``"random"`` (PyTorch's N(0, 1), PEFT's ``RANDOM``), ``"vocab"`` (embeddings of P token ids drawn
-    uniformly from the vocabulary with the global torch generator, PEFT's ``SAMPLE_VOCAB``), or any other string:
-    a text whose token embeddings start the prompt, repeated or cut to P tokens (PEFT's ``TEXT``; needs
-    ``tokenizer``).
+    uniformly from the vocabulary with the global torch generator, PEFT's ``SAMPLE_VOCAB``), or ``"text"``: the
+    token embeddings of ``init_text`` start the prompt, repeated or cut to P tokens (PEFT's ``TEXT`` with
+    ``prompt_tuning_init_text``; needs ``tokenizer``).
     """
     s = _check_args(model, PROMPT_TUNING, num_virtual_tokens)
-    validate.require_str("init", init)
-    kind, text = (init, None) if init in ("random", "vocab") else ("text", init)
-    if kind == "text":
-        if tokenizer is None:
-            raise ValueError(f"init={init!r} is a text initialisation and needs tokenizer=<the model's "
-                             f'tokenizer>; for a random start use init="random" or init="vocab"')
-        validate.require_tokenizer("tokenizer", tokenizer)
+    ids = _check_init(init, ("random", "vocab", "text"), init_text, tokenizer, num_virtual_tokens)
     words = model.get_input_embeddings()
     encoder = PromptEmbedding(num_virtual_tokens, s["hidden_size"], device=words.weight.device,
                               dtype=core.adapter_dtype(next(model.parameters()).dtype))
-    if kind == "vocab":
+    if init == "vocab":
         ids = torch.randint(0, words.num_embeddings, (num_virtual_tokens,), dtype=torch.long)
-    elif kind == "text":
-        ids = tokenizer(init)["input_ids"]
-        if not ids:
-            raise ValueError(f"init text {init!r} gives no tokens")
-        ids = torch.tensor((ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens])
-    if kind != "random":
+    if ids is not None:
         with torch.no_grad():
             encoder.embedding.weight.copy_(words(ids.to(words.weight.device)).float())
     config = PrefixConfig(PROMPT_TUNING, num_virtual_tokens, s["num_layers"], s["num_kv_heads"], s["head_dim"],
-                          s["hidden_size"], None, kind, text)
+                          s["hidden_size"], None, init, init_text if init == "text" else None)
     return _wrap(model, PromptTuningModel, encoder, config)
+
+
+def _check_init(init, choices: tuple[str, ...], init_text, tokenizer, num_virtual_tokens: int):
+    """``init`` checked; for ``"text"`` the text's token ids repeated or cut to P (else None)."""
+    validate.require_str("init", init)
+    if init not in choices:
+        hint = (f"; for a text initialisation pass init='text', init_text={init!r}, tokenizer=<the model's "
+                "tokenizer>" if "text" in choices and (" " in init or len(init) > 8) else "")
+        raise ValueError(f"init must be one of {list(choices)}, got {init!r}{hint}")
+    if init != "text":
+        if init_text is not None:
+            raise ValueError(f"init_text is used only with init='text' (got init={init!r})")
+        return None
+    validate.require_str("init_text", init_text)
+    if tokenizer is None:
+        raise ValueError("init='text' needs tokenizer=<the model's tokenizer> to turn init_text into tokens")
+    validate.require_tokenizer("tokenizer", tokenizer)
+    ids = tokenizer(init_text)["input_ids"]
+    if not ids:
+        raise ValueError(f"init_text={init_text!r} gives no tokens")
+    return torch.tensor((list(ids) * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens])
+
+
+def _text_key_values(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The frozen model's keys and values for the P tokens ``ids`` (at positions 0…P−1), laid out as the
+    :class:`PrefixEncoder`'s table (P × 2L·d_kv): the inverse of :meth:`PrefixTuningModel.prefix_key_values`."""
+    was_training = model.training
+    model.eval()  # a model with dropout would otherwise give a random prefix
+    try:
+        with torch.no_grad():
+            cache = model(input_ids=ids[None].to(next(model.parameters()).device), use_cache=True).past_key_values
+    finally:
+        model.train(was_training)
+    kv = torch.stack([t[0] for layer in cache.layers for t in (layer.keys, layer.values)])  # 2L × h_kv × P × d_h
+    return kv.permute(2, 0, 1, 3).reshape(ids.numel(), -1).float()
 
 
 def is_prefix_model(model, method: str | None = None) -> bool:

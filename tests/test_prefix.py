@@ -22,7 +22,7 @@ from peft_lab.prefix import (PrefixEncoder, PrefixModel, PrefixTuningModel, Prom
                              load_prefix_state_dict, prefix_shapes, prefix_state_dict, remove_prefix)
 
 from builders import VOCAB, small_gpt2, tiny
-from peft_lab.tolerance import assert_close
+from peft_lab.tolerance import COMMITTED, assert_close, is_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 P = 5  # virtual tokens in the small tests
@@ -298,11 +298,32 @@ def test_half_precision_base_gets_float32_prefix():
     assert model.prompt_encoder.embedding.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("text", ["review: the soup was cold . verdict:", "good"])  # cut to P / repeated to P
+def test_prefix_from_text_is_the_base_model_reading_the_text_first(name, text):
+    """Li & Liang's init (§7.2): the prefix holds the text's keys and values, so on an input X the model equals
+    the base model on [text; X] at X's positions — GPT-2 (learned positions) and LLaMA (RoPE, grouped-query
+    attention: 2 key/value heads for 4 query heads) alike."""
+    base, tok = peft_lab.load_base_model(name, device="cpu")
+    n = 7
+    model = apply_prefix_tuning(copy.deepcopy(base), n, init="text", init_text=text, tokenizer=tok).eval()
+    text_ids = tok(text)["input_ids"]
+    text_ids = torch.tensor((text_ids * n)[:n])
+    ids = torch.tensor([tok("review: the waiter was rude . verdict:")["input_ids"]])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        reading = base(input_ids=torch.cat([text_ids[None], ids], 1)).logits[:, n:]
+        plain = base(input_ids=ids).logits
+    assert model.prefix_config.init == "text" and model.prefix_config.init_text == text
+    assert not is_close(ours, plain, COMMITTED)  # the text does change what the model sees
+    assert_close(ours, reading, reason="attention over a cache vs over one sequence: another order", what="logits")
+
+
 def test_prompt_tuning_inits(tiny):
     base, tok = tiny
     words = base.get_input_embeddings().weight
     text = "review: verdict"
-    model = apply_prompt_tuning(copy.deepcopy(base), 7, init=text, tokenizer=tok)
+    model = apply_prompt_tuning(copy.deepcopy(base), 7, init="text", init_text=text, tokenizer=tok)
     ids = tok(text)["input_ids"]
     expected = words[torch.tensor((ids * 7)[:7])]
     assert torch.equal(model.prompt_encoder.embedding.weight, expected)
@@ -505,7 +526,9 @@ def test_applying_twice():
 def test_other_bad_uses(tiny):
     base, tok = tiny
     with pytest.raises(ValueError, match="needs tokenizer"):
-        apply_prompt_tuning(copy.deepcopy(base), P, init="a review")
+        apply_prompt_tuning(copy.deepcopy(base), P, init="text", init_text="a review")
+    with pytest.raises(ValueError, match="init='text', init_text='a review'"):
+        apply_prompt_tuning(copy.deepcopy(base), P, init="a review", tokenizer=tok)
     prompt = apply_prompt_tuning(copy.deepcopy(base), P)
     ids = torch.randint(0, 100, (1, 4))
     with pytest.raises(ValueError, match="position_ids are not supported with prompt tuning"):
