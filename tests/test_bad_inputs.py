@@ -502,13 +502,13 @@ def test_every_public_function_has_a_bad_input_case():
 @pytest.mark.parametrize("answer", [4, 4.0, np.float64(4.0), np.float32(4.0), np.int64(4), np.array(4.0),
                                     torch.tensor(4.0), torch.tensor(4)], ids=repr)
 def test_check_accepts_numpy_and_torch_scalars(answer):
-    assert peft_lab.check("02.2", answer, verbose=False) is True
-    assert peft_lab.check("02.2", answer + 1, verbose=False) is False
+    assert peft_lab.check("02.ex2", answer, verbose=False) is True
+    assert peft_lab.check("02.ex2", answer + 1, verbose=False) is False
 
 
 @pytest.mark.parametrize("answer", ["4", True, [4]], ids=repr)
 def test_check_marks_non_numbers_wrong(answer):
-    assert peft_lab.check("02.2", answer, verbose=False) is False
+    assert peft_lab.check("02.ex2", answer, verbose=False) is False
 
 
 def test_perplexity_of_a_list_does_not_depend_on_its_container(tiny):

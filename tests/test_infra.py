@@ -30,7 +30,7 @@ def test_exercise_ids_cannot_be_read_as_equation_tags():
         assert re.fullmatch(r"\d\d\.ex\d+", e.id), e.id
 
 
-def test_check_accepts_numpy_and_torch_scalars_and_old_ids(capsys):
+def test_check_accepts_numpy_and_torch_scalars(capsys):
     import numpy as np
     import torch
     for answer in (16, 16.0, np.int64(16), np.float32(16), torch.tensor(16), torch.tensor(16.0)):
@@ -39,8 +39,8 @@ def test_check_accepts_numpy_and_torch_scalars_and_old_ids(capsys):
     assert "keeps two" in capsys.readouterr().out  # the known mistake is named
     assert check("00.ex1", np.array([16, 16]), verbose=False) is False  # not a scalar
     assert check("00.ex1", np.bool_(True), verbose=False) is False
-    assert check("00.1", np.int64(16)) is True  # the old id still works
-    assert "Right [00.1]" in capsys.readouterr().out
+    assert check("00.ex1", np.int64(16)) is True
+    assert "Right [00.ex1]" in capsys.readouterr().out
 
 
 def test_coding_exercise_runs_the_students_function(capsys):
@@ -94,8 +94,8 @@ def test_number_helper_explains_known_mistakes():
         number(True, 1)
     with pytest.raises(ValueError, match="twice"):
         exercise("01.ex1", "duplicate")(lambda a: (True, ""))
-    with pytest.raises(ValueError, match="twice"):
-        exercise("01.ex99", "alias clash", aliases=("01.1",))(lambda a: (True, ""))
+    with pytest.raises(KeyError, match="no exercise id='02.3'"):  # old ids read like equation tags: gone
+        check("02.3", 1.0)
 
 
 def test_record_is_a_no_op_unless_asked(monkeypatch, tmp_path):

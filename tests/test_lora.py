@@ -168,7 +168,7 @@ def test_init_is_the_identity_and_base_is_frozen():
     ids = input_ids()
     expected = base(ids).logits
     model = apply_lora(base, rank=8, alpha=16)
-    assert torch.equal(model(ids).logits, expected)  # (02.4): B = 0 ⇒ h = W x exactly
+    assert torch.equal(model(ids).logits, expected)  # (02.3): B = 0 ⇒ h = W x exactly
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(lora_state_dict(model))
     layer = model.transformer.h[0].attn.c_attn

@@ -5,7 +5,7 @@ notebook), worked solutions in ``notebooks/solutions/``. A checker returns ``(co
 computes the expected answer from the same formulas the notebook derives rather than storing it.
 
 Exercise ids read ``"NN.exK"`` (notebook NN, exercise K), so they cannot be mistaken for an equation tag
-such as (02.3). Ids of an older scheme stay valid as aliases. An answer is a number (Python, NumPy or a
+such as (02.3); ids of the older "NN.K" scheme are not accepted (they read like equation tags). An answer is a number (Python, NumPy or a
 0-d torch tensor), a string, or — for coding exercises — a function or class that the checker runs; an
 error raised by the student's code while it runs becomes "Not yet" naming the exception.
 """
@@ -30,24 +30,18 @@ class Exercise:
 
 
 _REGISTRY: dict[str, Exercise] = {}
-_ALIASES: dict[str, str] = {}
 
 
 class StudentCodeError(Exception):
     """The student's function or class raised while a checker ran it (see :func:`run_student`)."""
 
 
-def exercise(id: str, question: str, aliases: tuple[str, ...] = ()):
-    """Decorator registering ``checker(answer) -> (correct, why)`` as exercise ``id`` (``"NN.exK"``).
-
-    ``aliases`` are older ids that keep working in :func:`check` (not listed by :func:`exercises`).
-    """
+def exercise(id: str, question: str):
+    """Decorator registering ``checker(answer) -> (correct, why)`` as exercise ``id`` (``"NN.exK"``)."""
     def wrap(fn: Checker) -> Checker:
-        for key in (id, *aliases):
-            if key in _REGISTRY or key in _ALIASES:
-                raise ValueError(f"exercise {key!r} is registered twice")
+        if id in _REGISTRY:
+            raise ValueError(f"exercise {id!r} is registered twice")
         _REGISTRY[id] = Exercise(id, question, fn)
-        _ALIASES.update({a: id for a in aliases})
         return fn
     return wrap
 
@@ -103,7 +97,7 @@ def check(id: str, answer: Any, verbose: bool = True) -> bool:
     _load_all()
     if not isinstance(id, str):
         raise TypeError(f"id must be the exercise's id as a string, e.g. check(\"02.ex2\", answer), got {id!r}")
-    key = _ALIASES.get(id, id)
+    key = id
     if key not in _REGISTRY:
         raise KeyError(f"no exercise id={id!r}; known: {sorted(_REGISTRY)}")
     if answer is None or answer is ...:

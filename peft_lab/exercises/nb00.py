@@ -16,7 +16,7 @@ def _n(name: str) -> int:
 
 
 @exercise("00.ex1", "Full fine-tuning with fp32 AdamW: how many bytes does each parameter need for its weight, "
-                  "gradient and optimizer state together (activations excluded)?", aliases=("00.1",))
+                  "gradient and optimizer state together (activations excluded)?")
 def _bytes_per_param(answer):
     from ..estimate import PRECISIONS
     b = PRECISIONS["fp32"]
@@ -31,7 +31,7 @@ def _bytes_per_param(answer):
 
 
 @exercise("00.ex2", "How many GiB (2**30 bytes) do weights, gradients and AdamW state take for full fine-tuning of "
-                  "gpt2-xl in fp32 (activations excluded)?", aliases=("00.2",))
+                  "gpt2-xl in fp32 (activations excluded)?")
 def _gpt2_xl(answer):
     n = _n("gpt2-xl")
     expected = 16 * n / GIB
@@ -53,8 +53,7 @@ def _lora_c_attn(name: str, rank: int) -> tuple[int, int]:
 
 @exercise("00.ex3", "LoRA of rank r=8 on the c_attn projection (d -> 3d) of every gpt2-xl layer trains two "
                     "new matrices per layer, one r x d and one 3d x r (notebook 02 derives them). What is PEFT's "
-                    "trainable% (100 x trainable / all, where all = base + LoRA)? Give four decimals.",
-          aliases=("00.3",))
+                    "trainable% (100 x trainable / all, where all = base + LoRA)? Give four decimals.")
 def _lora_percent(answer):
     t, a = _lora_c_attn("gpt2-xl", 8)
     expected = 100 * t / a
@@ -73,8 +72,7 @@ def _lora_percent(answer):
 
 @exercise("00.ex4", "With the activation formula of section 5 (fp32, SDPA attention, GPT-2 block saving "
                   "30d + h + 4 numbers per token per layer, plus 2d + 2 + V per token for the head), how many "
-                  "MiB of activations does one gpt2 (small) training step on a batch of 8 x 512 tokens keep?",
-          aliases=("00.4",))
+                  "MiB of activations does one gpt2 (small) training step on a batch of 8 x 512 tokens keep?")
 def _activations(answer):
     from ..estimate import estimate_memory
     expected = estimate_memory("gpt2", batch_size=8, seq_len=512)["activations"] / MIB

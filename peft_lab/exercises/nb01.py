@@ -5,8 +5,7 @@ from ..corpus import review_verdict
 from . import exercise, number, run_student
 
 
-@exercise("01.ex1", "Accuracy of a model that always answers 'good' on the test split (a fraction in [0, 1])?",
-          aliases=("01.1",))
+@exercise("01.ex1", "Accuracy of a model that always answers 'good' on the test split (a fraction in [0, 1])?")
 def _always_good(answer):
     from ..data import load_task
     rows = load_task("test")
@@ -20,7 +19,7 @@ def _always_good(answer):
 EXAMPLE_REVIEW = "review: the tea was not cold . the room was dirty . the guide was never rude . verdict:"
 
 
-@exercise("01.ex2", f"What is the verdict of: {EXAMPLE_REVIEW!r}? Answer 'good' or 'bad'.", aliases=("01.2",))
+@exercise("01.ex2", f"What is the verdict of: {EXAMPLE_REVIEW!r}? Answer 'good' or 'bad'.")
 def _verdict(answer):
     if not isinstance(answer, str):
         raise TypeError("answer with the string 'good' or 'bad'")
@@ -31,7 +30,7 @@ def _verdict(answer):
 
 
 @exercise("01.ex3", "How many bytes does full fine-tuning of the tiny model with fp32 AdamW need for weights, "
-                  "gradients and optimizer state together (activations excluded)?", aliases=("01.3",))
+                  "gradients and optimizer state together (activations excluded)?")
 def _bytes(answer):
     from ..measure import count_parameters
     from ..models import build_from_config

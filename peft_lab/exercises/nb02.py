@@ -16,7 +16,7 @@ def _lora_params(rank: int, d_in: int, d_out: int) -> int:
 
 
 @exercise("02.ex1", "LLaMA-2 7B's q_proj maps 4096 features to 4096. How many trainable parameters does LoRA of "
-                    "rank r=16 add to ONE q_proj layer (A and B together)?", aliases=("02.1",))
+                    "rank r=16 add to ONE q_proj layer (A and B together)?")
 def _params(answer):
     r, d_in, d_out = 16, 4096, 4096
     expected = _lora_params(r, d_in, d_out)
@@ -32,8 +32,7 @@ def _params(answer):
                           f"{d_in * d_out:,} entries of W (equation 02.5).")
 
 
-@exercise("02.ex2", "With lora_alpha = 32 and rank r = 8 (plain LoRA), what is the scaling s in h = Wx + s·BAx?",
-          aliases=("02.2",))
+@exercise("02.ex2", "With lora_alpha = 32 and rank r = 8 (plain LoRA), what is the scaling s in h = Wx + s·BAx?")
 def _scaling(answer):
     from ..lora import lora_scaling
     expected = lora_scaling(8, 32)
@@ -45,7 +44,7 @@ def _scaling(answer):
 
 
 @exercise("02.ex3", "rsLoRA with lora_alpha = 16 and rank r = 64: what is the scaling s? "
-                    "(Then compare it with plain LoRA's α/r at the same settings.)", aliases=("02.3",))
+                    "(Then compare it with plain LoRA's α/r at the same settings.)")
 def _rslora(answer):
     from ..lora import lora_scaling
     expected = lora_scaling(64, 16, use_rslora=True)
@@ -59,8 +58,7 @@ def _rslora(answer):
 
 
 @exercise("02.ex4", "A LoRA layer with d_in = d_out = 768 and r = 8 has been merged (W ← W + s·BA). How many "
-                    "EXTRA multiply-adds per token does it cost at inference, compared with the base layer?",
-          aliases=("02.4",))
+                    "EXTRA multiply-adds per token does it cost at inference, compared with the base layer?")
 def _merged_flops(answer):
     r, d = 8, 768
     unmerged = _lora_params(r, d, d)
