@@ -181,25 +181,36 @@ def _cuda_peak(model, batch, trainable) -> int:
         torch.cuda.empty_cache()
 
 
-def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+def time_fn(fn, repeats: int = 5, warmup: int = 1):
     """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls.
 
-    The median ignores the odd slow call (another process, a page fault). CUDA work is asynchronous, so
-    when CUDA is initialised the device is synchronised before each clock read. Used by the benchmarks of
-    every method notebook ("Measure" sections).
+    ``fn`` may also be a dict of callables (``{"base": f, "merged": g}``): then each round calls every one once,
+    in turn, and a dict of medians comes back. Comparisons should be timed that way: a busy moment of the
+    machine (another process, a frequency change) then hits every variant alike instead of one of them, and
+    the warm-up rounds take the first call's one-off costs (memory allocation, kernel selection) out of every
+    variant. The median ignores the odd slow round. CUDA work is asynchronous, so when CUDA is initialised the
+    device is synchronised before each clock read. Used by the "Measure" sections of the method notebooks.
     """
-    validate.require_callable("fn", fn)
+    single = not isinstance(fn, dict)
+    fns = {"fn": fn} if single else dict(fn)
+    if not fns:
+        raise ValueError("fn is an empty dict: pass a callable, or a dict of callables to time in alternation")
+    for name, f in fns.items():
+        validate.require_callable("fn" if single else f"fn[{name!r}]", f)
     repeats = validate.require_int("repeats", repeats, min=1)
     warmup = validate.require_int("warmup", warmup, min=0)
     sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (
         lambda: None)
     for _ in range(warmup):
-        fn()
-    times = []
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, f in fns.items():
+            sync()
+            start = time.perf_counter()
+            f()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return medians["fn"] if single else medians

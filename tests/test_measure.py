@@ -140,6 +140,28 @@ def test_time_fn():
         time_fn(42)
 
 
+def test_time_fn_alternates_and_takes_medians(monkeypatch):
+    """A dict of callables runs in rounds (a, b, a, b, …) after the warm-up; each gets the median of its calls,
+    so one slow moment — here the first timed call of "a" — cannot decide the comparison."""
+    clock, order = [0.0], []
+    cost = {"a": [5.0, 1.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0, 2.0]}  # seconds per timed call
+
+    def make(name):
+        def f():
+            order.append(name)
+            if len(order) > 2:  # after one warm-up round of both
+                clock[0] += cost[name].pop(0)
+        return f
+    monkeypatch.setattr("peft_lab.measure.time.perf_counter", lambda: clock[0])
+    medians = time_fn({"a": make("a"), "b": make("b")}, repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4
+    assert medians == {"a": 1.0, "b": 2.0}
+    with pytest.raises(TypeError, match=r"fn\['b'\]"):
+        time_fn({"a": lambda: None, "b": 3})
+    with pytest.raises(ValueError, match="empty"):
+        time_fn({})
+
+
 def test_count_parameters_rejects_non_modules():
     from peft_lab.measure import count_parameters
     with pytest.raises(TypeError, match="nn.Module"):
