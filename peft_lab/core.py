@@ -212,8 +212,9 @@ def rollback_on_error(model: nn.Module):
     """Inside the block a loader may change ``model`` freely; if the block raises, ``model`` is put back
     exactly as it came — the same submodule objects in the same places, the same values (of the methods'
     tensors already there; the base's are never written by a loader), the same ``requires_grad``, the same
-    train/eval mode and the same config records — and the error propagates. On success nothing is undone. Every loader (``load_adapters``, ``import_peft_adapter``,
-    ``import_adapterhub_adapter``) runs inside it, so none needs its own clean-up."""
+    train/eval mode and the same config records — and the error propagates. On success nothing is undone.
+    Every loader (``load_adapters``, ``import_peft_adapter``, ``import_adapterhub_adapter``) runs inside it, so
+    none needs its own clean-up."""
     children = {name: dict(module._modules) for name, module in model.named_modules(remove_duplicate=False)}
     owners = {name: module for name, module in model.named_modules(remove_duplicate=False)}
     # a loader writes only into a method's tensors (the base's are never copied into): snapshot those
