@@ -49,7 +49,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from . import core, validate
+from . import arch, core, validate
 from .arch import LAYOUTS, Layout
 from .paths import atomic_path
 
@@ -196,12 +196,11 @@ class ResidualTap(nn.Module):
 
 def hidden_size_of(model: nn.Module) -> int:
     """The model width ``d`` from its config (``hidden_size``; GPT-2's ``n_embd``)."""
-    config = getattr(model, "config", None)
-    d = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    if not isinstance(d, int):
+    try:
+        return arch.width(model)
+    except (AttributeError, TypeError):
         raise ValueError("cannot read the model width: model.config has no hidden_size/n_embd; adapters here "
-                         "need a transformers model")
-    return d
+                         "need a transformers model") from None
 
 
 def _layout(model: nn.Module) -> Layout:

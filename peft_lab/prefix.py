@@ -39,7 +39,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import core, validate
+from . import arch, core, validate
 
 __all__ = ["PrefixConfig", "PrefixEncoder", "PromptEmbedding", "PrefixModel", "PrefixTuningModel",
            "PromptTuningModel", "apply_prefix_tuning",
@@ -77,14 +77,13 @@ def prefix_shapes(config) -> dict[str, int]:
     config: what sizes the prefix (equation 04.3). GPT-2 names them ``n_layer``/``n_embd``/``n_head``; LLaMA's
     ``num_key_value_heads`` < ``num_attention_heads`` is grouped-query attention."""
     try:
-        layers, width, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+        s = {"num_layers": arch.num_layers(config), "hidden_size": arch.width(config),
+             "num_heads": arch.num_heads(config), "num_kv_heads": arch.num_kv_heads(config),
+             "head_dim": arch.head_dim(config)}
     except AttributeError as err:
         raise TypeError(f"the model's config ({type(config).__name__}) does not say its number of layers, width "
                         f"and heads ({err}); prefix tuning needs them to size the prefix") from None
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or width // heads
-    return {"num_layers": int(layers), "hidden_size": int(width), "num_heads": int(heads),
-            "num_kv_heads": int(kv_heads), "head_dim": int(head_dim), "kv_dim": int(kv_heads * head_dim)}
+    return {**s, "kv_dim": s["num_kv_heads"] * s["head_dim"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
