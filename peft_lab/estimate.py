@@ -279,8 +279,9 @@ def estimate_memory(name_or_config, trainable_params: int | None = None, batch_s
     top of the base), and the activations follow the frozen-base rules of :func:`activation_elements`.
     ``precision="4bit-base"`` (with a method) stores the frozen base in 4 bits, QLoRA's NF4 with double
     quantization: 0.5 B per weight plus 0.127 bits of quantization constants (Dettmers et al. 2023, §3);
-    the method trains in bf16-mixed. Embeddings and norms are counted as 4-bit too (QLoRA keeps them in
-    16 bits, a few percent of a GPT-2's weights), so this is a lower bound for the parameters.
+    the method trains in bf16-mixed. Embeddings, output head and norms are counted as 4-bit too (QLoRA keeps
+    them in 16 bits: about a third of gpt2-small's weights, 4% of LLaMA-2 7B's), so this is a lower bound for
+    the parameters (notebook 05 §8 prints by how much).
     """
     from .models import build_from_config
 

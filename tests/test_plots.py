@@ -77,3 +77,11 @@ def test_memory_explorer_static_and_widget():
     assert "GiB" in ax.get_ylabel() and len(ax.get_xticklabels()) == 2
     assert memory_explorer().children  # the interactive builds its controls
     plt.close("all")
+
+
+def test_plot_memory_totals_share_one_format():
+    """Totals are written without exponents, so a 2,059 MiB bar does not read "2.06e+03" beside "616"."""
+    mib = lambda total: {"parameters": total * 2**20, "gradients": 0, "optimizer": 0, "activations": 0}  # noqa: E731
+    ax = plot_memory({"full": mib(2059.2), "LoRA": mib(616.4), "small": mib(14.53)}, unit="MiB")
+    assert [t.get_text() for t in ax.texts] == ["2,059", "616", "14.5"]
+    plt.close("all")
