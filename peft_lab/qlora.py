@@ -259,6 +259,18 @@ class _NF4Layer(nn.Module):
             self.register_buffer(f"weight_{name}", t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the NF4 tensors; ``.to(dtype)`` (``.half()``, ``.bfloat16()``) does not round
+        the float32 constants (as bitsandbytes keeps them): it sets the dtype that dequantization returns."""
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+                self._dtype = new.dtype
+        return self
+
     @property
     def nf4(self) -> NF4Weight:
         """The stored weight as an :class:`NF4Weight` (sharing the buffers)."""

@@ -136,6 +136,24 @@ def test_quantize_model_and_lora_on_top(tiny):
         qlora.quantize_model(model)
 
 
+def test_llama_linear_layers_and_dtype():
+    """LLaMA's nn.Linear layers (untied head kept float); .to(bfloat16) sets the compute dtype and keeps the
+    NF4 constants in float32 (rounding them to bf16 would move every weight of a block)."""
+    model, _ = peft_lab.load_base_model("tiny-llama", device="cpu")
+    model = qlora.quantize_model(model)
+    layers = qlora.nf4_layers(model)
+    assert {type(m).__name__ for _, m in layers} == {"LinearNF4"} and len(layers) == 7 * model.config.num_hidden_layers
+    assert type(model.lm_head) is nn.Linear
+    before = layers[0][1].weight
+    model.to(torch.bfloat16)
+    layer = qlora.nf4_layers(model)[0][1]
+    assert layer.weight.dtype == torch.bfloat16 and layer.weight_absmax_scale.dtype == torch.float32
+    assert_equal(layer.weight, before.to(torch.bfloat16), "dequantized after .to(bfloat16)")
+    peft_lab.apply_lora(model, rank=4, alpha=8)
+    assert model.model.layers[0].self_attn.q_proj.lora_A.weight.dtype == torch.float32  # PEFT's adapter dtype
+    assert model(torch.arange(12).view(1, 12)).logits.dtype == torch.bfloat16
+
+
 def test_qlora_trains(tiny):
     """A few AdamW steps of LoRA on the NF4 tiny base lower the task loss (a smoke check; notebook 06 runs it)."""
     model, tok = tiny
