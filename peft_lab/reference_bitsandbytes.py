@@ -22,10 +22,11 @@ from transformers.pytorch_utils import Conv1D
 from . import core
 from .qlora import ABSMAX_BLOCK_SIZE, NF4Weight, nf4_layers
 
-__all__ = ["bitsandbytes_model", "nf4_weight_from_bitsandbytes", "copy_bitsandbytes_state"]
+__all__ = ["linear4bit", "bitsandbytes_model", "nf4_weight_from_bitsandbytes", "copy_bitsandbytes_state"]
 
 
-def _linear4bit(layer: nn.Module, block_size: int, double_quant: bool) -> nn.Module:
+def linear4bit(layer: nn.Module, block_size: int = 64, double_quant: bool = True) -> nn.Module:
+    """One ``nn.Linear`` or ``Conv1D`` as a bitsandbytes NF4 ``Linear4bit`` holding the same weight and bias."""
     import bitsandbytes as bnb
     weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight  # quantized as d_out × d_in
     d_out, d_in = weight.shape
@@ -44,7 +45,7 @@ def bitsandbytes_model(model: nn.Module, block_size: int = 64, double_quant: boo
     :func:`peft_lab.qlora.quantize_model`); the model frozen and marked ``is_loaded_in_4bit``."""
     chosen = [(n, m) for n, m in model.named_modules()
               if n and isinstance(m, (nn.Linear, Conv1D)) and not core.matches_target(n, tuple(skip_modules))]
-    new = [(n, _linear4bit(m, block_size, double_quant)) for n, m in chosen]
+    new = [(n, linear4bit(m, block_size, double_quant)) for n, m in chosen]
     core.freeze(model)
     for name, layer in new:
         core.replace_module(model, name, layer)

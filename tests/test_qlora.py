@@ -227,10 +227,10 @@ def test_double_quant_equals_bitsandbytes(bnb, shape):
 def test_layers_equal_linear4bit(bnb):
     """Our NF4 Linear and Conv1D vs bitsandbytes' Linear4bit on the same stored weights: output and input
     gradient."""
-    from peft_lab.reference_bitsandbytes import _linear4bit, copy_bitsandbytes_state
+    from peft_lab.reference_bitsandbytes import linear4bit, copy_bitsandbytes_state
     torch.manual_seed(0)
     for layer in (nn.Linear(128, 384), Conv1D(384, 128)):
-        ref = _linear4bit(layer, 64, True)
+        ref = linear4bit(layer, 64, True)
         ours = nn.Sequential(qlora.Conv1DNF4(layer) if isinstance(layer, Conv1D) else qlora.LinearNF4(layer))
         copy_bitsandbytes_state(ours, nn.Sequential(ref))
         x = torch.randn(3, 5, 128, requires_grad=True)
