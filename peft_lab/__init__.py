@@ -16,6 +16,7 @@ from .lora import (LoRAConfig, LoRALinear, apply_lora, disable_lora, load_lora_s
 from .estimate import estimate_memory
 from .measure import count_parameters, measure_memory, print_trainable_parameters, time_fn
 from .models import build_from_config, load_base_model
+from .qlora import NF4Weight, dequantize_model, nf4_code, quantize_model, quantize_nf4, stored_bytes
 from .prefix import (PrefixModel, PrefixTuningModel, PromptTuningModel, apply_prefix_tuning, apply_prompt_tuning,
                      disable_prefix, fold_prefix_projection, remove_prefix)
 from .paths import data_dir, pick_device

@@ -132,6 +132,10 @@ class LoRALinear(AdapterLayer):
         """Equation (02.7): ``W ← W + s · B A``; afterwards forward is a plain ``base_layer(x)``."""
         if not self.merged:
             w = self.base_layer.weight
+            if not isinstance(w, nn.Parameter):  # e.g. an NF4 base: its weight is dequantized on every read
+                raise TypeError(f"cannot merge LoRA into a {type(self.base_layer).__name__}: its weight is not a "
+                                "stored float parameter, so the update would be lost. Turn the base back into "
+                                "float layers first (peft_lab.dequantize_model(model)), or keep LoRA unmerged")
             w += self.delta_weight().to(w.dtype)
             self.merged = True
 
