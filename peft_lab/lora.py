@@ -17,6 +17,26 @@ Layout is PEFT's, so weights copy one to one: ``lora_A = nn.Linear(d_in, r, bias
 LoRA branch only: ``base_layer(x) + lora_B(lora_A(dropout(x))) · s``. GPT-2's ``Conv1D`` stores its weight
 as ``d_in × d_out`` (PEFT's ``fan_in_fan_out=True``); only the merge needs to transpose ``B A`` for it.
 
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"), notebook 06 ("DoRA"), is LoRA with
+``use_dora=True``. Per output feature ``i`` (row ``i`` of ``W₀: d_out × d_in``):
+
+* (06.7) ``W' = m ⊙ (W₀ + s B A) / n``,  ``n_i = ‖(W₀ + s B A)_i‖₂`` — a magnitude ``m ∈ ℝ^d_out`` times a
+  unit direction. The paper writes ``‖·‖_c`` over the columns of its ``W ∈ ℝ^{d×k}``; PEFT takes one norm
+  per *output feature* (``torch.linalg.norm(W, dim=1)`` on the ``d_out × d_in`` layout, ``Conv1D``'s
+  weight transposed first), and so do we — ``m`` has ``d_out`` entries;
+* (06.8) ``m`` starts at ``n`` computed at init (``‖W₀‖`` per row, as ``B = 0``), so ``m / n = 1`` exactly and
+  the start is the base model bit for bit;
+* (06.9) ``n`` is treated as a constant in backward (the paper's §4.3, "detached from the gradient graph";
+  PEFT does the same): the gradient reaches ``A`` and ``B`` only through ``s B A x`` and ``m`` directly;
+* (06.10) forward without forming ``W'``: ``h = W₀x + b + (m/n − 1) ⊙ W₀x + (m/n) ⊙ s B A x`` (the bias
+  stays outside the decomposition), which is ``(m/n) ⊙ (W₀ + sBA) x + b``. With dropout ``p > 0`` while
+  training, PEFT feeds ``x̃ = dropout(x)`` to both extra terms: ``W₀x + b + (m/n − 1) ⊙ W₀x̃ + (m/n) ⊙ sBAx̃``;
+  we do the same;
+* (06.11) merge ``W ← (m/n) ⊙ (W₀ + sBA)`` (row-wise), keeping ``n`` for unmerge ``W₀ = W / (m/n) − sBA``.
+
+Trainable parameters per layer: ``r (d_in + d_out) + d_out``; PEFT saves ``m`` as
+``<layer>.lora_magnitude_vector``, and so does :func:`lora_state_dict`.
+
 Typical use::
 
     model = apply_lora(model, rank=8, alpha=16)   # freezes the base; only A and B train
@@ -71,6 +91,7 @@ class LoRAConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] | str = ("c_attn",)
     use_rslora: bool = False
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -91,14 +112,17 @@ class LoRALinear(AdapterLayer):
     alone while merged (the update then lives inside the weight, 02.7) or disabled (:func:`disable_lora`).
     Attributes: ``in_features`` (d_in), ``out_features`` (d_out), ``rank`` (r), ``alpha`` (α), ``scaling`` (s),
     ``fan_in_fan_out`` (True for ``Conv1D``, whose weight is stored d_in × d_out), ``merged``, ``disabled``.
+
+    With ``use_dora=True`` it is DoRA (06.7–06.11): one more trainable vector, ``lora_magnitude_vector`` (m).
     """
 
     adapter_modules = ("lora_A", "lora_B")
     merged_fix = "unmerge_lora(model)"
 
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 use_rslora: bool = False):
+                 use_rslora: bool = False, use_dora: bool = False):
         super().__init__()
+        use_dora = validate.require_bool("use_dora", use_dora)
         rank, alpha, dropout, use_rslora = _check_hyperparameters(rank, alpha, dropout, use_rslora)
         if not isinstance(base_layer, SUPPORTED_LAYERS):
             raise TypeError(f"base_layer must be an nn.Linear or transformers' Conv1D (what LoRALinear wraps), "
@@ -116,6 +140,18 @@ class LoRALinear(AdapterLayer):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=weight.device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
         self.reset_lora_parameters()
+        self.use_dora = use_dora
+        self._merged_norm: torch.Tensor | None = None  # DoRA's n at merge time, for unmerge (06.11)
+        if use_dora:  # (06.8): m = n at the start, so m / n = 1 exactly
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.delta_weight()).detach())
+
+    def weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """Equation (06.7): ``n = ‖W₀ + ΔW‖`` per output feature (``ΔW`` in the base weight's layout). The
+        norm runs over the input dimension: dim 1 of ``nn.Linear``'s ``d_out × d_in``, dim 0 of ``Conv1D``'s."""
+        w = self.base_layer.weight.to(delta.dtype)
+        if self.fan_in_fan_out:
+            w, delta = w.T, delta.T
+        return torch.linalg.norm(w + delta, dim=1)
 
     def reset_lora_parameters(self) -> None:
         """Equation (02.3): ``A`` kaiming-uniform (a = √5, PEFT's choice), ``B = 0`` — so ``ΔW = 0`` at start."""
@@ -127,21 +163,39 @@ class LoRALinear(AdapterLayer):
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
+    def _dora_factor(self, norm: torch.Tensor) -> torch.Tensor:
+        """``m / n`` shaped to scale the rows of the stored weight (its columns for ``Conv1D``), (06.11)."""
+        factor = (self.lora_magnitude_vector / norm).view(-1, 1)
+        return factor.T if self.fan_in_fan_out else factor
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Equation (02.7): ``W ← W + s · B A``; afterwards forward is a plain ``base_layer(x)``."""
-        if not self.merged:
-            w = self.base_layer.weight
-            w += self.delta_weight().to(w.dtype)
-            self.merged = True
+        """Equation (02.7): ``W ← W + s · B A``, or with DoRA (06.11) ``W ← (m/n) ⊙ (W + s · B A)``;
+        afterwards forward is a plain ``base_layer(x)``."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        delta = self.delta_weight()
+        if self.use_dora:
+            self._merged_norm = self.weight_norm(delta)
+            w.copy_((self._dora_factor(self._merged_norm) * (w + delta)).to(w.dtype))
+        else:
+            w += delta.to(w.dtype)
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge`: ``W ← W − s · B A`` (equal to the old ``W`` up to float rounding, ~1e-7)."""
-        if self.merged:
-            w = self.base_layer.weight
+        """Undo :meth:`merge`: ``W ← W − s · B A`` (equal to the old ``W`` up to float rounding, ~1e-7), or with
+        DoRA ``W ← W / (m/n) − s · B A`` with the ``n`` kept at merge time."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        if self.use_dora:
+            w.copy_((w / self._dora_factor(self._merged_norm) - self.delta_weight()).to(w.dtype))
+            self._merged_norm = None
+        else:
             w -= self.delta_weight().to(w.dtype)
-            self.merged = False
+        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -149,12 +203,34 @@ class LoRALinear(AdapterLayer):
             return result
         out_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
+        if self.use_dora:
+            return self._dora_forward(x, result).to(out_dtype)
         result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (02.2)
         return result.to(out_dtype)
 
+    def _dora_norm(self) -> torch.Tensor:
+        """``n`` of (06.7) for forward, a constant for autograd (06.9): ``B A`` enters detached, and the result
+        is detached again."""
+        delta = (self.lora_B.weight @ self.lora_A.weight).detach() * self.scaling
+        return self.weight_norm(delta.T if self.fan_in_fan_out else delta).detach()
+
+    def _dora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Equation (06.10): ``result + (m/n − 1) ⊙ W₀x̃ + (m/n) ⊙ s B A x̃``, ``result = W₀x + b`` the base
+        output. ``x̃ = x`` in eval mode or without dropout (then ``W₀x̃`` is ``result − b``), else
+        ``dropout(x)`` — PEFT's choice."""
+        scale = self.lora_magnitude_vector / self._dora_norm()
+        weight = self.base_layer.weight.to(x.dtype)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = result if bias is None else result - bias
+        else:
+            x = self.lora_dropout(x)
+            base = nn.functional.linear(x, weight.T if self.fan_in_fan_out else weight)
+        return result + (scale - 1) * base + scale * self.lora_B(self.lora_A(x)) * self.scaling
+
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
-                f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}")
+                f"fan_in_fan_out={self.fan_in_fan_out}, use_dora={self.use_dora}, merged={self.merged}")
 
 
 def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> tuple[int, float, float, bool]:
@@ -186,11 +262,12 @@ def _require_lora(model: nn.Module, action: str | None = None) -> list[tuple[str
     return layers
 
 
-def _check_args(model, rank, alpha, dropout, target_modules, use_rslora):
+def _check_args(model, rank, alpha, dropout, target_modules, use_rslora, use_dora=False):
     """The arguments of :func:`apply_lora` checked; the targets resolved to the ``(name, module)`` pairs
     they match (each an ``nn.Linear``/``Conv1D`` whose weight is not tied to another module)."""
     validate.require_module("model", model)
     rank, alpha, dropout, use_rslora = _check_hyperparameters(rank, alpha, dropout, use_rslora)
+    validate.require_bool("use_dora", use_dora)
     if any(True for _ in lora_layers(model)):
         raise ValueError("this model already has LoRA layers; applying LoRA twice is not supported. "
                          "Call remove_lora(model) first, or use a fresh copy of the base model.")
@@ -208,25 +285,27 @@ def _check_args(model, rank, alpha, dropout, target_modules, use_rslora):
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-               target_modules: Sequence[str] | str | None = None, use_rslora: bool = False) -> nn.Module:
+               target_modules: Sequence[str] | str | None = None, use_rslora: bool = False,
+               use_dora: bool = False) -> nn.Module:
     """Wrap the target layers of ``model`` in :class:`LoRALinear`, freeze everything else; return ``model``.
 
     The model is changed in place (as PEFT's ``get_peft_model`` does). ``target_modules=None`` takes the
     default of the architecture (:data:`DEFAULT_TARGET_MODULES`, e.g. GPT-2 → ``["c_attn"]``, LLaMA/OPT →
     ``["q_proj", "v_proj"]``, BERT → ``["query", "value"]``); matching follows :func:`matches_target`.
     Afterwards only the ``lora_A``/``lora_B`` weights have ``requires_grad=True`` (equation 02.5 counts them).
+    ``use_dora=True`` makes it DoRA (06.7–06.11), which adds the magnitude vector ``m`` per layer.
 
     numpy/torch scalars are accepted for the numbers and stored as Python ``int``/``float``.
     A failed call leaves the model unchanged.
     """
     rank, alpha, dropout, use_rslora, targets, matched = _check_args(model, rank, alpha, dropout, target_modules,
-                                                                     use_rslora)
+                                                                     use_rslora, use_dora)
     # Build every wrapper before changing anything: a failure leaves the model as it came.
-    wrapped = [(name, LoRALinear(module, rank, alpha, dropout, use_rslora)) for name, module in matched]
+    wrapped = [(name, LoRALinear(module, rank, alpha, dropout, use_rslora, use_dora)) for name, module in matched]
     core.freeze(model)  # the base: W, biases, embeddings, norms
     for name, layer in wrapped:
         core.replace_module(model, name, layer)
-    core.record_config(model, _METHOD, LoRAConfig(rank, alpha, dropout, targets, use_rslora))
+    core.record_config(model, _METHOD, LoRAConfig(rank, alpha, dropout, targets, use_rslora, use_dora))
     return model
 
 
@@ -237,7 +316,8 @@ def lora_config(model: nn.Module) -> LoRAConfig:
     if config is None:  # LoRA layers placed by hand: describe them by their exact names
         first = layers[0][1]
         p = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
-        config = LoRAConfig(first.rank, first.alpha, p, tuple(n for n, _ in layers), first.use_rslora)
+        config = LoRAConfig(first.rank, first.alpha, p, tuple(n for n, _ in layers), first.use_rslora,
+                            first.use_dora)
     return config
 
 
@@ -289,12 +369,18 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA weights: ``{"<layer>.lora_A.weight": A, "<layer>.lora_B.weight": B, ...}``.
+    """Only the LoRA weights: ``{"<layer>.lora_A.weight": A, "<layer>.lora_B.weight": B, ...}``, and with
+    DoRA ``"<layer>.lora_magnitude_vector": m`` (PEFT's key).
 
     Names are the model's own module names (e.g. ``transformer.h.0.attn.c_attn.lora_A.weight``); PEFT's
     files add the prefix ``base_model.model.``. Tensors are detached and share storage, like ``state_dict``.
     """
-    return core.adapter_state_dict(_require_lora(model))
+    layers = _require_lora(model)
+    out = core.adapter_state_dict(layers)
+    for name, layer in layers:
+        if layer.use_dora:
+            out[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
+    return out
 
 
 def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
