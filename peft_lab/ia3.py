@@ -176,6 +176,9 @@ def _resolve_feedforward(model: nn.Module, feedforward_modules, targets) -> tupl
                              "feedforward_modules=[...] (the targets whose input IA3 scales), or [] for none")
         return tuple(DEFAULT_FEEDFORWARD_MODULES[model_type])
     if isinstance(feedforward_modules, str):
+        if not feedforward_modules:
+            raise ValueError("feedforward_modules is an empty string; pass a list of module names such as "
+                             "['mlp.c_proj'], [] for none, or None for the architecture's default")
         try:
             re.compile(feedforward_modules)
         except re.error as err:

@@ -163,6 +163,18 @@ class LoRALinear(AdapterLayer):
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, in the base weight's layout, without changing the layer:
+        ``W₀ + s·BA`` (02.7), with DoRA ``(m/n) ⊙ (W₀ + s·BA)`` (06.7); the stored weight while merged."""
+        w = self.base_layer.weight
+        if self.merged:
+            return w.detach().clone()
+        delta = self.delta_weight()
+        if not self.use_dora:
+            return (w + delta.to(w.dtype)).detach()
+        return (self._dora_factor(self.weight_norm(delta)) * (w + delta)).to(w.dtype).detach()
+
     def _dora_factor(self, norm: torch.Tensor) -> torch.Tensor:
         """``m / n`` shaped to scale the rows of the stored weight (its columns for ``Conv1D``), (06.11)."""
         factor = (self.lora_magnitude_vector / norm).view(-1, 1)
@@ -366,6 +378,29 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         core.replace_module(model, name, layer.base_layer)
     core.clear_config(model, _METHOD)
     return model
+
+
+def magnitude_direction_change(w0: torch.Tensor, w: torch.Tensor, fan_in_fan_out: bool = False
+                               ) -> tuple[float, float]:
+    """How far ``w`` moved from ``w0`` in magnitude and in direction — the two measures of DoRA's weight
+    decomposition analysis (Liu et al. 2024, §3, their Fig. 2), per output feature ``i`` (the orientation of
+    DoRA's ``m`` here, see (06.7)):
+
+    ``ΔM = mean_i | ‖w_i‖ − ‖w0_i‖ |``,   ``ΔD = mean_i (1 − cos(w_i, w0_i))``.
+
+    ``fan_in_fan_out=True`` for ``Conv1D``'s ``d_in × d_out`` layout. Returns ``(ΔM, ΔD)`` as floats.
+    """
+    for name, value in (("w0", w0), ("w", w)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (a weight matrix), got {validate.describe(value)}")
+    if w0.shape != w.shape or w.ndim != 2:
+        raise ValueError(f"w0 and w must be 2-D weights of one shape, got {tuple(w0.shape)} and {tuple(w.shape)}")
+    validate.require_bool("fan_in_fan_out", fan_in_fan_out)
+    a, b = (w0.T, w.T) if fan_in_fan_out else (w0, w)
+    a, b = a.detach().double(), b.detach().double()
+    delta_m = (b.norm(dim=1) - a.norm(dim=1)).abs().mean().item()
+    delta_d = (1 - nn.functional.cosine_similarity(b, a, dim=1)).mean().item()
+    return delta_m, delta_d
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

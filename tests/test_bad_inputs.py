@@ -367,6 +367,11 @@ CASES = [
     ("lora", "lora_state_dict pair", lambda c, t: peft_lab.lora_state_dict((c.model, c.tok)), TypeError,
      ["model", "unpack"]),
     ("lora", "lora_config str", lambda c, t: peft_lab.lora_config("model"), TypeError, ["model"]),
+    ("lora", "ΔM/ΔD of a list", lambda c, t: peft_lab.magnitude_direction_change([1.0], torch.ones(2, 2)), TypeError,
+     ["w0", "torch.Tensor"]),
+    ("lora", "ΔM/ΔD shapes differ", lambda c, t: peft_lab.magnitude_direction_change(torch.ones(2, 3),
+                                                                                    torch.ones(3, 2)), ValueError,
+     ["w0", "(2, 3)", "(3, 2)"]),
     ("lora", "use_dora str", lambda c, t: peft_lab.apply_lora(c.small(), use_dora="yes"), TypeError, ["use_dora"]),
     # --- ia3 ------------------------------------------------------------------------------------------
     ("ia3", "apply to pair", lambda c, t: peft_lab.apply_ia3((c.model, c.tok)), TypeError, ["model", "unpack"]),

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 import peft_lab
 from peft_lab.core import fill_seeded
 from peft_lab.interop import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, import_peft_adapter
-from peft_lab.lora import (apply_lora, disable_lora, lora_config, lora_layers, lora_state_dict, merge_lora,
-                           remove_lora, unmerge_lora)
+from peft_lab.lora import (apply_lora, disable_lora, lora_config, lora_layers, lora_state_dict,
+                           magnitude_direction_change, merge_lora, remove_lora, unmerge_lora)
 from peft_lab.measure import print_trainable_parameters
 from peft_lab.tolerance import assert_close, assert_equal, is_close
 
@@ -191,6 +191,26 @@ def test_one_layer_is_the_decomposition():
         expected = x @ (layer.lora_magnitude_vector[:, None] * v / v.norm(dim=1, keepdim=True)).T
         bias = layer.base_layer.bias if layer.base_layer.bias is not None else 0.0  # LLaMA has none
         assert_close(layer(x), expected + bias, reason="W' formed first", what=name)
+        effective = layer.effective_weight()
+        assert_close(effective.T if layer.fan_in_fan_out else effective, expected.new_tensor(
+            (layer.lora_magnitude_vector[:, None] * v / v.norm(dim=1, keepdim=True)).detach()),
+            reason="the norm in another order", what="effective_weight")
+
+
+def test_magnitude_and_direction_change():
+    """DoRA's analysis (§3): scaling a row changes its magnitude only; turning it at equal norm its direction
+    only; in Conv1D's layout the same per output feature."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    scale = torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float64)
+    dm, dd = magnitude_direction_change(w0, scale[:, None] * w0)
+    assert dd < 1e-12 and abs(dm - ((scale - 1).abs() * w0.norm(dim=1)).mean().item()) < 1e-9
+    turned = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    turned = turned / turned.norm(dim=1, keepdim=True) * w0.norm(dim=1, keepdim=True)
+    dm, dd = magnitude_direction_change(w0, turned)  # equal norms up to float64 rounding
+    cos = torch.nn.functional.cosine_similarity(turned.double(), w0.double(), dim=1)
+    assert dm < 1e-12 and abs(dd - (1 - cos).mean().item()) < 1e-12
+    assert magnitude_direction_change(w0.T, turned.T, fan_in_fan_out=True) == magnitude_direction_change(w0, turned)
 
 
 # ---------------------------------------------------------------------------------------------------------

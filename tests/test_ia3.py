@@ -254,3 +254,12 @@ def test_peft_file_for_another_architecture(tmp_path):
     with pytest.raises(ValueError, match="does not fit the model.*matched no module"):
         import_peft_adapter(model, tmp_path)
     assert not list(ia3_layers(model))
+
+
+def test_notebook_05_harness_switches_ia3_off():
+    base = small_gpt2()
+    expected = base(IDS).logits
+    model = randomise(apply_ia3(base))
+    from peft_lab import compare
+    with compare.switched_off(model):
+        assert_equal(model(IDS).logits, expected, what="compare.switched_off")
