@@ -249,3 +249,22 @@ def test_a_lora_file_marked_dora_is_refused(tmp_path):
     with pytest.raises(ValueError, match="missing keys.*lora_magnitude_vector"):
         import_peft_adapter(model, tmp_path)
     assert not list(lora_layers(model))
+
+
+def test_twelve_training_steps_match_peft():
+    ours, theirs = dora_pair(small_gpt2())
+    losses = []
+    for model in (ours, theirs):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        run = []
+        for step in range(12):
+            ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(step % 2))
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0][0] - losses[0][-1] > 0.1  # it did train
+    assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), reason="another library; Adam carries rounding",
+                 what="12-step loss curve")

@@ -263,3 +263,21 @@ def test_notebook_05_harness_switches_ia3_off():
     from peft_lab import compare
     with compare.switched_off(model):
         assert_equal(model(IDS).logits, expected, what="compare.switched_off")
+
+
+def test_twelve_training_steps_equal_peft():
+    ours, theirs = ia3_pair(small_llama())
+    losses = []
+    for model in (ours, theirs):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+        run = []
+        for step in range(12):
+            ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(step % 2))
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0][0] - losses[0][-1] > 0.01  # it did train
+    assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), EXACT, reason=SAME_ORDER, what="12-step losses")
