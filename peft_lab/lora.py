@@ -242,7 +242,7 @@ class LoRALinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
-                f"fan_in_fan_out={self.fan_in_fan_out}, use_dora={self.use_dora}, merged={self.merged}")
+                f"fan_in_fan_out={self.fan_in_fan_out}, {'use_dora=True, ' if self.use_dora else ''}merged={self.merged}")
 
 
 def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> tuple[int, float, float, bool]:
