@@ -13,7 +13,7 @@ from .ia3 import (IA3Config, IA3Layer, apply_ia3, disable_ia3, ia3_config, ia3_l
                   load_ia3_state_dict, merge_ia3, remove_ia3, unmerge_ia3)
 from .interop import export_peft_adapter, import_peft_adapter
 from .interop_adapterhub import export_adapterhub_adapter, import_adapterhub_adapter
-from .lora import (LoRAConfig, LoRALinear, apply_lora, disable_lora, load_lora_state_dict, lora_config,
+from .lora import (DoRALinear, LoRAConfig, LoRALinear, apply_lora, disable_lora, load_lora_state_dict, lora_config,
                    lora_layers, lora_scaling, lora_state_dict, magnitude_direction_change, merge_lora, remove_lora,
                    unmerge_lora)
 from .estimate import estimate_memory

@@ -112,17 +112,15 @@ class LoRALinear(AdapterLayer):
     alone while merged (the update then lives inside the weight, 02.7) or disabled (:func:`disable_lora`).
     Attributes: ``in_features`` (d_in), ``out_features`` (d_out), ``rank`` (r), ``alpha`` (α), ``scaling`` (s),
     ``fan_in_fan_out`` (True for ``Conv1D``, whose weight is stored d_in × d_out), ``merged``, ``disabled``.
-
-    With ``use_dora=True`` it is DoRA (06.7–06.11): one more trainable vector, ``lora_magnitude_vector`` (m).
     """
 
     adapter_modules = ("lora_A", "lora_B")
     merged_fix = "unmerge_lora(model)"
+    use_dora = False  # DoRALinear says True
 
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 use_rslora: bool = False, use_dora: bool = False):
+                 use_rslora: bool = False):
         super().__init__()
-        use_dora = validate.require_bool("use_dora", use_dora)
         rank, alpha, dropout, use_rslora = _check_hyperparameters(rank, alpha, dropout, use_rslora)
         if not isinstance(base_layer, SUPPORTED_LAYERS):
             raise TypeError(f"base_layer must be an nn.Linear or transformers' Conv1D (what LoRALinear wraps), "
@@ -140,18 +138,6 @@ class LoRALinear(AdapterLayer):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=weight.device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
         self.reset_lora_parameters()
-        self.use_dora = use_dora
-        self._merged_norm: torch.Tensor | None = None  # DoRA's n at merge time, for unmerge (06.11)
-        if use_dora:  # (06.8): m = n at the start, so m / n = 1 exactly
-            self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.delta_weight()).detach())
-
-    def weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
-        """Equation (06.7): ``n = ‖W₀ + ΔW‖`` per output feature (``ΔW`` in the base weight's layout). The
-        norm runs over the input dimension: dim 1 of ``nn.Linear``'s ``d_out × d_in``, dim 0 of ``Conv1D``'s."""
-        w = self.base_layer.weight.to(delta.dtype)
-        if self.fan_in_fan_out:
-            w, delta = w.T, delta.T
-        return torch.linalg.norm(w + delta, dim=1)
 
     def reset_lora_parameters(self) -> None:
         """Equation (02.3): ``A`` kaiming-uniform (a = √5, PEFT's choice), ``B = 0`` — so ``ΔW = 0`` at start."""
@@ -166,48 +152,25 @@ class LoRALinear(AdapterLayer):
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
         """The weight this layer computes with, in the base weight's layout, without changing the layer:
-        ``W₀ + s·BA`` (02.7), with DoRA ``(m/n) ⊙ (W₀ + s·BA)`` (06.7); the stored weight while merged."""
+        ``W₀ + s·BA`` (02.7); the stored weight while merged."""
         w = self.base_layer.weight
-        if self.merged:
-            return w.detach().clone()
-        delta = self.delta_weight()
-        if not self.use_dora:
-            return (w + delta.to(w.dtype)).detach()
-        return (self._dora_factor(self.weight_norm(delta)) * (w + delta)).to(w.dtype).detach()
-
-    def _dora_factor(self, norm: torch.Tensor) -> torch.Tensor:
-        """``m / n`` shaped to scale the rows of the stored weight (its columns for ``Conv1D``), (06.11)."""
-        factor = (self.lora_magnitude_vector / norm).view(-1, 1)
-        return factor.T if self.fan_in_fan_out else factor
+        return w.detach().clone() if self.merged else (w + self.delta_weight().to(w.dtype)).detach()
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Equation (02.7): ``W ← W + s · B A``, or with DoRA (06.11) ``W ← (m/n) ⊙ (W + s · B A)``;
-        afterwards forward is a plain ``base_layer(x)``."""
-        if self.merged:
-            return
-        w = self.base_layer.weight
-        delta = self.delta_weight()
-        if self.use_dora:
-            self._merged_norm = self.weight_norm(delta)
-            w.copy_((self._dora_factor(self._merged_norm) * (w + delta)).to(w.dtype))
-        else:
-            w += delta.to(w.dtype)
-        self.merged = True
+        """Equation (02.7): ``W ← W + s · B A``; afterwards forward is a plain ``base_layer(x)``."""
+        if not self.merged:
+            w = self.base_layer.weight
+            w += self.delta_weight().to(w.dtype)
+            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge`: ``W ← W − s · B A`` (equal to the old ``W`` up to float rounding, ~1e-7), or with
-        DoRA ``W ← W / (m/n) − s · B A`` with the ``n`` kept at merge time."""
-        if not self.merged:
-            return
-        w = self.base_layer.weight
-        if self.use_dora:
-            w.copy_((w / self._dora_factor(self._merged_norm) - self.delta_weight()).to(w.dtype))
-            self._merged_norm = None
-        else:
+        """Undo :meth:`merge`: ``W ← W − s · B A`` (equal to the old ``W`` up to float rounding, ~1e-7)."""
+        if self.merged:
+            w = self.base_layer.weight
             w -= self.delta_weight().to(w.dtype)
-        self.merged = False
+            self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -215,22 +178,85 @@ class LoRALinear(AdapterLayer):
             return result
         out_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
-        if self.use_dora:
-            return self._dora_forward(x, result).to(out_dtype)
         result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (02.2)
         return result.to(out_dtype)
 
-    def _dora_norm(self) -> torch.Tensor:
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+                f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}")
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (06.7–06.11): a :class:`LoRALinear` whose updated weight is split into a magnitude and a unit
+    direction per output feature, ``W' = m ⊙ (W₀ + sBA) / n``; one more trainable vector,
+    ``lora_magnitude_vector`` (m, ``d_out`` entries). :func:`apply_lora` builds it for ``use_dora=True``."""
+
+    use_dora = True
+
+    def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__(base_layer, rank, alpha, dropout, use_rslora)
+        self._merged_norm: torch.Tensor | None = None  # n at merge time, for unmerge (06.11)
+        # (06.8): m = n at the start (B = 0, so n = ‖W₀‖ per row) and m / n = 1 exactly
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.delta_weight()).detach())
+
+    def weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """Equation (06.7): ``n = ‖W₀ + ΔW‖`` per output feature (``ΔW`` in the base weight's layout). The
+        norm runs over the input dimension: dim 1 of ``nn.Linear``'s ``d_out × d_in``, dim 0 of ``Conv1D``'s."""
+        w = self.base_layer.weight.to(delta.dtype)
+        if self.fan_in_fan_out:
+            w, delta = w.T, delta.T
+        return torch.linalg.norm(w + delta, dim=1)
+
+    def _factor(self, norm: torch.Tensor) -> torch.Tensor:
+        """``m / n`` shaped to scale the rows of the stored weight (its columns for ``Conv1D``), (06.11)."""
+        factor = (self.lora_magnitude_vector / norm).view(-1, 1)
+        return factor.T if self.fan_in_fan_out else factor
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """``(m/n) ⊙ (W₀ + s·BA)`` (06.7) in the base weight's layout; the stored weight while merged."""
+        w = self.base_layer.weight
+        if self.merged:
+            return w.detach().clone()
+        delta = self.delta_weight()
+        return (self._factor(self.weight_norm(delta)) * (w + delta)).to(w.dtype).detach()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Equation (06.11): ``W ← (m/n) ⊙ (W + s · B A)``, keeping ``n`` for :meth:`unmerge`."""
+        if self.merged:
+            return
+        w, delta = self.base_layer.weight, self.delta_weight()
+        self._merged_norm = self.weight_norm(delta)
+        w.copy_((self._factor(self._merged_norm) * (w + delta)).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: ``W ← W / (m/n) − s · B A`` with the ``n`` of the merge (up to float rounding)."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((w / self._factor(self._merged_norm) - self.delta_weight()).to(w.dtype))
+        self._merged_norm = None
+        self.merged = False
+
+    def _norm(self) -> torch.Tensor:
         """``n`` of (06.7) for forward, a constant for autograd (06.9): ``B A`` enters detached, and the result
         is detached again."""
         delta = (self.lora_B.weight @ self.lora_A.weight).detach() * self.scaling
         return self.weight_norm(delta.T if self.fan_in_fan_out else delta).detach()
 
-    def _dora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Equation (06.10): ``result + (m/n − 1) ⊙ W₀x̃ + (m/n) ⊙ s B A x̃``, ``result = W₀x + b`` the base
-        output. ``x̃ = x`` in eval mode or without dropout (then ``W₀x̃`` is ``result − b``), else
-        ``dropout(x)`` — PEFT's choice."""
-        scale = self.lora_magnitude_vector / self._dora_norm()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Equation (06.10): ``W₀x + b + (m/n − 1) ⊙ W₀x̃ + (m/n) ⊙ s B A x̃``. ``x̃ = x`` in eval mode or
+        without dropout (then ``W₀x`` is the base output minus its bias), else ``dropout(x)`` — PEFT's choice."""
+        result = self.base_layer(x)
+        if self.merged or self.disabled:
+            return result
+        out_dtype = result.dtype
+        x = x.to(self.lora_A.weight.dtype)
+        scale = self.lora_magnitude_vector / self._norm()
         weight = self.base_layer.weight.to(x.dtype)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             bias = self.base_layer.bias
@@ -238,11 +264,11 @@ class LoRALinear(AdapterLayer):
         else:
             x = self.lora_dropout(x)
             base = nn.functional.linear(x, weight.T if self.fan_in_fan_out else weight)
-        return result + (scale - 1) * base + scale * self.lora_B(self.lora_A(x)) * self.scaling
+        result = result + (scale - 1) * base + scale * self.lora_B(self.lora_A(x)) * self.scaling
+        return result.to(out_dtype)
 
     def extra_repr(self) -> str:
-        return (f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
-                f"fan_in_fan_out={self.fan_in_fan_out}, {'use_dora=True, ' if self.use_dora else ''}merged={self.merged}")
+        return super().extra_repr() + ", dora=True"
 
 
 def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> tuple[int, float, float, bool]:
@@ -313,7 +339,8 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
     rank, alpha, dropout, use_rslora, targets, matched = _check_args(model, rank, alpha, dropout, target_modules,
                                                                      use_rslora, use_dora)
     # Build every wrapper before changing anything: a failure leaves the model as it came.
-    wrapped = [(name, LoRALinear(module, rank, alpha, dropout, use_rslora, use_dora)) for name, module in matched]
+    layer_class = DoRALinear if use_dora else LoRALinear
+    wrapped = [(name, layer_class(module, rank, alpha, dropout, use_rslora)) for name, module in matched]
     core.freeze(model)  # the base: W, biases, embeddings, norms
     for name, layer in wrapped:
         core.replace_module(model, name, layer)

@@ -118,7 +118,7 @@ def test_non_detached_norm_is_caught():
         def attached(layer=layer):  # the wrong variant: n computed from B A without detaching
             delta = layer.lora_B.weight @ layer.lora_A.weight * layer.scaling
             return layer.weight_norm(delta.T if layer.fan_in_fan_out else delta)
-        layer._dora_norm = attached
+        layer._norm = attached
     ours(IDS, labels=IDS).loss.backward()
     theirs(IDS, labels=IDS).loss.backward()
     name, layer = next(iter(lora_layers(ours)))
@@ -147,6 +147,7 @@ def test_init_is_exactly_the_base_and_m_is_the_norm_per_output_feature(kind):
     model = apply_lora(base, rank=4, target_modules=targets_of(base), use_dora=True)
     assert_equal(model(IDS).logits, expected, what="(06.8): m / n = 1")
     for _, layer in lora_layers(model):
+        assert isinstance(layer, peft_lab.DoRALinear)
         w = layer.base_layer.weight
         per_output = w.norm(dim=0) if layer.fan_in_fan_out else w.norm(dim=1)  # Conv1D stores d_in × d_out
         assert layer.lora_magnitude_vector.shape == (layer.out_features,)
