@@ -186,10 +186,10 @@ def _resolve_feedforward(model: nn.Module, feedforward_modules, targets) -> tupl
                              f"expression, and it is not a valid one ({err}); to list names pass a list") from None
         ff = feedforward_modules
     elif isinstance(feedforward_modules, (list, tuple, set, frozenset)):
-        ff = tuple(sorted(feedforward_modules)) if isinstance(feedforward_modules, (set, frozenset)) \
-            else tuple(feedforward_modules)
+        ff = tuple(feedforward_modules)
         if not all(isinstance(f, str) and f for f in ff):
             raise ValueError(f"feedforward_modules must be a list of non-empty strings, got {feedforward_modules!r}")
+        ff = tuple(sorted(ff)) if isinstance(feedforward_modules, (set, frozenset)) else ff
     else:
         raise TypeError(f"feedforward_modules must be None, a list of module names or a regex string, "
                         f"got {validate.describe(feedforward_modules)}")

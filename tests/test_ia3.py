@@ -77,6 +77,13 @@ def test_default_targets_and_sides():
     sides = {n.rsplit(".", 1)[-1]: layer.is_feedforward for n, layer in ia3_layers(llama)}
     assert sides == {"k_proj": False, "v_proj": False, "down_proj": True}
     assert ia3_config(llama).target_modules == ("k_proj", "v_proj", "down_proj")
+    # the default feed-forward set applies to targets given by hand, as in PEFT (no subset rule for defaults)
+    mine = apply_ia3(small_gpt2(), target_modules=["c_attn", "c_proj"])
+    sides = {n.split(".", 3)[-1]: layer.is_feedforward for n, layer in ia3_layers(mine)}
+    assert sides == {"attn.c_attn": False, "attn.c_proj": False, "mlp.c_proj": True}
+    theirs = get_peft_model(small_gpt2(), peft.IA3Config(target_modules=["c_attn", "c_proj"]))
+    assert {n.split(".", 5)[-1]: m.is_feedforward for n, m in theirs.named_modules()
+            if isinstance(m, peft.tuners.ia3.IA3Layer) and ".h.0." in n} == sides
 
 
 def test_parameter_count_equals_peft_on_gpt2_small(capsys):
