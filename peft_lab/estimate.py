@@ -123,7 +123,7 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
 
     ``method`` describes a frozen base with a PEFT method (notebook 05, "Memory at real sizes"), as a mapping
     ``{"kind": ..., settings}`` with a kind of :data:`METHOD_SHAPES`: ``"lora"`` (``rank``, ``targets``: module
-    names), ``"ia3"`` (``targets``, ``feedforward``: module names, PEFT's suffix rules), ``"pfeiffer"``,
+    names; ``use_dora: True`` for DoRA), ``"ia3"`` (``targets``, ``feedforward``: module names, PEFT's suffix rules), ``"pfeiffer"``,
     ``"houlsby"`` and ``"parallel"`` (``bottleneck_dim``), ``"prefix"``
     (``num_virtual_tokens``, optional ``projection_dim``), ``"prompt"`` (``num_virtual_tokens``), or ``"full"``.
     Two rules change the count when the base is frozen:
@@ -196,6 +196,7 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
             raise ValueError(f"{kind} targets {targets!r} name no linear layer of this {arch} block; "
                              f"known: {sorted(stages)}")
         lowest = float(min(hits))
+    dora = kind == "lora" and bool(spec.get("use_dora", False))
     # IA3: per token and layer, the unscaled tensor each product keeps (input side: PEFT's endswith rule)
     feedforward = tuple(spec.get("feedforward", ()))
     ia3_kept = sum(sizes[x][0] if any(x.endswith(t) for t in feedforward) else sizes[x][1]
@@ -230,6 +231,9 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
                 attn += 2 * (d - d_kv)
         floats += n * rank_total                           # rule 1: B's input, r per wrapped layer
         floats += n * ia3_kept
+        if dora:  # (06.10): W₀x̃ and B A x̃ per token (2·d_out); n and m/n per layer, and m/n − 1 where W₀x̃ needs
+            for x in (x for x in stages if wrapped(x)):  # a gradient (above the lowest trained stage)
+                floats += 2 * n * sizes[x][1] + sizes[x][1] * (3 if layer > 0 or stages[x] > lowest else 2)
         floats += n * norm if kept("norm") else 0
         floats += n * d if qkv_in else 0
         if kept("attention"):
