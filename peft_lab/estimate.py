@@ -123,8 +123,8 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
 
     ``method`` describes a frozen base with a PEFT method (notebook 05, "Memory at real sizes"), as a mapping
     ``{"kind": ..., settings}`` with a kind of :data:`METHOD_SHAPES`: ``"lora"`` (``rank``, ``targets``: module
-    names; ``use_dora: True`` for DoRA), ``"ia3"`` (``targets``, ``feedforward``: module names, PEFT's suffix rules), ``"pfeiffer"``,
-    ``"houlsby"`` and ``"parallel"`` (``bottleneck_dim``), ``"prefix"``
+    names; ``use_dora: True`` for DoRA), ``"ia3"`` (``targets``, ``feedforward``: module names, PEFT's suffix
+    rules), ``"pfeiffer"``, ``"houlsby"`` and ``"parallel"`` (``bottleneck_dim``), ``"prefix"``
     (``num_virtual_tokens``, optional ``projection_dim``), ``"prompt"`` (``num_virtual_tokens``), or ``"full"``.
     Two rules change the count when the base is frozen:
 

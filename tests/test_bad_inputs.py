@@ -791,7 +791,8 @@ def _break_weights(file: Path) -> None:
 
 def _peft_folder(method, tmp):
     apply = {"lora": lambda m: peft_lab.apply_lora(m, rank=2), "ia3": peft_lab.apply_ia3,
-             "dora": lambda m: peft_lab.apply_lora(m, rank=2, use_dora=True), "prefix": lambda m: peft_lab.apply_prefix_tuning(m, 3),
+             "dora": lambda m: peft_lab.apply_lora(m, rank=2, use_dora=True),
+             "prefix": lambda m: peft_lab.apply_prefix_tuning(m, 3),
              "prompt": lambda m: peft_lab.apply_prompt_tuning(m, 3)}[method]
     folder = peft_lab.export_peft_adapter(apply(small_gpt2()), tmp / method)
     _break_weights(folder / "adapter_model.safetensors")
