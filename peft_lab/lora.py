@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import core
+from . import arch, core
 from . import validate
 from .arch import DEFAULT_TARGETS
 from .core import AdapterLayer, matches_target
@@ -428,6 +428,26 @@ def magnitude_direction_change(w0: torch.Tensor, w: torch.Tensor, fan_in_fan_out
     delta_m = (b.norm(dim=1) - a.norm(dim=1)).abs().mean().item()
     delta_d = (1 - nn.functional.cosine_similarity(b, a, dim=1)).mean().item()
     return delta_m, delta_d
+
+
+def query_weight_changes(model: nn.Module, base: nn.Module) -> list[tuple[float, float]]:
+    """``(ΔM, ΔD)`` of :func:`magnitude_direction_change` for the query projection of every block of ``model``
+    against the same block of ``base`` (the paper's Fig. 2 analyses the query matrix). ``model`` may be fully
+    fine-tuned or carry LoRA/DoRA (then its :meth:`LoRALinear.effective_weight`); GPT-2's fused ``c_attn``
+    contributes its first ``d`` output features, the queries."""
+    validate.require_module("model", model)
+    validate.require_module("base", base)
+    out = []
+    for i in range(len(arch.blocks(base))):
+        pair = []
+        for m in (model, base):
+            attn = arch.attention(m, i)
+            layer = attn.c_attn if hasattr(attn, "c_attn") else attn.q_proj
+            w = layer.effective_weight() if isinstance(layer, LoRALinear) else layer.weight.detach()
+            pair.append(w[:, :arch.width(m)] if hasattr(attn, "c_attn") else w)  # Conv1D: d_in × 3d, queries first
+        out.append(magnitude_direction_change(pair[1], pair[0], fan_in_fan_out=hasattr(arch.attention(model, i),
+                                                                                       "c_attn")))
+    return out
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

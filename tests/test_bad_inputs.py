@@ -372,6 +372,10 @@ CASES = [
     ("lora", "ΔM/ΔD shapes differ", lambda c, t: peft_lab.magnitude_direction_change(torch.ones(2, 3),
                                                                                     torch.ones(3, 2)), ValueError,
      ["w0", "(2, 3)", "(3, 2)"]),
+    ("lora", "query changes of a str", lambda c, t: peft_lab.query_weight_changes("model", c.small()), TypeError,
+     ["model"]),
+    ("lora", "query changes against a pair", lambda c, t: peft_lab.query_weight_changes(c.small(), (c.model, c.tok)),
+     TypeError, ["base", "unpack"]),
     ("lora", "use_dora str", lambda c, t: peft_lab.apply_lora(c.small(), use_dora="yes"), TypeError, ["use_dora"]),
     # --- ia3 ------------------------------------------------------------------------------------------
     ("ia3", "apply to pair", lambda c, t: peft_lab.apply_ia3((c.model, c.tok)), TypeError, ["model", "unpack"]),

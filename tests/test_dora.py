@@ -14,7 +14,8 @@ import peft_lab
 from peft_lab.core import fill_seeded
 from peft_lab.interop import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, import_peft_adapter
 from peft_lab.lora import (apply_lora, disable_lora, lora_config, lora_layers, lora_state_dict,
-                           magnitude_direction_change, merge_lora, remove_lora, unmerge_lora)
+                           magnitude_direction_change, merge_lora, query_weight_changes, remove_lora,
+                           unmerge_lora)
 from peft_lab.measure import print_trainable_parameters
 from peft_lab.tolerance import assert_close, assert_equal, is_close
 
@@ -269,3 +270,31 @@ def test_twelve_training_steps_match_peft():
     assert losses[0][0] - losses[0][-1] > 0.1  # it did train
     assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), reason="another library; Adam carries rounding",
                  what="12-step loss curve")
+
+
+def test_query_weight_changes_for_full_ft_lora_and_dora():
+    """The per-block (ΔM, ΔD) of the query projection: zero at init for every method; a full-FT change that
+    only rescales GPT-2's queries shows as magnitude alone; LoRA and DoRA read their effective weight."""
+    for make in (small_gpt2, small_llama):
+        base = make()
+        same = query_weight_changes(copy.deepcopy(base), base)
+        assert all(abs(dm) < 1e-12 and abs(dd) < 1e-12 for dm, dd in same)  # 1 − cos in float64: ~1e-16
+        full = copy.deepcopy(base)
+        attn = peft_lab.arch.attention(full, 1)
+        with torch.no_grad():
+            if hasattr(attn, "c_attn"):
+                attn.c_attn.weight[:, :64] *= 1.5
+                attn.c_attn.weight[:, 64:] *= 3.0  # keys and values: not part of the query analysis
+            else:
+                attn.q_proj.weight *= 1.5
+        (m0, d0), (m1, d1) = query_weight_changes(full, base)
+        q = attn.c_attn.weight[:, :64].T if hasattr(attn, "c_attn") else attn.q_proj.weight
+        assert abs(m0) < 1e-12 and abs(d0) < 1e-12 and abs(d1) < 1e-12 and abs(m1 - (q / 1.5).norm(dim=1).mean().item() / 2) < 1e-5
+        for dora in (False, True):
+            model = apply_lora(copy.deepcopy(base), rank=4, use_dora=dora)
+            fill_seeded({k: v for k, v in lora_state_dict(model).items() if "magnitude" not in k}, 1, 0.1)
+            changes = query_weight_changes(model, base)
+            assert len(changes) == 2 and all(dd > 1e-4 for _, dd in changes)
+            # DoRA with m still at ‖W₀‖: every row of W' has its old norm (06.7), so only the direction moved;
+            # LoRA moves both
+            assert all((dm < 1e-6) if dora else (dm > 1e-3) for dm, _ in changes)
