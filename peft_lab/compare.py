@@ -149,7 +149,7 @@ def switched_off(model: nn.Module):
     peft_lab's methods switch off through their own context managers, PEFT's models through
     ``disable_adapter()``. A fully fine-tuned model has nothing to switch off: ``ValueError``.
     """
-    from . import adapters, lora, prefix
+    from . import adapters, ia3, lora, prefix
     if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
         ctx = model.disable_adapter()
     elif prefix.is_prefix_model(model):
@@ -158,6 +158,8 @@ def switched_off(model: nn.Module):
         ctx = lora.disable_lora(model)
     elif any(True for _ in adapters.bottleneck_layers(model)):
         ctx = adapters.disable_adapters(model)
+    elif any(True for _ in ia3.ia3_layers(model)):
+        ctx = ia3.disable_ia3(model)
     else:
         raise ValueError("this model carries no adapter to switch off (full fine-tuning changes the base itself)")
     with ctx:
