@@ -112,7 +112,7 @@ class IA3Layer(AdapterLayer):
         """Equation (06.4): ``W ← diag(l) W, b ← l ⊙ b`` (output side) or ``W ← W diag(l)`` (input side)."""
         if self.merged:
             return
-        w, bias = self.base_layer.weight, self.base_layer.bias
+        w, bias = core.stored_weight(self.base_layer), self.base_layer.bias
         w.mul_(self._vector_in_weight_layout().to(w.dtype))
         if not self.is_feedforward and bias is not None:
             bias.mul_(self.ia3_l.flatten().to(bias.dtype))

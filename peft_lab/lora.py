@@ -160,13 +160,10 @@ class LoRALinear(AdapterLayer):
     def merge(self) -> None:
         """Equation (02.7): ``W ← W + s · B A``; afterwards forward is a plain ``base_layer(x)``."""
         if not self.merged:
-            w = self.base_layer.weight
-            if not isinstance(w, nn.Parameter):  # e.g. an NF4 base: its weight is dequantized on every read
-                raise TypeError(f"cannot merge LoRA into a {type(self.base_layer).__name__}: its weight is not a "
-                                "stored float parameter, so the update would be lost. Turn the base back into "
-                                "float layers first (peft_lab.dequantize_model(model)), or keep LoRA unmerged")
+            w = core.stored_weight(self.base_layer)
             w += self.delta_weight().to(w.dtype)
             self.merged = True
+
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -231,7 +228,7 @@ class DoRALinear(LoRALinear):
         """Equation (06.11): ``W ← (m/n) ⊙ (W + s · B A)``, keeping ``n`` for :meth:`unmerge`."""
         if self.merged:
             return
-        w, delta = self.base_layer.weight, self.delta_weight()
+        w, delta = core.stored_weight(self.base_layer), self.delta_weight()
         self._merged_norm = self.weight_norm(delta)
         w.copy_((self._factor(self._merged_norm) * (w + delta)).to(w.dtype))
         self.merged = True

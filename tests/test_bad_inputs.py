@@ -377,6 +377,13 @@ CASES = [
     ("lora", "query changes against a pair", lambda c, t: peft_lab.query_weight_changes(c.small(), (c.model, c.tok)),
      TypeError, ["base", "unpack"]),
     ("lora", "use_dora str", lambda c, t: peft_lab.apply_lora(c.small(), use_dora="yes"), TypeError, ["use_dora"]),
+    # --- qlora ----------------------------------------------------------------------------------------
+    ("qlora", "nf4 offset above 1", lambda c, t: peft_lab.nf4_code(2.0), ValueError, ["offset", "< 1"]),
+    ("qlora", "quantize a list", lambda c, t: peft_lab.quantize_nf4([1.0]), TypeError, ["weight", "list"]),
+    ("qlora", "quantize a pair", lambda c, t: peft_lab.quantize_model((c.model, c.tok)), TypeError, ["model"]),
+    ("qlora", "dequantize a name", lambda c, t: peft_lab.dequantize_model("tiny"), TypeError,
+     ["model", "load_base_model"]),
+    ("qlora", "stored bytes of None", lambda c, t: peft_lab.stored_bytes(None), TypeError, ["model", "None"]),
     # --- ia3 ------------------------------------------------------------------------------------------
     ("ia3", "apply to pair", lambda c, t: peft_lab.apply_ia3((c.model, c.tok)), TypeError, ["model", "unpack"]),
     ("ia3", "target dict", lambda c, t: peft_lab.apply_ia3(c.small(), target_modules={"c_attn": 1}), TypeError,

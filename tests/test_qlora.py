@@ -136,6 +136,23 @@ def test_quantize_model_and_lora_on_top(tiny):
         qlora.quantize_model(model)
 
 
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_dora_and_ia3_merges_into_an_nf4_base_are_refused(tiny, method):
+    """Like LoRA's: a merge writes into the base weight, which an NF4 layer does not store."""
+    model = qlora.quantize_model(copy.deepcopy(tiny[0]))
+    if method == "dora":
+        peft_lab.apply_lora(model, rank=4, alpha=8, use_dora=True)
+        merge = peft_lab.merge_lora
+    else:
+        peft_lab.apply_ia3(model)
+        merge = peft_lab.merge_ia3
+    ids = torch.arange(12).view(1, 12)
+    before = model(ids).logits
+    with pytest.raises(TypeError, match="cannot merge"):
+        merge(model)
+    assert_equal(model(ids).logits, before, what="logits after the refused merge")
+
+
 def test_llama_linear_layers_and_dtype():
     """LLaMA's nn.Linear layers (untied head kept float); .to(bfloat16) sets the compute dtype and keeps the
     NF4 constants in float32 (rounding them to bf16 would move every weight of a block)."""
