@@ -47,7 +47,8 @@ def _ia3_reason(cls, d_in: int, d_out: int, shape, seed: int) -> str | None:
     if out.shape != expected.shape or not is_close(out, expected):
         return f"with a random l the output is not base(l ⊙ x) = W(l ⊙ x) + b {where} (06.2)"
     g = torch.randn(expected.shape)
-    (out * g).sum().backward()
+    if out.requires_grad:
+        (out * g).sum().backward()
     (expected * g).sum().backward()
     if vec.grad is None:
         return "no gradient reached l: use the parameter itself in forward (not .data or .detach())"
@@ -156,7 +157,7 @@ def _nf4_code(answer):
 def _bits(answer):
     from ..qlora import nf4_bits_per_parameter
     expected = nf4_bits_per_parameter(block_size=128, double_quant=True)
-    return number(answer, expected, rel_tol=1e-5,
+    return number(answer, expected, rel_tol=1e-4,
                   mistakes={nf4_bits_per_parameter(64, True): "that is block 64; the question uses 128.",
                             nf4_bits_per_parameter(128, False): "that is without double quantization (fp32 "
                                                                 "absmax: 32/128 bits per weight).",
