@@ -77,3 +77,16 @@ def test_memory_explorer_static_and_widget():
     assert "GiB" in ax.get_ylabel() and len(ax.get_xticklabels()) == 2
     assert memory_explorer().children  # the interactive builds its controls
     plt.close("all")
+
+
+def test_adapter_placement_figure_has_one_add_per_addition_and_its_adapters():
+    """Notebook 03's block figure: each ⊕ is one addition of (03.3), each orange box one adapter."""
+    import matplotlib.colors as mcolors
+    from peft_lab.plots import draw_adapter_placements
+    axes = draw_adapter_placements()
+    adds = [sum(isinstance(p, plt.Circle) for p in ax.patches) for ax in axes]
+    boxes = [sum(isinstance(p, plt.Rectangle) and mcolors.same_color(p.get_facecolor(), "#f6c89f")
+                 for p in ax.patches) for ax in axes]
+    # Houlsby: f_a + a, + x, f_y + y, + x₁; Pfeiffer: + x, y + x₁ (z), f(z) + y, + x₁; parallel: + x, s·f + y, + x₁
+    assert adds == [4, 4, 3] and boxes == [2, 1, 1]
+    plt.close("all")
