@@ -9,13 +9,17 @@ from .adapters import (AdapterConfig, BottleneckAdapter, adapter_config, adapter
 from .colab import REPO_URL
 from .data import collate, encode_task, encode_texts, evaluate_task, load_heldout, load_task, perplexity
 from .exercises import check
+from .ia3 import (IA3Config, IA3Layer, apply_ia3, disable_ia3, ia3_config, ia3_layers, ia3_state_dict,
+                  load_ia3_state_dict, merge_ia3, remove_ia3, unmerge_ia3)
 from .interop import export_peft_adapter, import_peft_adapter
 from .interop_adapterhub import export_adapterhub_adapter, import_adapterhub_adapter
-from .lora import (LoRAConfig, LoRALinear, apply_lora, disable_lora, load_lora_state_dict, lora_config,
-                   lora_layers, lora_scaling, lora_state_dict, merge_lora, remove_lora, unmerge_lora)
+from .lora import (DoRALinear, LoRAConfig, LoRALinear, apply_lora, disable_lora, load_lora_state_dict, lora_config,
+                   lora_layers, lora_scaling, lora_state_dict, magnitude_direction_change, merge_lora,
+                   query_weight_changes, remove_lora, unmerge_lora)
 from .estimate import estimate_memory
 from .measure import count_parameters, measure_memory, print_trainable_parameters, time_fn
 from .models import build_from_config, load_base_model
+from .qlora import NF4Weight, dequantize_model, nf4_code, quantize_model, quantize_nf4, stored_bytes
 from .prefix import (PrefixModel, PrefixTuningModel, PromptTuningModel, apply_prefix_tuning, apply_prompt_tuning,
                      disable_prefix, fold_prefix_projection, remove_prefix)
 from .paths import data_dir, pick_device

@@ -149,7 +149,7 @@ def switched_off(model: nn.Module):
     peft_lab's methods switch off through their own context managers, PEFT's models through
     ``disable_adapter()``. A fully fine-tuned model has nothing to switch off: ``ValueError``.
     """
-    from . import adapters, lora, prefix
+    from . import adapters, ia3, lora, prefix
     if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
         ctx = model.disable_adapter()
     elif prefix.is_prefix_model(model):
@@ -158,6 +158,8 @@ def switched_off(model: nn.Module):
         ctx = lora.disable_lora(model)
     elif any(True for _ in adapters.bottleneck_layers(model)):
         ctx = adapters.disable_adapters(model)
+    elif any(True for _ in ia3.ia3_layers(model)):
+        ctx = ia3.disable_ia3(model)
     else:
         raise ValueError("this model carries no adapter to switch off (full fine-tuning changes the base itself)")
     with ctx:
@@ -224,3 +226,27 @@ def measured(name: str, base: nn.Module, batch: dict) -> dict:
     """:func:`measure_memory` of one training step of method ``name`` on a deep copy of ``base``."""
     model = METHODS[name].apply(copy.deepcopy(base), None)
     return measure_memory(model, batch)
+
+
+def ready_for_inference(name: str, model: nn.Module) -> nn.Module:
+    """A copy of the trained ``model`` of method ``name`` in the form it would be served (notebook 05 §7), in
+    eval mode: LoRA merged into its weights (02.7), PEFT's methods merged and unloaded, the prefix's
+    reparameterization folded into a plain prefix (notebook 04); adapters and prompts stay as trained."""
+    model = copy.deepcopy(model)
+    if METHODS[name].source == "PEFT":
+        model = model.merge_and_unload()
+    elif name.startswith("LoRA"):
+        from .lora import merge_lora
+        merge_lora(model)
+    elif name == "prefix":
+        from .prefix import fold_prefix_projection
+        fold_prefix_projection(model)
+    return model.eval()
+
+
+def served_as(name: str) -> str:
+    """How :func:`ready_for_inference` serves method ``name``: ``"merged"``, ``"projection folded"`` or
+    ``"as trained"``."""
+    if METHODS[name].source == "PEFT" or name.startswith("LoRA"):
+        return "merged"
+    return "projection folded" if name == "prefix" else "as trained"

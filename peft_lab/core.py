@@ -142,6 +142,17 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def stored_weight(layer: nn.Module) -> nn.Parameter:
+    """The base layer's weight for a merge to write into; refused when it is not a stored parameter (an NF4
+    layer, ``peft_lab.qlora``, dequantizes its weight on every read, so a merged update would be lost)."""
+    w = layer.weight
+    if not isinstance(w, nn.Parameter):
+        raise TypeError(f"cannot merge into a {type(layer).__name__}: its weight is not a stored float "
+                        "parameter, so the update would be lost. Turn the base back into float layers first "
+                        "(peft_lab.dequantize_model(model)), or keep the adapter unmerged")
+    return w
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """``requires_grad=False`` for every parameter: the base stays as pretrained; adapters added after this
     call are the only trainable parameters."""

@@ -56,8 +56,8 @@ _LINEAR_STAGES = {
 class MethodShape:
     """What one method changes in the count of :func:`activation_elements`.
 
-    ``lowest``: the stage (:data:`STAGES`) of its lowest trainable parameter in a block; ``None`` for LoRA,
-    where it is the stage of the lowest wrapped layer. ``after_attention(d, m)`` / ``after_ffn(d, m, layer)``:
+    ``lowest``: the stage (:data:`STAGES`) of its lowest trainable parameter in a block; ``None`` for LoRA
+    and IA3, where it is the stage of the lowest wrapped layer. ``after_attention(d, m)`` / ``after_ffn(d, m, layer)``:
     floats per token its own modules keep at stage 4 / 9 (``m`` the bottleneck). ``prefix``: P keys and
     values enter every attention; ``prompt``: every layer runs on ``T + P`` positions.
     """
@@ -74,6 +74,9 @@ class MethodShape:
 METHOD_SHAPES: dict[str, MethodShape] = {
     "full": MethodShape(lowest=-1.0),
     "lora": MethodShape(lowest=None),
+    # IA3 (notebook 06): its product l ⊙ y keeps y, a new tensor — the unscaled output (d_out) of a target,
+    # the unscaled input (d_in) of a feed-forward target; the frozen layer itself keeps nothing (rule 1)
+    "ia3": MethodShape(lowest=None),
     # Houlsby: SiLU adapters after attention (stage 4) and after the MLP, the lowest at stage 4
     "houlsby": MethodShape(lowest=STAGES["attn_adapter"], after_attention=lambda d, m: d + 2 * m,
                            after_ffn=lambda d, m, layer: d + 2 * m),
@@ -120,7 +123,8 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
 
     ``method`` describes a frozen base with a PEFT method (notebook 05, "Memory at real sizes"), as a mapping
     ``{"kind": ..., settings}`` with a kind of :data:`METHOD_SHAPES`: ``"lora"`` (``rank``, ``targets``: module
-    names), ``"pfeiffer"``, ``"houlsby"`` and ``"parallel"`` (``bottleneck_dim``), ``"prefix"``
+    names; ``use_dora: True`` for DoRA), ``"ia3"`` (``targets``, ``feedforward``: module names, PEFT's suffix
+    rules), ``"pfeiffer"``, ``"houlsby"`` and ``"parallel"`` (``bottleneck_dim``), ``"prefix"``
     (``num_virtual_tokens``, optional ``projection_dim``), ``"prompt"`` (``num_virtual_tokens``), or ``"full"``.
     Two rules change the count when the base is frozen:
 
@@ -169,22 +173,34 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
         f = config.n_inner or 4 * d
         k_act = _ACT_SAVED.get(config.activation_function, 1)
         hd, d_kv = d // h, d
+        sizes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, f), "mlp.c_proj": (f, d)}
     else:
         d, h, L, V = config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.vocab_size
         hd = getattr(config, "head_dim", None) or d // h
         d_kv = (config.num_key_value_heads or h) * hd
         f = config.intermediate_size
+        sizes = {"self_attn.q_proj": (d, h * hd), "self_attn.k_proj": (d, d_kv), "self_attn.v_proj": (d, d_kv),
+                 "self_attn.o_proj": (h * hd, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f),
+                 "mlp.down_proj": (f, d)}
 
-    def lora(*names):  # how many of these linear layers LoRA wraps (PEFT's suffix rule)
-        return sum(kind == "lora" and any(x == t or x.endswith("." + t) for t in targets) for x in names)
+    def wrapped(x):  # whether the method wraps the linear layer x (PEFT's suffix rule)
+        return any(x == t or x.endswith("." + t) for t in targets)
+
+    def lora(*names):  # how many of these linear layers LoRA wraps
+        return sum(kind == "lora" and wrapped(x) for x in names)
 
     lowest = shape.lowest
-    if lowest is None:  # LoRA: the stage of the lowest wrapped layer
-        hits = [stage for name, stage in stages.items() if lora(name)]
+    if lowest is None:  # LoRA, IA3: the stage of the lowest wrapped layer
+        hits = [stage for name, stage in stages.items() if wrapped(name)]
         if not hits:
-            raise ValueError(f"LoRA targets {targets!r} name no linear layer of this {arch} block; "
+            raise ValueError(f"{kind} targets {targets!r} name no linear layer of this {arch} block; "
                              f"known: {sorted(stages)}")
         lowest = float(min(hits))
+    dora = kind == "lora" and bool(spec.get("use_dora", False))
+    # IA3: per token and layer, the unscaled tensor each product keeps (input side: PEFT's endswith rule)
+    feedforward = tuple(spec.get("feedforward", ()))
+    ia3_kept = sum(sizes[x][0] if any(x.endswith(t) for t in feedforward) else sizes[x][1]
+                   for x in stages if kind == "ia3" and wrapped(x))
 
     floats = 0
     for layer in range(L):
@@ -207,11 +223,17 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
             gu_lora = lora("mlp.gate_proj", "mlp.up_proj")
             up_in, down_in = full or gu_lora, full or lora("mlp.down_proj")
             mlp = 3 * f                                    # gate out, SiLU out, up out
+            if not (full or layer > 0 or lowest < STAGES["ffn_in"] or wrapped("mlp.gate_proj")):
+                mlp = f  # layer 0, up_proj the lowest trained: SiLU(gate) is a constant, kept for up's gradient
             rank_total = rank * (q_lora + o_lora + gu_lora + lora("mlp.down_proj"))
             kv_prefix = 2 * (d if d_kv < d else d_kv)     # with a mask, SDPA gets k, v repeated to all heads
             if shape.prefix and d_kv < d:
                 attn += 2 * (d - d_kv)
         floats += n * rank_total                           # rule 1: B's input, r per wrapped layer
+        floats += n * ia3_kept
+        if dora:  # (06.10): W₀x̃ and B A x̃ per token (2·d_out); n and m/n per layer, and m/n − 1 where W₀x̃ needs
+            for x in (x for x in stages if wrapped(x)):  # a gradient (above the lowest trained stage)
+                floats += 2 * n * sizes[x][1] + sizes[x][1] * (3 if layer > 0 or stages[x] > lowest else 2)
         floats += n * norm if kept("norm") else 0
         floats += n * d if qkv_in else 0
         if kept("attention"):
@@ -279,8 +301,9 @@ def estimate_memory(name_or_config, trainable_params: int | None = None, batch_s
     top of the base), and the activations follow the frozen-base rules of :func:`activation_elements`.
     ``precision="4bit-base"`` (with a method) stores the frozen base in 4 bits, QLoRA's NF4 with double
     quantization: 0.5 B per weight plus 0.127 bits of quantization constants (Dettmers et al. 2023, §3);
-    the method trains in bf16-mixed. Embeddings and norms are counted as 4-bit too (QLoRA keeps them in
-    16 bits, a few percent of a GPT-2's weights), so this is a lower bound for the parameters.
+    the method trains in bf16-mixed. Embeddings, output head and norms are counted as 4-bit too (QLoRA keeps
+    them in 16 bits: about a third of gpt2-small's weights, 4% of LLaMA-2 7B's), so this is a lower bound for
+    the parameters (notebook 05 §8 prints by how much).
     """
     from .models import build_from_config
 

@@ -3,10 +3,12 @@
 A PEFT adapter is a directory with two files:
 
 * ``adapter_config.json`` — the method (``peft_type``) and its settings, e.g. for LoRA ``r``, ``lora_alpha``,
-  ``lora_dropout``, ``target_modules``, ``fan_in_fan_out``, ``use_rslora``;
+  ``lora_dropout``, ``target_modules``, ``fan_in_fan_out``, ``use_rslora``, ``use_dora``; for IA3
+  ``target_modules``, ``feedforward_modules``, ``fan_in_fan_out``;
 * ``adapter_model.safetensors`` — only the adapter's tensors, named like the model's modules with the prefix
   ``base_model.model.`` and without the adapter name, e.g.
-  ``base_model.model.transformer.h.0.attn.c_attn.lora_A.weight``.
+  ``base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`` (DoRA adds ``...c_attn.lora_magnitude_vector``,
+  IA3 saves ``...c_attn.ia3_l``).
 
 :func:`export_peft_adapter` writes that directory from a peft_lab model, so that
 ``peft.PeftModel.from_pretrained(base, path)`` loads it; :func:`import_peft_adapter` reads a directory
@@ -26,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import core, lora, prefix
+from . import core, ia3, lora, prefix
 from . import validate
 from .paths import atomic_path
 
@@ -64,10 +66,10 @@ def _export_lora(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     if any(layer.merged for layer in layers):
         raise ValueError("the LoRA layers are merged into W; call unmerge_lora(model) before exporting, "
                          "otherwise PEFT would add the update a second time")
-    settings = {(layer.rank, layer.alpha, layer.use_rslora) for layer in layers}
+    settings = {(layer.rank, layer.alpha, layer.use_rslora, layer.use_dora) for layer in layers}
     if len(settings) > 1:
-        raise ValueError(f"LoRA layers with different (rank, alpha, use_rslora) {sorted(settings)} cannot be "
-                         "described by one adapter_config.json")
+        raise ValueError(f"LoRA layers with different (rank, alpha, use_rslora, use_dora) {sorted(settings)} "
+                         "cannot be described by one adapter_config.json")
     targets = config.target_modules
     fields = {
         "r": config.rank,
@@ -79,7 +81,7 @@ def _export_lora(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         "use_rslora": config.use_rslora,
         "bias": "none",
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -90,7 +92,7 @@ def _export_lora(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 # settings a LoRA adapter may carry that peft_lab.lora does not implement (fine while off: None/False/"none"/empty)
-_LORA_UNSUPPORTED = ("use_dora", "bias", "modules_to_save", "layers_to_transform", "rank_pattern",
+_LORA_UNSUPPORTED = ("bias", "modules_to_save", "layers_to_transform", "rank_pattern",
                      "alpha_pattern", "exclude_modules", "lora_bias", "target_parameters", "layer_replication",
                      "trainable_token_indices")
 
@@ -109,7 +111,8 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
     try:
         lora.apply_lora(model, rank=config["r"], alpha=config["lora_alpha"],
                         dropout=config.get("lora_dropout", 0.0) or 0.0, target_modules=targets,
-                        use_rslora=bool(config.get("use_rslora", False)))
+                        use_rslora=bool(config.get("use_rslora", False)),
+                        use_dora=bool(config.get("use_dora", False)))
     except ValueError as err:
         base = config.get("base_model_name_or_path")
         raise ValueError(f"this adapter does not fit the model (made for {base!r}, another architecture?): "
@@ -117,6 +120,49 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
     except TypeError as err:
         raise TypeError(f"this adapter does not fit the model: {err}") from err
     return lora.load_lora_state_dict(model, tensors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IA3 (notebook 06): one vector per layer, "<layer>.ia3_l"
+# ----------------------------------------------------------------------------------------------------------
+
+def _has_ia3(model: nn.Module) -> bool:
+    return any(True for _ in ia3.ia3_layers(model))
+
+
+def _as_json(targets):
+    return targets if isinstance(targets, str) else list(targets)
+
+
+def _export_ia3(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    layers = [layer for _, layer in ia3.ia3_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("the IA3 layers are merged into W; call unmerge_ia3(model) before exporting, "
+                         "otherwise PEFT would scale the weights a second time")
+    config = ia3.ia3_config(model)
+    fields = {"target_modules": _as_json(config.target_modules),
+              "feedforward_modules": _as_json(config.feedforward_modules),
+              "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
+              "init_ia3_weights": True, "modules_to_save": None, "exclude_modules": None}
+    return fields, ia3.ia3_state_dict(model)
+
+
+def _load_ia3(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    for field in ("modules_to_save", "exclude_modules"):
+        if config.get(field):
+            raise ValueError(f"this IA3 adapter uses {field}={config[field]!r}, which peft_lab.ia3 does not implement")
+    if "target_modules" not in config:
+        raise ValueError(f"{CONFIG_NAME} lacks the IA3 field 'target_modules'")
+    try:
+        ia3.apply_ia3(model, target_modules=config["target_modules"],
+                      feedforward_modules=config.get("feedforward_modules"))
+    except ValueError as err:
+        base = config.get("base_model_name_or_path")
+        raise ValueError(f"this adapter does not fit the model (made for {base!r}, another architecture?): "
+                         f"{err}") from err
+    except TypeError as err:
+        raise TypeError(f"this adapter does not fit the model: {err}") from err
+    return ia3.load_ia3_state_dict(model, tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,6 +219,7 @@ def _load_prompt_learning(method: str):
 #: PEFT ``peft_type`` → how that method is exported and imported.
 PEFT_TYPES: dict[str, Method] = {
     "LORA": Method(detect=_has_lora, export=_export_lora, load=_load_lora),
+    "IA3": Method(detect=_has_ia3, export=_export_ia3, load=_load_ia3),
     "PREFIX_TUNING": Method(detect=lambda m: prefix.is_prefix_model(m, prefix.PREFIX_TUNING),
                             export=_export_prompt_learning, load=_load_prompt_learning(prefix.PREFIX_TUNING),
                             key_prefix=""),
@@ -271,7 +318,8 @@ def import_peft_adapter(model: nn.Module, path) -> nn.Module:
     """Load the PEFT adapter directory ``path`` into ``model`` (a plain base model); return ``model``.
 
     The adapter's own settings are applied (for LoRA: ``apply_lora`` with ``r``, ``lora_alpha``,
-    ``lora_dropout``, ``target_modules``, ``use_rslora``), then its weights are copied in. On failure the
+    ``lora_dropout``, ``target_modules``, ``use_rslora``, ``use_dora``; for IA3: ``apply_ia3`` with
+    ``target_modules``, ``feedforward_modules``), then its weights are copied in. On failure the
     model is left exactly as it came (:func:`peft_lab.core.rollback_on_error`).
     """
     validate.require_module("model", model)

@@ -127,7 +127,9 @@ def plot_memory(breakdowns: Mapping, ax=None, unit: str | None = None,
         ax.bar(x, values, bottom=bottom, color=_PART_COLORS[part], label=part, width=0.6)
         bottom += values
     for xi, total in zip(x, bottom):
-        ax.annotate(f"{total:.3g}", (xi, total), ha="center", va="bottom", fontsize="small",
+        # one format for every bar: 3 significant digits, never an exponent ("2,059" beside "616", not "2.06e+03")
+        label = f"{total:,.0f}" if total >= 100 else f"{total:.3g}"
+        ax.annotate(label, (xi, total), ha="center", va="bottom", fontsize="small",
                     xytext=(0, 2), textcoords="offset points")
     peaks = [(xi, breakdowns[k]["cuda_peak"] / size) for xi, k in zip(x, labels) if "cuda_peak" in breakdowns[k]]
     if peaks:

@@ -28,4 +28,9 @@ def tiny():
     return peft_lab.load_base_model("tiny", device="cpu")[0]
 
 
-MODELS = {"gpt2": small_gpt2, "llama": small_llama, "tiny": tiny}
+def tiny_llama():
+    """The shipped LLaMA-family model: grouped-query attention (4 heads, 2 KV heads), SwiGLU, untied head."""
+    return peft_lab.load_base_model("tiny-llama", device="cpu")[0]
+
+
+MODELS = {"gpt2": small_gpt2, "llama": small_llama, "tiny": tiny, "tiny-llama": tiny_llama}

@@ -64,6 +64,12 @@ def _inside_disable(c, fn):
         fn(m)
 
 
+def _inside_disable_ia3(c, fn):
+    m = peft_lab.apply_ia3(c.small())
+    with peft_lab.disable_ia3(m):
+        fn(m)
+
+
 def _empty_folder(c, tmp):
     folder = tmp / "empty"
     folder.mkdir()
@@ -361,6 +367,61 @@ CASES = [
     ("lora", "lora_state_dict pair", lambda c, t: peft_lab.lora_state_dict((c.model, c.tok)), TypeError,
      ["model", "unpack"]),
     ("lora", "lora_config str", lambda c, t: peft_lab.lora_config("model"), TypeError, ["model"]),
+    ("lora", "ΔM/ΔD of a list", lambda c, t: peft_lab.magnitude_direction_change([1.0], torch.ones(2, 2)), TypeError,
+     ["w0", "torch.Tensor"]),
+    ("lora", "ΔM/ΔD shapes differ", lambda c, t: peft_lab.magnitude_direction_change(torch.ones(2, 3),
+                                                                                    torch.ones(3, 2)), ValueError,
+     ["w0", "(2, 3)", "(3, 2)"]),
+    ("lora", "query changes of a str", lambda c, t: peft_lab.query_weight_changes("model", c.small()), TypeError,
+     ["model"]),
+    ("lora", "query changes against a pair", lambda c, t: peft_lab.query_weight_changes(c.small(), (c.model, c.tok)),
+     TypeError, ["base", "unpack"]),
+    ("lora", "use_dora str", lambda c, t: peft_lab.apply_lora(c.small(), use_dora="yes"), TypeError, ["use_dora"]),
+    # --- qlora ----------------------------------------------------------------------------------------
+    ("qlora", "nf4 offset above 1", lambda c, t: peft_lab.nf4_code(2.0), ValueError, ["offset", "< 1"]),
+    ("qlora", "quantize a list", lambda c, t: peft_lab.quantize_nf4([1.0]), TypeError, ["weight", "list"]),
+    ("qlora", "quantize a pair", lambda c, t: peft_lab.quantize_model((c.model, c.tok)), TypeError, ["model"]),
+    ("qlora", "dequantize a name", lambda c, t: peft_lab.dequantize_model("tiny"), TypeError,
+     ["model", "load_base_model"]),
+    ("qlora", "stored bytes of None", lambda c, t: peft_lab.stored_bytes(None), TypeError, ["model", "None"]),
+    # --- ia3 ------------------------------------------------------------------------------------------
+    ("ia3", "apply to pair", lambda c, t: peft_lab.apply_ia3((c.model, c.tok)), TypeError, ["model", "unpack"]),
+    ("ia3", "target dict", lambda c, t: peft_lab.apply_ia3(c.small(), target_modules={"c_attn": 1}), TypeError,
+     ["target_modules"]),
+    ("ia3", "target short name as str", lambda c, t: peft_lab.apply_ia3(c.small(), target_modules="c_attn"),
+     ValueError, ["target_modules", "['c_attn']"]),
+    ("ia3", "feedforward int", lambda c, t: peft_lab.apply_ia3(c.small(), feedforward_modules=3), TypeError,
+     ["feedforward_modules"]),
+    ("ia3", "feedforward not a subset", lambda c, t: peft_lab.apply_ia3(c.small(), target_modules=["c_attn"],
+                                                                       feedforward_modules=["c_fc"]),
+     ValueError, ["feedforward_modules", "subset"]),
+    ("ia3", "feedforward list with int", lambda c, t: peft_lab.apply_ia3(c.small(), feedforward_modules=["c", 3]),
+     ValueError, ["feedforward_modules"]),
+    ("ia3", "tied lm_head", lambda c, t: peft_lab.apply_ia3(c.small(), target_modules=["lm_head"],
+                                                           feedforward_modules=[]), ValueError, ["lm_head", "tied"]),
+    ("ia3", "IA3Layer on Embedding", lambda c, t: peft_lab.IA3Layer(nn.Embedding(3, 4)), TypeError, ["base_layer"]),
+    ("ia3", "IA3Layer feedforward str", lambda c, t: peft_lab.IA3Layer(nn.Linear(2, 2), "yes"), TypeError,
+     ["is_feedforward"]),
+    ("ia3", "merge without IA3", lambda c, t: peft_lab.merge_ia3(c.small()), ValueError, ["apply_ia3"]),
+    ("ia3", "merge inside disable", lambda c, t: _inside_disable_ia3(c, peft_lab.merge_ia3), ValueError,
+     ["merge_ia3", "disable_ia3"]),
+    ("ia3", "unmerge inside disable", lambda c, t: _inside_disable_ia3(c, peft_lab.unmerge_ia3), ValueError,
+     ["unmerge_ia3", "disable_ia3"]),
+    ("ia3", "remove inside disable", lambda c, t: _inside_disable_ia3(c, peft_lab.remove_ia3), ValueError,
+     ["remove_ia3", "disable_ia3"]),
+    ("ia3", "remove merge str", lambda c, t: peft_lab.remove_ia3(peft_lab.apply_ia3(c.small()), merge="no"),
+     TypeError, ["merge"]),
+    ("ia3", "load list", lambda c, t: peft_lab.load_ia3_state_dict(peft_lab.apply_ia3(c.small()), [torch.ones(1)]),
+     TypeError, ["state_dict"]),
+    ("ia3", "load LoRA keys", lambda c, t: peft_lab.load_ia3_state_dict(peft_lab.apply_ia3(c.small()),
+                                                                       peft_lab.lora_state_dict(c.lora())),
+     ValueError, ["IA3", "missing keys"]),
+    ("ia3", "ia3_layers str", lambda c, t: list(peft_lab.ia3_layers("model")), TypeError, ["model"]),
+    ("ia3", "ia3_state_dict without IA3", lambda c, t: peft_lab.ia3_state_dict(c.small()), ValueError,
+     ["apply_ia3"]),
+    ("ia3", "ia3_config str", lambda c, t: peft_lab.ia3_config("model"), TypeError, ["model"]),
+    ("ia3", "disable_ia3 without IA3", lambda c, t: peft_lab.disable_ia3(c.small()).__enter__(), ValueError,
+     ["apply_ia3"]),
     # --- interop --------------------------------------------------------------------------------------
     ("interop", "export to ''", lambda c, t: peft_lab.export_peft_adapter(c.lora(), ""), ValueError, ["path"]),
     ("interop", "export to int", lambda c, t: peft_lab.export_peft_adapter(c.lora(), 42), TypeError, ["path"]),
@@ -740,7 +801,9 @@ def _break_weights(file: Path) -> None:
 
 
 def _peft_folder(method, tmp):
-    apply = {"lora": lambda m: peft_lab.apply_lora(m, rank=2), "prefix": lambda m: peft_lab.apply_prefix_tuning(m, 3),
+    apply = {"lora": lambda m: peft_lab.apply_lora(m, rank=2), "ia3": peft_lab.apply_ia3,
+             "dora": lambda m: peft_lab.apply_lora(m, rank=2, use_dora=True),
+             "prefix": lambda m: peft_lab.apply_prefix_tuning(m, 3),
              "prompt": lambda m: peft_lab.apply_prompt_tuning(m, 3)}[method]
     folder = peft_lab.export_peft_adapter(apply(small_gpt2()), tmp / method)
     _break_weights(folder / "adapter_model.safetensors")
@@ -763,6 +826,10 @@ def _hub_folder(tmp):
 LOADERS = {
     "import_peft_adapter LoRA": (lambda t: small_gpt2(),
                                  lambda m, t: peft_lab.import_peft_adapter(m, _peft_folder("lora", t))),
+    "import_peft_adapter IA3": (lambda t: small_gpt2(),
+                                lambda m, t: peft_lab.import_peft_adapter(m, _peft_folder("ia3", t))),
+    "import_peft_adapter DoRA": (lambda t: small_gpt2(),
+                                 lambda m, t: peft_lab.import_peft_adapter(m, _peft_folder("dora", t))),
     "import_peft_adapter prefix": (lambda t: small_gpt2(),
                                    lambda m, t: peft_lab.import_peft_adapter(m, _peft_folder("prefix", t))),
     "import_peft_adapter prompt": (lambda t: small_gpt2(),

@@ -140,7 +140,7 @@ def test_truncated_safetensors(adapter_dir):
 @pytest.mark.parametrize("change, words", [
     ({"peft_type": "LOHA"}, "unsupported peft_type 'LOHA'"),
     ({"peft_type": None}, "unsupported peft_type"),
-    ({"use_dora": True}, "use_dora"),
+    ({"lora_bias": True}, "lora_bias"),
     ({"bias": "all"}, "bias"),
     ({"rank_pattern": {"c_attn": 2}}, "rank_pattern"),
     ({"target_modules": "all-linear"}, "all-linear"),

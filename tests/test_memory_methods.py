@@ -39,6 +39,23 @@ METHODS = {
          else ["q_proj", "o_proj", "down_proj"]},
         lambda m: peft_lab.apply_lora(m, rank=4, target_modules=["c_attn", "c_proj"] if cfg.model_type == "gpt2"
                                       else ["q_proj", "o_proj", "down_proj"])),
+    "lora-up": lambda cfg: (  # LLaMA: up_proj trained, gate_proj not: layer 0 keeps SiLU(gate) only
+        {"kind": "lora", "rank": 4, "targets": ["c_fc"] if cfg.model_type == "gpt2" else ["up_proj"]},
+        lambda m: peft_lab.apply_lora(m, rank=4, target_modules=["c_fc"] if cfg.model_type == "gpt2" else ["up_proj"])),
+    "dora": lambda cfg: ({"kind": "lora", "rank": 8, "targets": _lora_targets(cfg), "use_dora": True},
+                         lambda m: peft_lab.apply_lora(m, rank=8, target_modules=_lora_targets(cfg), use_dora=True)),
+    "dora-attn-mlp": lambda cfg: (  # a DoRA layer above the lowest one keeps m/n − 1 in layer 0 too
+        {"kind": "lora", "rank": 4, "use_dora": True, "targets": ["c_attn", "c_fc"] if cfg.model_type == "gpt2"
+         else ["k_proj", "o_proj", "up_proj"]},
+        lambda m: peft_lab.apply_lora(m, rank=4, use_dora=True, target_modules=["c_attn", "c_fc"]
+                                      if cfg.model_type == "gpt2" else ["k_proj", "o_proj", "up_proj"])),
+    "ia3": lambda cfg: ({"kind": "ia3", "targets": default_targets(cfg, "ia3"),
+                         "feedforward": default_targets(cfg, "ia3_feedforward")}, peft_lab.apply_ia3),
+    "ia3-mlp": lambda cfg: (  # lowest target in the MLP: layer 0 keeps nothing below it
+        {"kind": "ia3", "targets": ["c_fc", "mlp.c_proj"] if cfg.model_type == "gpt2" else ["up_proj", "down_proj"],
+         "feedforward": ["mlp.c_proj"] if cfg.model_type == "gpt2" else ["down_proj"]},
+        lambda m: peft_lab.apply_ia3(m, target_modules=["c_fc", "mlp.c_proj"] if cfg.model_type == "gpt2"
+                                     else ["up_proj", "down_proj"])),
     "pfeiffer": lambda cfg: ({"kind": "pfeiffer", "bottleneck_dim": 8},
                              lambda m: peft_lab.apply_adapters(m, "pfeiffer", bottleneck_dim=8)),
     "houlsby": lambda cfg: ({"kind": "houlsby", "bottleneck_dim": 8},

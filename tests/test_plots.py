@@ -79,6 +79,13 @@ def test_memory_explorer_static_and_widget():
     plt.close("all")
 
 
+def test_plot_memory_totals_share_one_format():
+    """Totals are written without exponents, so a 2,059 MiB bar does not read "2.06e+03" beside "616"."""
+    mib = lambda total: {"parameters": total * 2**20, "gradients": 0, "optimizer": 0, "activations": 0}  # noqa: E731
+    ax = plot_memory({"full": mib(2059.2), "LoRA": mib(616.4), "small": mib(14.53)}, unit="MiB")
+    assert [t.get_text() for t in ax.texts] == ["2,059", "616", "14.5"]
+
+
 def test_adapter_placement_figure_has_one_add_per_addition_and_its_adapters():
     """Notebook 03's block figure: each ⊕ is one addition of (03.3), each orange box one adapter."""
     import matplotlib.colors as mcolors

@@ -1,0 +1,33 @@
+"""compare.ready_for_inference: the served copy computes what the trained model computes, and is merged."""
+import copy
+
+import pytest
+import torch
+
+from peft_lab import compare, lora
+from peft_lab.tolerance import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("name", ["LoRA r=8", "Houlsby", "prefix", "PEFT IA3"])
+def test_served_copy_gives_the_trained_logits(tiny, name):
+    base, tok = tiny
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = compare.METHODS[name].apply(copy.deepcopy(base), tok)
+    for p in model.parameters():  # away from the identity initialisation, as after training
+        if p.requires_grad:
+            with torch.no_grad():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    served = compare.ready_for_inference(name, model)
+    with torch.no_grad():
+        assert_close(served(input_ids=ids).logits, model(input_ids=ids).logits,
+                     reason="merging or folding computes the same sums in another order")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the trained model is untouched
+    if name == "LoRA r=8":
+        assert all(layer.merged for _, layer in lora.lora_layers(served))
+    if name == "PEFT IA3":
+        assert not any("ia3_l" in n for n, _ in served.named_parameters())
+    assert compare.served_as(name) == {"LoRA r=8": "merged", "PEFT IA3": "merged", "Houlsby": "as trained",
+                                       "prefix": "projection folded"}[name]
