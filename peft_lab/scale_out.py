@@ -35,20 +35,24 @@ gradients (FSDP ``SHARD_GRAD_OP``), stage 3 also the parameters (FSDP ``FULL_SHA
 does). With LoRA the gradients and optimizer state are already a fraction of a percent of the model: the
 frozen base, which only stage 3 shards, is what the ranks have to split.
 
-**On GPUs.** ``peft_lab/configs/`` holds an Accelerate config (FSDP2, bf16, LoRA) and a DeepSpeed ZeRO-3
-config; with N GPUs (edit ``num_processes``)::
+**On GPUs.** ``peft_lab/configs/`` holds an Accelerate config for FSDP2 (bf16, full shard) and one for
+DeepSpeed ZeRO-3 (``deepspeed_zero3.json``); :func:`train_with_accelerate` runs the same task, method and loss
+under either. From the repository root, with ``num_processes`` in the YAML set to the number of GPUs::
 
-    accelerate launch --config_file peft_lab/configs/accelerate_fsdp_lora.yaml -m peft_lab.scale_out_gpu
-    accelerate launch --config_file peft_lab/configs/accelerate_deepspeed_zero3.yaml -m peft_lab.scale_out_gpu
+    accelerate launch --config_file peft_lab/configs/accelerate_fsdp_lora.yaml \
+        -m peft_lab.scale_out --accelerate --method lora --model gpt2 --steps 200 --out runs/fsdp
+    accelerate launch --config_file peft_lab/configs/accelerate_deepspeed_zero3.yaml \
+        -m peft_lab.scale_out --accelerate --method lora --model gpt2 --steps 200 --out runs/zero3
 
-(see :mod:`peft_lab.scale_out_gpu`, which trains the same task through ``Accelerator.prepare``; DeepSpeed
-needs ``pip install deepspeed``).
+(DeepSpeed needs ``pip install deepspeed``.) The configs live in the package so that an installed
+``peft_lab`` carries them next to the code that reads them.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -60,7 +64,8 @@ from torch import nn
 
 from . import validate
 
-__all__ = ["METHODS", "LEARNING_RATES", "Job", "launch", "scale_out", "local_bytes", "shard_rows",
+__all__ = ["METHODS", "OPTIMIZERS", "LEARNING_RATES", "ZERO_STAGES", "Job", "launch", "scale_out",
+           "train_with_accelerate", "local_bytes", "shard_rows",
            "fsdp_elements_per_rank", "zero_bytes_per_rank", "communication_per_step", "main"]
 
 METHODS = ("lora", "adapters", "prefix", "full")
@@ -189,8 +194,14 @@ def _batches(n: int, job: Job):
         pos += job.batch_size
 
 
-def _global_count(labels: list[list[int]], world: int) -> int:
-    return sum(sum(1 for t in row[1:] if t != -100) for row in labels)
+def _global_count(rows: list[dict]) -> int:
+    """Supervised (answer) tokens of a whole global batch: every rank knows the batch, so no collective."""
+    return sum(sum(1 for t in row["labels"][1:] if t != -100) for row in rows)
+
+
+def _optimizer(job: Job, params: list) -> torch.optim.Optimizer:
+    return (torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0) if job.optimizer == "adamw"
+            else torch.optim.SGD(params, lr=job.lr))
 
 
 class _CollectiveCounter:
@@ -206,20 +217,21 @@ class _CollectiveCounter:
                                                      "reduce_scatters": 0, "reduce_scatter_bytes": 0}, False
         self.originals = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single")}
 
-    def _wrap(self, name: str, kind: str, full_arg: int):
+    def _wrap(self, name: str, kind: str, full_arg: int, full_name: str):
         original = self.originals[name]
 
         def counted(*args, **kwargs):
             if self.active:
-                full = args[full_arg]  # the gathered output / the reduce-scatter input: the whole unit
+                # the gathered output / the reduce-scatter input: the whole unit
+                full = args[full_arg] if len(args) > full_arg else kwargs[full_name]
                 self.counts[kind + "s"] += 1
                 self.counts[kind + "_bytes"] += full.numel() * full.element_size()
             return original(*args, **kwargs)
         return counted
 
     def __enter__(self):
-        self.dist.all_gather_single = self._wrap("all_gather_single", "all_gather", 0)
-        self.dist.reduce_scatter_single = self._wrap("reduce_scatter_single", "reduce_scatter", 1)
+        self.dist.all_gather_single = self._wrap("all_gather_single", "all_gather", 0, "output_tensor")
+        self.dist.reduce_scatter_single = self._wrap("reduce_scatter_single", "reduce_scatter", 1, "input")
         return self
 
     def __exit__(self, *exc):
@@ -242,8 +254,7 @@ def _train_rank(job: Job, rank: int, world: int, counter: _CollectiveCounter) ->
     _shard(model)
     examples = encode_task(load_task("train", n=job.examples), tok)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0) if job.optimizer == "adamw"
-           else torch.optim.SGD(params, lr=job.lr))
+    opt = _optimizer(job, params)
     pad = tok.eos_token_id
     share = job.batch_size // world
     losses, times = [], []
@@ -252,8 +263,7 @@ def _train_rank(job: Job, rank: int, world: int, counter: _CollectiveCounter) ->
         counter.active = step == job.steps - 1  # count one step after the first (lazy init is behind us)
         start = time.perf_counter()
         rows = [examples[i] for i in idx]
-        # the global count of answer tokens: every rank knows the whole global batch, so no collective needed
-        n_global = _global_count([r["labels"] for r in rows], world)
+        n_global = _global_count(rows)
         mine = collate(rows[rank * share:(rank + 1) * share], pad)
         loss_sum, _ = _loss_sum(model, mine)
         # FSDP averages gradients over the ranks: × world makes the average the gradient of sum/n_global
@@ -282,6 +292,10 @@ def _gather_and_save(model: nn.Module, job: Job, rank: int) -> None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0 or job.out is None:
         return
+    _save(full, job)
+
+
+def _save(full: dict, job: Job) -> None:
     fresh, tok = _build(job)                     # an unsharded twin of the model, then the trained weights
     fresh.load_state_dict(full)
     out = Path(job.out)
@@ -319,19 +333,37 @@ def _rank_main(jobs: list[dict]) -> list[dict]:
 # The launcher
 # ----------------------------------------------------------------------------------------------------------
 
-def launch(jobs: list[Job], nproc: int) -> list[dict]:
+def _warm_imports(jobs: list[Job]) -> None:
+    """Import what building the models imports lazily (transformers' model classes, tokenizers), so that
+    forked ranks inherit it instead of importing it each (seconds per rank on a busy 2-core machine)."""
+    from .models import load_base_model
+    for name in {job.model for job in jobs}:
+        try:
+            load_base_model(name, device="cpu")
+        except (OSError, ValueError):  # a rank reports the same error with its context
+            pass
+
+
+def launch(jobs: list[Job], nproc: int, start_method: str | None = None) -> list[dict]:
     """Run ``jobs`` one after another on ``nproc`` fresh CPU processes (one launch: processes start once).
 
+    ``start_method``: ``"fork"`` (default on Linux: the ranks inherit this process's imports, ~1 s to
+    start instead of ~10 s) or ``"spawn"`` (default elsewhere; fresh interpreters, which import
+    ``peft_lab`` again — a script that calls this needs the ``if __name__ == "__main__":`` guard).
     Returns one report per job (see :func:`scale_out`), also written to ``job.out/report.json`` when set.
     """
+    start_method = start_method or ("fork" if sys.platform == "linux" else "spawn")
+    validate.require_str("start_method", start_method, choices=("fork", "spawn"))
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     nproc = validate.require_int("nproc", nproc, min=1, max=os.cpu_count() * 8)
     if not jobs:
         raise ValueError("launch needs at least one Job")
     jobs = [job.checked(nproc) for job in jobs]
+    if start_method == "fork":
+        _warm_imports(jobs)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          start_method="spawn", monitor_interval=0.1)
+                          start_method=start_method, monitor_interval=0.1)
     results = elastic_launch(config, _worker)([asdict(job) for job in jobs])
     reports = []
     for i, job in enumerate(jobs):
@@ -351,6 +383,59 @@ def scale_out(nproc: int = 2, method: str = "lora", steps: int = 4, seed: int = 
     """Train ``method`` on ``nproc`` CPU ranks sharded with FSDP2; return the report (module docstring)."""
     return launch([Job(method=method, steps=steps, seed=seed, out=None if out is None else str(out), **kw)],
                   nproc)[0]
+
+
+def train_with_accelerate(job: Job) -> dict:
+    """The same training through 🤗 Accelerate, for GPUs: run under ``accelerate launch`` with a config of
+    ``peft_lab/configs/`` (FSDP2 or DeepSpeed ZeRO-3 as the config says; see the module docstring).
+
+    Accelerate shards at ``prepare`` (its FSDP2 wrap policy: the model's ``_no_split_modules`` blocks, then the
+    root) and reduces gradients as the engine does (an average over ranks), so the loss is scaled exactly as
+    in :func:`_train_rank`. Without a config it runs in one plain process (how the tests check it on CPU).
+    Returns rank 0's report: final loss, step times, and the bytes this rank holds.
+    """
+    from accelerate import Accelerator
+    acc = Accelerator()
+    rank, world = acc.process_index, acc.num_processes
+    job = job.checked(world)
+    from .data import collate, encode_task, load_task
+    model, tok = _build(job)
+    opt = _optimizer(job, [p for p in model.parameters() if p.requires_grad])
+    share = job.batch_size // world
+    ds = getattr(acc.state, "deepspeed_plugin", None)
+    if ds is not None:  # no dataloader is prepared, so DeepSpeed's "auto" batch sizes are filled here
+        ds.deepspeed_config.update(train_micro_batch_size_per_gpu=share, train_batch_size=job.batch_size)
+    model, opt = acc.prepare(model, opt)
+    examples = encode_task(load_task("train", n=job.examples), tok)
+    losses, times = [], []
+    model.train()
+    for idx in _batches(len(examples), job):
+        start = time.perf_counter()
+        rows = [examples[i] for i in idx]
+        n_global = _global_count(rows)
+        mine = {k: v.to(acc.device) for k, v in collate(rows[rank * share:(rank + 1) * share],
+                                                        tok.eos_token_id).items()}
+        loss_sum, _ = _loss_sum(model, mine)
+        acc.backward(loss_sum * world / n_global)
+        if job.grad_clip is not None:
+            acc.clip_grad_norm_(model.parameters(), job.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        losses.append(acc.reduce(loss_sum.detach(), "sum").item() / n_global)
+    held = local_bytes(model, opt)
+    full = acc.get_state_dict(model)
+    if acc.is_main_process and job.out is not None:
+        _save({k: v.float().cpu() for k, v in full.items()}, job)
+    acc.wait_for_everyone()
+    report = {"job": asdict(job), "nproc": world, "launcher": "accelerate", "distributed_type":
+              str(acc.distributed_type), "ranks": [{"rank": rank, **held, "step_seconds": times,
+                                                     "losses": losses, "final_loss": losses[-1]}],
+              "final_loss": losses[-1]}
+    if acc.is_main_process and job.out is not None:
+        (Path(job.out) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    acc.end_training()
+    return report
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -467,9 +552,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--examples", type=int, default=64, help="first n training reviews")
     parser.add_argument("--lr", type=float, default=None, help=f"default by method: {LEARNING_RATES}")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    parser.add_argument("--model", default="tiny", help="a load_base_model name: tiny, tiny-llama, a hub id")
+    parser.add_argument("--accelerate", action="store_true",
+                        help="run inside `accelerate launch` (GPUs; peft_lab/configs/) instead of starting ranks")
     args = parser.parse_args(argv)
+    if args.accelerate:
+        return train_with_accelerate(Job(args.method, args.steps, args.seed, args.batch_size, args.lr,
+                                         args.examples, 1.0, args.optimizer, args.model, args.out))
     report = scale_out(args.nproc, args.method, args.steps, args.seed, args.out, batch_size=args.batch_size,
-                       examples=args.examples, lr=args.lr, optimizer=args.optimizer)
+                       examples=args.examples, lr=args.lr, optimizer=args.optimizer, model=args.model)
     for r in report["ranks"]:
         print(f"rank {r['rank']}: parameters {r['parameter_bytes']:,} B, gradients {r['gradient_bytes']:,} B, "
               f"optimizer {r['optimizer_bytes']:,} B, median step {sorted(r['step_seconds'])[len(r['step_seconds']) // 2] * 1e3:.0f} ms")
