@@ -502,20 +502,31 @@ def zero_bytes_per_rank(arch, ranks: int, stage: int = 3, *, method: dict | None
     return out
 
 
+def _root_elements(arch) -> int:
+    """Parameters outside the transformer blocks (embeddings, final norm, an untied head): FSDP2's root unit."""
+    from .arch import blocks
+    from .models import build_from_config
+    model = build_from_config(arch, device="meta")
+    inside = {id(p) for p in blocks(model).parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in inside)
+
+
 def communication_per_step(arch, ranks: int, stage: int = 3, *, method: dict | None = None,
                            trainable_params: int | None = None, precision: str = "fp32") -> dict[str, float]:
-    """Bytes each rank sends (≈ receives) per training step, ring collectives, for the weights and
+    """Bytes each rank sends (≈ receives) per training step with ring collectives, for the weights and
     gradients of :func:`zero_bytes_per_rank`'s model.
 
     A ring all-gather or reduce-scatter of ``S`` bytes moves ``(n−1)/n · S`` per rank, an all-reduce twice that
-    (Rajbhandari et al. 2020, §7). With ``W`` the working weights and ``G`` the gradients:
+    (Rajbhandari et al. 2020, §7). With ``W`` the working weights, ``G`` the gradients, ``W_t`` the trained
+    weights and ``R`` the weights of the root unit (outside the blocks):
 
     * stage 0 (DDP): all-reduce of ``G`` → ``2·(n−1)/n·G``;
-    * stages 1, 2: reduce-scatter of ``G``, all-gather of the updated *trained* weights ``W_t`` →
-      ``(n−1)/n·(G + W_t)`` (= DDP's volume for full fine-tuning);
-    * stage 3: all-gather of *all* weights before the forward pass and again before the backward pass, and a
-      reduce-scatter of ``G`` → ``(n−1)/n·(2W + G)``. A frozen base is gathered like the rest: with LoRA
-      it is nearly all the traffic.
+    * stages 1, 2: reduce-scatter of ``G``, all-gather of the updated ``W_t`` → ``(n−1)/n·(G + W_t)``;
+    * stage 3 (FSDP2 ``fully_shard`` per block + root): every block is gathered before its forward and again
+      before its backward, the root once (FSDP2 keeps the root gathered in between), and ``G`` is
+      reduce-scattered → ``(n−1)/n·(2W − R + G)``. A frozen base is gathered like the rest: with LoRA it is
+      nearly all the traffic. (The method's own weights are counted with the blocks, where LoRA and adapters
+      sit; a prefix encoder sits at the root — a few kB counted twice.)
     """
     ranks = validate.require_int("ranks", ranks, min=1)
     if stage not in ZERO_STAGES:
@@ -531,7 +542,8 @@ def communication_per_step(arch, ranks: int, stage: int = 3, *, method: dict | N
     elif stage in (1, 2):
         out = {"all_gather": f * trained_weights, "reduce_scatter": f * grads, "all_reduce": 0.0}
     else:
-        out = {"all_gather": 2 * f * weights, "reduce_scatter": f * grads, "all_reduce": 0.0}
+        root = per.get("base_weight", per["weight"]) * _root_elements(arch)
+        out = {"all_gather": f * (2 * weights - root), "reduce_scatter": f * grads, "all_reduce": 0.0}
     out["total"] = sum(out.values())
     return out
 
