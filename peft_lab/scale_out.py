@@ -21,10 +21,15 @@ broadcast weights: identical seeding is what makes the shards agree), draws the 
 global number of answer tokens; FSDP's reduce-scatter averages gradients over ranks, so the update is the
 gradient of the global mean loss — what one process computes on the whole batch. ``--nproc 1`` is the
 reference: the same code path (FSDP with a world of one), so the only difference between N = 1 and N = 2 is
-the order of the float32 sums (rank-local sums, then the reduction).
+the order of the float32 sums (rank-local sums, then the reduction). With ``--optimizer sgd`` the weights
+then agree within float32 reordering (tests/test_scale_out.py). With AdamW (the default) the loss curves do,
+but the weights need not: Adam's first updates are ≈ ``lr·sign(g)``, so a gradient entry within rounding of 0
+whose sign flips with the order of the sum moves its weight by up to ``2·lr`` — splitting the same batch in
+two inside one process does the same.
 
-**Methods.** LoRA, bottleneck adapters (Pfeiffer) and full fine-tuning shard as they are. Prefix tuning runs
-too: the prefix encoder is a small module at the root unit, gathered with the root like the embeddings, and
+**Methods.** LoRA, bottleneck adapters (Pfeiffer; written with :func:`peft_lab.save_adapters` to
+``adapters.safetensors``, as PEFT has no bottleneck adapters) and full fine-tuning shard as they are. Prefix
+tuning runs too (written in PEFT's format): the prefix encoder is a small module at the root unit, gathered with the root like the embeddings, and
 its keys/values enter each block as an input; nothing of it is cached across steps (the ``DynamicCache`` is
 rebuilt in every forward pass), so sharding changes nothing for it.
 
@@ -55,7 +60,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -355,7 +360,7 @@ def launch(jobs: list[Job], nproc: int, start_method: str | None = None) -> list
     start_method = start_method or ("fork" if sys.platform == "linux" else "spawn")
     validate.require_str("start_method", start_method, choices=("fork", "spawn"))
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-    nproc = validate.require_int("nproc", nproc, min=1, max=os.cpu_count() * 8)
+    nproc = validate.require_int("nproc", nproc, min=1, max=64)
     if not jobs:
         raise ValueError("launch needs at least one Job")
     jobs = [job.checked(nproc) for job in jobs]
