@@ -111,7 +111,10 @@ class Job:
         clip = validate.optional(validate.require_real, "grad_clip", self.grad_clip, min=0, min_open=True)
         validate.require_str("optimizer", self.optimizer, choices=OPTIMIZERS)
         validate.require_str("model", self.model)
-        out = None if self.out is None else str(validate.require_path("out", self.out))
+        out = None if self.out is None else validate.require_path("out", self.out)
+        if out is not None and out.exists() and not out.is_dir():
+            raise FileExistsError(f"out={str(self.out)!r} is an existing file; pass a folder (created if missing)")
+        out = None if out is None else str(out)
         return Job(self.method, steps, seed, batch, lr, examples, clip, self.optimizer, self.model, out)
 
 

@@ -175,11 +175,13 @@ def test_arithmetic_lesson_with_lora_the_base_is_what_sharding_saves():
     (lambda: launch([], 1), ValueError, ["Job"]),
     (lambda: launch([Job(batch_size=128)], 1), ValueError, ["batch_size=128"]),
     (lambda: launch([Job()], 1, start_method="thread"), ValueError, ["start_method"]),
+    (lambda: launch([Job(out=__file__)], 1), FileExistsError, ["out=", "folder"]),
     (lambda: zero_bytes_per_rank("tiny", 2, 4), ValueError, ["stage"]),
     (lambda: zero_bytes_per_rank("tiny", 0), ValueError, ["ranks"]),
     (lambda: communication_per_step("tiny", 2, 5), ValueError, ["stage"]),
 ])
 def test_bad_inputs_are_refused_before_any_process_starts(call, error, words):
+    """Each refusal names the argument; the ranks never start (a launch takes seconds)."""
     with pytest.raises(error) as info:
         call()
     for word in words:
