@@ -12,7 +12,7 @@ entry (``elastic_launch``, what ``torchrun`` calls), rendezvous ``localhost:0`` 
 port. Accelerate 1.15 cannot drive FSDP on CPU ranks: ``accelerate launch`` refuses ``--cpu`` together with
 ``--use_fsdp`` ("You can only use one of ..."), and ``AcceleratorState`` sets ``DistributedType.FSDP`` only in
 its branch for accelerator back ends (CUDA, XPU, NPU, …), not for ``MULTI_CPU``, where a model is replicated
-(DDP) — which would show nothing about sharding. On GPUs Accelerate is the easy way, and the committed configs below are for it.
+(DDP) — which would show nothing about sharding. On GPUs Accelerate is the easy way: the configs below.
 
 **What is the same for every N.** Every rank builds the same model from the same seed (FSDP2 does not
 broadcast weights: identical seeding is what makes the shards agree), draws the same global batch of
