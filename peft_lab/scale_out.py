@@ -183,13 +183,12 @@ def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     return out
 
 
-def _loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy of the supervised (answer) tokens of ``batch`` and their count."""
+def _loss_sum(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Summed cross-entropy of the supervised (answer) tokens of ``batch`` (next-token targets)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
-    return loss, int((targets != -100).sum())
 
 
 def _batches(n: int, job: Job):
@@ -274,7 +273,7 @@ def _train_rank(job: Job, rank: int, world: int, counter: _CollectiveCounter) ->
         rows = [examples[i] for i in idx]
         n_global = _global_count(rows)
         mine = collate(rows[rank * share:(rank + 1) * share], pad)
-        loss_sum, _ = _loss_sum(model, mine)
+        loss_sum = _loss_sum(model, mine)
         # FSDP averages gradients over the ranks: × world makes the average the gradient of sum/n_global
         (loss_sum * world / n_global).backward()
         if job.grad_clip is not None:
@@ -424,7 +423,7 @@ def train_with_accelerate(job: Job) -> dict:
         n_global = _global_count(rows)
         mine = {k: v.to(acc.device) for k, v in collate(rows[rank * share:(rank + 1) * share],
                                                         tok.eos_token_id).items()}
-        loss_sum, _ = _loss_sum(model, mine)
+        loss_sum = _loss_sum(model, mine)
         acc.backward(loss_sum * world / n_global)
         if job.grad_clip is not None:
             acc.clip_grad_norm_(model.parameters(), job.grad_clip)
