@@ -215,15 +215,24 @@ def _optimizer(job: Job, params: list) -> torch.optim.Optimizer:
 class _CollectiveCounter:
     """Counts FSDP2's all-gathers and reduce-scatters (calls and full tensor bytes) while active.
 
-    FSDP2 calls ``torch.distributed.all_gather_single`` / ``reduce_scatter_single`` through the module, so
-    wrapping those two attributes sees every collective it issues; the wrapped call is the original.
+    FSDP2 calls its collectives through the ``torch.distributed`` module — ``all_gather_single`` /
+    ``reduce_scatter_single`` in recent torch, ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` in older
+    releases (2.6), with the same argument order — so wrapping the two attributes its collectives module names
+    sees every collective it issues; the wrapped call is the original.
     """
 
     def __init__(self):
+        import inspect
+
         import torch.distributed as dist
+        from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+        source = inspect.getsource(_fsdp_collectives)
+        pick = lambda new, old: new if f"dist.{new}(" in source else old
+        self.names = {"all_gather": pick("all_gather_single", "all_gather_into_tensor"),
+                      "reduce_scatter": pick("reduce_scatter_single", "reduce_scatter_tensor")}
         self.dist, self.counts, self.active = dist, {"all_gathers": 0, "all_gather_bytes": 0,
                                                      "reduce_scatters": 0, "reduce_scatter_bytes": 0}, False
-        self.originals = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single")}
+        self.originals = {name: getattr(dist, name) for name in self.names.values()}
 
     def _wrap(self, name: str, kind: str, full_arg: int, full_name: str):
         original = self.originals[name]
@@ -238,8 +247,9 @@ class _CollectiveCounter:
         return counted
 
     def __enter__(self):
-        self.dist.all_gather_single = self._wrap("all_gather_single", "all_gather", 0, "output_tensor")
-        self.dist.reduce_scatter_single = self._wrap("reduce_scatter_single", "reduce_scatter", 1, "input")
+        gather, scatter = self.names["all_gather"], self.names["reduce_scatter"]
+        setattr(self.dist, gather, self._wrap(gather, "all_gather", 0, "output_tensor"))
+        setattr(self.dist, scatter, self._wrap(scatter, "reduce_scatter", 1, "input"))
         return self
 
     def __exit__(self, *exc):
