@@ -111,3 +111,24 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
             opt.step()
     with torch.no_grad():
         return ((probe(xte).squeeze(1) > 0) == test_y.bool()).float().mean().item()
+
+
+@torch.no_grad()
+def attention_io(model, layer: int = 0, **inputs) -> dict:
+    """Run ``model(**inputs)`` and return what attention block ``layer`` received and returned: ``x`` (its
+    hidden-state input), ``rope`` (the rotary ``(cos, sin)`` a LLaMA-style model passes it; None for GPT-2) and
+    ``out`` (its output before the residual add) — read by a forward hook, which must accept keyword
+    arguments because transformers passes the hidden states positionally in some versions and by name in
+    others (notebook 04, eq. 04.1 checked by hand)."""
+    from . import arch
+    attn, seen = arch.attention(model, layer), {}
+
+    def hook(module, args, kwargs, out):
+        seen.update(x=args[0] if args else kwargs["hidden_states"], rope=kwargs.get("position_embeddings"),
+                    out=out[0])
+    handle = attn.register_forward_hook(hook, with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return seen
