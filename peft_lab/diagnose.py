@@ -31,6 +31,8 @@ def _verdict_ids(tokenizer) -> list[int]:
 def answer_diagnostics(model, tokenizer, examples: list[dict], batch_size: int = 64) -> dict[str, float]:
     """On task rows ``{"prompt", "answer"}``: ``accuracy``; ``answer_loss`` and ``rest_loss`` (mean
     cross-entropy in nats over the full vocabulary, on the answer token and on the other supervised tokens);
+    ``choice_loss``, the cross-entropy of the two-way choice good/bad alone (softmax over the two verdict
+    logits: an answer that ignores the input cannot go below the labels' entropy, notebook 04 eq. 04.6);
     ``spread_mean`` and ``spread_std`` of the logit difference good − bad at "verdict:" across inputs;
     ``said_good``, the share of inputs on which " good" wins."""
     model = validate.require_module("model", model)
@@ -40,7 +42,7 @@ def answer_diagnostics(model, tokenizer, examples: list[dict], batch_size: int =
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    answer_nll, rest_nll, rest_n, spreads, correct = [], 0.0, 0, [], 0
+    answer_nll, rest_nll, rest_n, spreads, correct, choice = [], 0.0, 0, [], 0, []
     try:
         for i in range(0, len(enc), batch_size):
             b = {k: v.to(device) for k, v in collate(enc[i:i + batch_size], pad_id=tokenizer.eos_token_id).items()}
@@ -62,11 +64,13 @@ def answer_diagnostics(model, tokenizer, examples: list[dict], batch_size: int =
             spreads.append(spread)
             truth = torch.tensor([e["answer"] == VERDICTS[0] for e in examples[i:i + batch_size]], device=device)
             correct += int(((spread > 0) == truth).sum())
+            choice.append(torch.nn.functional.softplus(torch.where(truth, -spread, spread)))  # -log p(right | 2 words)
     finally:
         model.train(was_training)
     spread = torch.cat(spreads)
     return {"accuracy": correct / len(enc), "answer_loss": torch.cat(answer_nll).mean().item(),
-            "rest_loss": rest_nll / max(rest_n, 1), "spread_mean": spread.mean().item(),
+            "rest_loss": rest_nll / max(rest_n, 1), "choice_loss": torch.cat(choice).mean().item(),
+            "spread_mean": spread.mean().item(),
             "spread_std": spread.std().item() if len(spread) > 1 else 0.0,
             "said_good": (spread > 0).float().mean().item()}
 

@@ -486,7 +486,8 @@ def _text_key_values(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     model.eval()  # a model with dropout would otherwise give a random prefix
     try:
         with torch.no_grad():
-            cache = model(input_ids=ids[None].to(next(model.parameters()).device), use_cache=True).past_key_values
+            out = model(input_ids=ids[None].to(next(model.parameters()).device), use_cache=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]  # named `cache` from transformers 5.2x
     finally:
         model.train(was_training)
     kv = torch.stack([t[0] for layer in cache.layers for t in (layer.keys, layer.values)])  # 2L × h_kv × P × d_h

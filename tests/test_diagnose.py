@@ -35,6 +35,8 @@ def test_answer_diagnostics_match_evaluate_task_and_a_hand_computed_loss(tiny):
     answer = good if rows[0]["answer"] == "good" else bad
     assert_close(torch.tensor(alone["answer_loss"]), -logp[answer], reason="batched vs one row: reordered sums")
     assert_close(torch.tensor(alone["spread_mean"]), logp[good] - logp[bad], reason="log-softmax shift cancels")
+    two_way = logp[[good, bad]].log_softmax(-1)[0 if rows[0]["answer"] == "good" else 1]
+    assert_close(torch.tensor(alone["choice_loss"]), -two_way, reason="softplus vs log-softmax: reordered")
     peft_lab.remove_prefix(model)
 
 

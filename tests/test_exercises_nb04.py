@@ -8,24 +8,27 @@ import torch
 import peft_lab
 
 
+def _cache(out):  # transformers 5.2x names the output's cache `cache`, earlier versions `past_key_values`
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
 def good(model, ids):
     model.eval()
     with torch.no_grad():
-        cache = model(input_ids=ids[None], use_cache=True).past_key_values
+        cache = _cache(model(input_ids=ids[None], use_cache=True))
     kv = torch.stack([t[0] for layer in cache.layers for t in (layer.keys, layer.values)])   # 2L x h_kv x P x d_h
     return kv.permute(2, 0, 1, 3).reshape(ids.numel(), -1)
 
 
 def values_first(model, ids):
     with torch.no_grad():
-        cache = model(input_ids=ids[None], use_cache=True).past_key_values
+        cache = _cache(model(input_ids=ids[None], use_cache=True))
     kv = torch.stack([t[0] for layer in cache.layers for t in (layer.values, layer.keys)])
     return kv.permute(2, 0, 1, 3).reshape(ids.numel(), -1)
 
 
 def no_permute(model, ids):          # right numbers, per-layer tensors flattened in the wrong order
     with torch.no_grad():
-        cache = model(input_ids=ids[None], use_cache=True).past_key_values
+        cache = _cache(model(input_ids=ids[None], use_cache=True))
     kv = torch.stack([t[0] for layer in cache.layers for t in (layer.keys, layer.values)])
     return kv.reshape(ids.numel(), -1)
 
@@ -40,7 +43,7 @@ def full_width(model, ids):          # keys/values repeated to every query head:
     model.eval()
     s = peft_lab.prefix.prefix_shapes(model.config)
     with torch.no_grad():
-        cache = model(input_ids=ids[None], use_cache=True).past_key_values
+        cache = _cache(model(input_ids=ids[None], use_cache=True))
     group = s["num_heads"] // s["num_kv_heads"]
     kv = torch.stack([t[0].repeat_interleave(group, 0) for layer in cache.layers for t in (layer.keys, layer.values)])
     return kv.permute(2, 0, 1, 3).reshape(ids.numel(), -1)

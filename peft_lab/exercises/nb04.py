@@ -177,7 +177,8 @@ def _text_prefix(answer):
             if is_close(got, want):
                 continue
             right = _text_key_values(model, ids)
-            if torch.allclose(table.float(), _swap_keys_values(right, s["num_layers"]), atol=1e-5, rtol=1e-4):
+            swapped = _swap_keys_values(right, s["num_layers"])
+            if torch.allclose(table.float(), swapped, atol=1e-5, rtol=1e-4):
                 why = "keys and values are swapped: per layer, PEFT's layout holds the keys first, then the values."
             elif torch.allclose(table.float().flatten().sort().values, right.flatten().sort().values,
                                 atol=1e-5, rtol=1e-4):
