@@ -106,6 +106,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args(argv)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    commit = _git_commit()  # the code that runs: read before training, while edits may follow
     base, tok = load_base_model("tiny", device="cpu")
     train_set = encode_task(generate_task(200, seed=501, num_clauses=5), tok)
     val_rows = generate_task(200, seed=502, num_clauses=5)
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
     record = {
         "command": "OMP_NUM_THREADS=1 python -m peft_lab.benchmarks.prefix_budget" + "".join(
             f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
-        "git_commit": _git_commit(), "torch": torch.__version__, "python": platform.python_version(),
+        "git_commit": commit, "torch": torch.__version__, "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s)",
         "load_average_start_end": [round(load_start, 2), round(load_end, 2)],
         "total_seconds": round(time.perf_counter() - started, 1),
