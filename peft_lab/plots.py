@@ -179,3 +179,112 @@ def plot_parameters(counts: Mapping, log: bool = True, ax=None, title: str = "Tr
     ax.grid(axis="y", alpha=0.3, which="both" if log else "major")
     ax.figure.tight_layout()
     return ax
+
+
+def draw_adapter_placements(axes=None):
+    """Notebook 03's block figure: where the bottleneck adapters sit in a pre-LN transformer block (03.3).
+
+    Three panels, input at the bottom: Houlsby (an adapter on each sublayer's output, before its residual
+    add: ``x₁ = (f_a(a) + a) + x``, ``out = (f_y(y) + y) + x₁``), Pfeiffer (one adapter after the MLP reading
+    ``z = y + x₁``, its own skip is ``y``: ``out = (f(z) + y) + x₁``) and parallel (a branch beside LN 2 and
+    the MLP reading ``x₁``: ``out = (s·f(x₁) + y) + x₁``). Each ⊕ is one addition of the formula; each adapter
+    has its own skip line. Returns the three Axes.
+    """
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(13, 6.2))
+    if len(axes) != 3:
+        raise ValueError(f"axes must be three Axes (one per placement), got {len(axes)}")
+    frozen, adapter = "#dde5f0", "#f6c89f"
+    mx, rx, sx = 4.0, 1.3, 6.6           # main stream, residual line (left), adapter skip / branch (right)
+
+    def box(ax, x, y, text, color, w=2.6):
+        ax.add_patch(plt.Rectangle((x - w / 2, y - 0.35), w, 0.7, fc=color, ec="k", lw=0.8, zorder=2))
+        ax.text(x, y, text, ha="center", va="center", fontsize=9, zorder=3)
+
+    def add(ax, x, y):
+        ax.add_patch(plt.Circle((x, y), 0.27, fc="white", ec="k", lw=0.8, zorder=2))
+        ax.text(x, y, "+", ha="center", va="center", fontsize=11, zorder=3)
+
+    def line(ax, points, arrow=False, color="k"):
+        xs, ys = zip(*points)
+        if arrow:
+            ax.plot(xs[:-1], ys[:-1], color=color, lw=1, zorder=1)
+            ax.annotate("", xy=points[-1], xytext=points[-2],
+                        arrowprops=dict(arrowstyle="-|>", color=color, lw=1, shrinkA=0, shrinkB=0), zorder=1)
+        else:
+            ax.plot(xs, ys, color=color, lw=1, zorder=1)
+
+    def dot(ax, x, y):
+        ax.plot([x], [y], "o", color="k", ms=3.5, zorder=3)
+
+    def label(ax, y, text):
+        ax.text(mx + 0.15, y, text, ha="left", va="center", fontsize=9, style="italic")
+
+    def residual(ax, y_from, y_to, name):
+        """The block's skip: from a split on the main stream to the ⊕ at y_to, on the left."""
+        dot(ax, mx, y_from)
+        line(ax, [(mx, y_from), (rx, y_from), (rx, y_to), (mx - 0.27, y_to)], arrow=True, color="grey")
+        ax.text(rx - 0.2, (y_from + y_to) / 2, f"residual {name}", rotation=90, ha="right", va="center",
+                fontsize=8, color="grey")
+
+    def adapter_with_skip(ax, y_split, y_box, y_add, name, skip_name):
+        """An adapter on the main stream, its own skip on the right into the ⊕ just above it."""
+        dot(ax, mx, y_split)
+        line(ax, [(mx, y_split), (sx, y_split), (sx, y_add), (mx + 0.27, y_add)], arrow=True)
+        ax.text(sx + 0.15, (y_split + y_add) / 2, f"skip {skip_name}", rotation=90, ha="left", va="center",
+                fontsize=8)
+        box(ax, mx, y_box, name, adapter)
+
+    # y positions shared by the panels, bottom to top
+    y = dict(x=0.5, split_x=1.0, ln1=1.8, attn=3.0, a_split=3.75, f_a=4.5, a_add=5.3, res1=6.1, split_x1=6.8,
+             ln2=7.6, mlp=8.8, y_split=9.55, z_add=10.25, f_y=11.0, y_add=11.8, res2=12.6, out=13.5)
+    titles = ("Houlsby: two adapters, each on a\nsublayer's output before its residual add",
+              "Pfeiffer: one adapter after the MLP,\nreading z = y + x₁; its own skip is y",
+              "parallel: a branch beside the MLP,\nreading x₁, scaled by s")
+    formulas = ("x₁ = (f_a(a) + a) + x\nout = (f_y(y) + y) + x₁", "out = (f(z) + y) + x₁,  z = y + x₁",
+                "out = (s·f(x₁) + y) + x₁")
+    for ax, placement, title, formula in zip(axes, ("houlsby", "pfeiffer", "parallel"), titles, formulas):
+        ax.set_xlim(0, 9.5)
+        ax.set_ylim(-0.9, 14.2)
+        ax.axis("off")
+        ax.set_title(title, fontsize=10)
+        ax.text(mx, -0.55, formula, ha="center", va="center", fontsize=9)
+        line(ax, [(mx, y["x"]), (mx, y["out"])], arrow=True)          # the main stream, input to output
+        ax.text(mx - 0.15, y["x"], "x", ha="right", va="center", fontsize=10, style="italic")
+        ax.text(mx - 0.15, y["out"], "out", ha="right", va="center", fontsize=10, style="italic")
+        box(ax, mx, y["ln1"], "LN 1", frozen)
+        box(ax, mx, y["attn"], "attention", frozen)
+        label(ax, y["a_split"] - 0.1, "a")
+        residual(ax, y["split_x"], y["res1"], "x")
+        add(ax, mx, y["res1"])
+        label(ax, (y["res1"] + y["ln2"]) / 2 - 0.1, "x₁")
+        box(ax, mx, y["ln2"], "LN 2", frozen)
+        box(ax, mx, y["mlp"], "MLP", frozen)
+        label(ax, y["y_split"] - 0.3, "y")
+        residual(ax, y["split_x1"], y["res2"], "x₁")
+        add(ax, mx, y["res2"])
+        if placement == "houlsby":
+            adapter_with_skip(ax, y["a_split"], y["f_a"], y["a_add"], "adapter f_a", "a")
+            add(ax, mx, y["a_add"])
+            adapter_with_skip(ax, y["y_split"], y["f_y"], y["y_add"], "adapter f_y", "y")
+            add(ax, mx, y["y_add"])
+        elif placement == "pfeiffer":
+            adapter_with_skip(ax, y["y_split"], y["f_y"], y["y_add"], "adapter f", "y")
+            add(ax, mx, y["y_add"])
+            # z = y + x₁ feeds the adapter only: a branch of the residual line into the ⊕ below it
+            dot(ax, rx, y["z_add"])
+            line(ax, [(rx, y["z_add"]), (mx - 0.27, y["z_add"])], arrow=True, color="grey")
+            add(ax, mx, y["z_add"])
+            ax.text(mx + 0.35, y["z_add"], "z", ha="left", va="center", fontsize=9, style="italic")
+        else:
+            # the branch leaves the stream at x₁ (below LN 2) and joins the MLP's output y in a ⊕
+            bx = 7.6
+            dot(ax, mx, 7.05)
+            line(ax, [(mx, 7.05), (bx, 7.05), (bx, y["mlp"] - 0.35)], arrow=True)
+            ax.text(bx + 0.15, 7.35, "x₁", ha="left", va="center", fontsize=9, style="italic")
+            box(ax, bx, y["mlp"], "adapter f", adapter, w=2.2)
+            line(ax, [(bx, y["mlp"] + 0.35), (bx, y["y_add"]), (mx + 0.27, y["y_add"])], arrow=True)
+            ax.text(bx + 0.15, (y["mlp"] + y["y_add"]) / 2, "× s", ha="left", va="center", fontsize=9)
+            add(ax, mx, y["y_add"])
+    axes[0].figure.tight_layout()
+    return axes

@@ -140,9 +140,10 @@ class PromptEmbedding(nn.Module):
 # The wrapper
 # ----------------------------------------------------------------------------------------------------------
 
-def _cache_argument(model: nn.Module) -> str | None:
+def cache_argument(model: nn.Module) -> str | None:
     """The name under which ``model.forward`` takes a key/value cache: ``cache`` (transformers ≥ 5.2x) or
-    ``past_key_values`` (4.x and early 5.x); None when it takes neither."""
+    ``past_key_values`` (4.x and early 5.x); None when it takes neither. Notebook 04 passes a hand-built
+    prefix cache by this name (sections 2.5 and 3)."""
     params = inspect.signature(model.forward).parameters
     for name in ("cache", "past_key_values"):
         if name in params:
@@ -176,7 +177,7 @@ class PrefixModel(core.Switchable):
         self.base_model = base_model
         self.prompt_encoder = prompt_encoder
         self.prefix_config = prefix_config
-        self._cache_arg = _cache_argument(base_model)
+        self._cache_arg = cache_argument(base_model)
 
     # -- what the rest of the package and transformers expect of a model -----------------------------------
     @property
@@ -378,7 +379,7 @@ def _check_args(model, method: str, num_virtual_tokens) -> dict:
     if getattr(model.config, "is_encoder_decoder", False):
         raise TypeError(f"{method} here supports decoder-only causal LMs; {type(model).__name__} is an "
                         "encoder-decoder model")
-    if _cache_argument(model) is None:
+    if cache_argument(model) is None:
         raise TypeError(f"{type(model).__name__}.forward takes no key/value cache (past_key_values/cache), so the "
                         "prefix has no way in; use a causal LM such as GPT2LMHeadModel or LlamaForCausalLM")
     return prefix_shapes(model.config)
@@ -485,7 +486,8 @@ def _text_key_values(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     model.eval()  # a model with dropout would otherwise give a random prefix
     try:
         with torch.no_grad():
-            cache = model(input_ids=ids[None].to(next(model.parameters()).device), use_cache=True).past_key_values
+            out = model(input_ids=ids[None].to(next(model.parameters()).device), use_cache=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]  # named `cache` from transformers 5.2x
     finally:
         model.train(was_training)
     kv = torch.stack([t[0] for layer in cache.layers for t in (layer.keys, layer.values)])  # 2L × h_kv × P × d_h

@@ -70,6 +70,18 @@ class FlagOnlyMerge(GoodLoRA):       # claims to merge but leaves W alone
         pass
 
 
+class ConstantA(GoodLoRA):          # A inside ±1/√d_in, but every entry the same
+    def __init__(self, base, rank, alpha, use_rslora=False):
+        super().__init__(base, rank, alpha, use_rslora)
+        nn.init.constant_(self.A, 0.5 / math.sqrt(base.in_features))
+
+
+class SqueezedA(GoodLoRA):          # A drawn, but far narrower than an nn.Linear's weight
+    def __init__(self, base, rank, alpha, use_rslora=False):
+        super().__init__(base, rank, alpha, use_rslora)
+        nn.init.normal_(self.A, std=0.01)
+
+
 class Transposed(GoodLoRA):          # A stored as (in, r)
     def __init__(self, base, rank, alpha, use_rslora=False):
         super().__init__(base, rank, alpha, use_rslora)
@@ -92,6 +104,7 @@ def test_a_correct_layer_passes_and_grading_leaves_the_rng_alone():
 @pytest.mark.parametrize("wrong, words", [
     (PlainScaling, "α/√r"), (DoubleCounting, "merge"), (NotFrozen, "frozen"), (RandomB, "B must start at zero"),
     (DetachedA, "no gradient reached A"), (FlagOnlyMerge, "W0 + s·BA"), (Transposed, "A has shape"),
+    (ConstantA, "standard deviation"), (SqueezedA, "standard deviation"),
 ])
 def test_wrong_layers_fail_with_their_reason(wrong, words):
     ok, why = verdict(wrong)

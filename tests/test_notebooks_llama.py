@@ -14,13 +14,12 @@ from peft_lab.run_notebooks import ROOT, execute
 # The notebooks whose parameters cell reads the model name (every method notebook; test_arch checks that each
 # one does). The solutions load "tiny" by name, so on tiny-llama they would run exactly what nbval runs.
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if "arch.model_name(" in p.read_text())
-assert [p.name[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06"], NOTEBOOKS
+assert [p.name[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06", "07"], NOTEBOOKS
 
 pytestmark = pytest.mark.notebooks
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[str(p.relative_to(ROOT / "notebooks")) for p in NOTEBOOKS])
-def test_notebook_runs_on_tiny_llama(path, tmp_path, monkeypatch):
+def _run_on_tiny_llama(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFT_LAB_MODEL", "tiny-llama")     # the kernel inherits this process's environment
     monkeypatch.setenv("PEFT_LAB_PROFILE", "quick")
     nb, summary = execute(path, timeout=600)
@@ -28,3 +27,16 @@ def test_notebook_runs_on_tiny_llama(path, tmp_path, monkeypatch):
     errors = [f"cell {i}: {out.get('ename')}: {out.get('evalue')}" for i, cell in enumerate(nb.cells)
               if cell.cell_type == "code" for out in cell.get("outputs", []) if out.output_type == "error"]
     assert summary["status"] == "ok" and not errors, (summary.get("error"), errors, str(tmp_path / path.name))
+
+
+# One test class per notebook: the test command spreads tests over two processes by class or module
+# (pytest-xdist's --dist loadscope, which keeps each nbval notebook in one process), so each notebook here can
+# run beside another instead of all of them queueing in one process.
+for _path in NOTEBOOKS:
+    _name = "TestTinyLlama_" + _path.stem
+
+    def _test(self, tmp_path, monkeypatch, path=_path):
+        _run_on_tiny_llama(path, tmp_path, monkeypatch)
+
+    _test.__name__ = "test_runs_top_to_bottom"
+    globals()[_name] = type(_name, (), {"test_runs_top_to_bottom": _test})

@@ -84,4 +84,16 @@ def test_plot_memory_totals_share_one_format():
     mib = lambda total: {"parameters": total * 2**20, "gradients": 0, "optimizer": 0, "activations": 0}  # noqa: E731
     ax = plot_memory({"full": mib(2059.2), "LoRA": mib(616.4), "small": mib(14.53)}, unit="MiB")
     assert [t.get_text() for t in ax.texts] == ["2,059", "616", "14.5"]
+
+
+def test_adapter_placement_figure_has_one_add_per_addition_and_its_adapters():
+    """Notebook 03's block figure: each ⊕ is one addition of (03.3), each orange box one adapter."""
+    import matplotlib.colors as mcolors
+    from peft_lab.plots import draw_adapter_placements
+    axes = draw_adapter_placements()
+    adds = [sum(isinstance(p, plt.Circle) for p in ax.patches) for ax in axes]
+    boxes = [sum(isinstance(p, plt.Rectangle) and mcolors.same_color(p.get_facecolor(), "#f6c89f")
+                 for p in ax.patches) for ax in axes]
+    # Houlsby: f_a + a, + x, f_y + y, + x₁; Pfeiffer: + x, y + x₁ (z), f(z) + y, + x₁; parallel: + x, s·f + y, + x₁
+    assert adds == [4, 4, 3] and boxes == [2, 1, 1]
     plt.close("all")

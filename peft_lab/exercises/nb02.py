@@ -133,6 +133,14 @@ def _check_layer_case(cls, case, seed: int) -> str | None:
     if bool((A.detach() == 0).all()) or float(A.detach().abs().max()) > bound + 1e-6:
         return (f"A should be drawn like an ordinary linear layer, kaiming_uniform_(a=√5): non-zero and within "
                 f"±1/√d_in = ±{bound:.3f} (equation 02.3); a zero A would leave B without gradient")
+    # Uniform on ±1/√d_in has standard deviation 1/√(3·d_in). The smallest case has 21 entries, whose sample std
+    # sits within ±10% of that (1 s.e.); half of it can only mean a constant or squeezed A, whose rows start
+    # (nearly) alike, so the r directions of A would not be independent.
+    spread, want = float(A.detach().std()), bound / math.sqrt(3)
+    if spread < 0.5 * want:
+        return (f"A's entries should be spread over ±1/√d_in like a fresh nn.Linear's weight (kaiming_uniform_(a=√5), "
+                f"standard deviation 1/√(3·d_in) = {want:.3f}); yours have standard deviation {spread:.3g} {where} "
+                "(equation 02.3)")
     try:
         with torch.no_grad():
             same = torch.allclose(layer(x), base(x), atol=1e-6)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from . import exercise, number
+from . import exercise, number, run_student
 from ..tolerance import is_close  # student's order of operations vs ours: float32 reordering
 
 
@@ -125,3 +125,72 @@ def _positions(answer):
                             n - 2 * P: "the prefix uses P positions once, not once for keys and once for values."},
                   explain=f"1024 − 20 = {n - P}: the real tokens sit at positions P…P+T−1, which must stay below "
                           "1024.")
+
+
+def _text_models():
+    """The models 04.ex5 is graded on: the shipped tiny GPT-2, and tiny-llama's architecture (RoPE, 4 query
+    heads sharing 2 key/value heads) with random weights — the property holds for any weights."""
+    from ..models import build_from_config, load_base_model
+    torch.manual_seed(5)
+    return {"tiny (GPT-2)": load_base_model("tiny", device="cpu")[0],
+            "tiny-llama (RoPE, grouped-query attention)": build_from_config("tiny-llama", device="cpu").eval()}
+
+
+def _swap_keys_values(table: torch.Tensor, num_layers: int) -> torch.Tensor:
+    P = table.shape[0]
+    t = table.view(P, num_layers, 2, -1)
+    return t.flip(2).reshape(P, -1)
+
+
+@exercise("04.ex5", "Write text_prefix(model, ids) -> table: the P × (L·2·d_kv) prefix table (PEFT's layout, the "
+                    "one apply_prefix_tuning's prompt_encoder.embedding.weight holds) that makes the model, on any "
+                    "input X, compute exactly what the frozen model computes on [text; X] at X's positions — Li & "
+                    "Liang's initialisation from real words. ids is a 1-D tensor of the text's P token ids. Pass "
+                    "the function itself.")
+def _text_prefix(answer):
+    import copy
+
+    from ..prefix import _text_key_values, apply_prefix_tuning, prefix_shapes
+    if not callable(answer):
+        raise TypeError(f"expected a function text_prefix(model, ids), got {type(answer).__name__}")
+    g = torch.Generator().manual_seed(5)
+    for name, model in _text_models().items():
+        s = prefix_shapes(model.config)
+        vocab = model.config.vocab_size
+        x = torch.randint(0, vocab, (2, 6), generator=g)
+        for P in (3, 7):
+            ids = torch.randint(0, vocab, (P,), generator=g)
+            with torch.no_grad():
+                table = run_student(answer, copy.deepcopy(model), ids.clone())
+            want_shape = (P, s["num_layers"] * 2 * s["kv_dim"])
+            if not isinstance(table, torch.Tensor) or tuple(table.shape) != want_shape:
+                got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+                hint = (" With grouped-query attention a layer stores num_key_value_heads · head_dim numbers per "
+                        "token for keys (and as many for values), fewer than the width d."
+                        if isinstance(table, torch.Tensor) and table.numel() > P * want_shape[1] else "")
+                return False, f"on {name} with P = {P} the table must have shape {want_shape}, got {got}.{hint}"
+            prefixed = apply_prefix_tuning(copy.deepcopy(model), P)
+            with torch.no_grad():
+                prefixed.prompt_encoder.embedding.weight.copy_(table.detach().float())
+                got = prefixed(input_ids=x).logits
+                want = model(input_ids=torch.cat([ids.expand(2, -1), x], 1)).logits[:, P:]
+            if is_close(got, want):
+                continue
+            right = _text_key_values(model, ids)
+            swapped = _swap_keys_values(right, s["num_layers"])
+            if torch.allclose(table.float(), swapped, atol=1e-5, rtol=1e-4):
+                why = "keys and values are swapped: per layer, PEFT's layout holds the keys first, then the values."
+            elif torch.allclose(table.float().flatten().sort().values, right.flatten().sort().values,
+                                atol=1e-5, rtol=1e-4):
+                why = ("the numbers are the right ones in the wrong places: one row per virtual token, and within it "
+                       "layer by layer, keys then values, head by head (the inverse of view(B, P, 2L, h_kv, d_h)"
+                       ".permute(2, 0, 3, 1, 4)).")
+            else:
+                why = ("the model does not read X as if the text came first. The keys and values must be the frozen "
+                       "model's own, for the text at positions 0…P−1 (its key/value cache: use_cache=True), "
+                       "on a model in eval mode.")
+            return False, f"on {name} with P = {P} the logits on X differ by up to " \
+                          f"{(got - want).abs().max().item():.3g} from the base model on [text; X]: {why}"
+    return True, ("the prefix is the text's key/value cache: the real tokens then attend to it exactly as to the "
+                  "text, and with PEFT's position shift (eq. 04.5) they also sit at the text's positions P…P+T−1 — "
+                  "on GPT-2 and on a RoPE/GQA model alike.")
