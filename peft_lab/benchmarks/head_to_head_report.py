@@ -74,6 +74,9 @@ def rows_equal_budget(res: dict) -> list[list[str]]:
     90% per seed, step time, memory, held-out perplexity with the method on (chosen rate, seed 0) / off."""
     rows = []
     for name in res["methods"]:
+        if name not in res["equal_budget"]:           # an incomplete run
+            rows.append([name, "not run"] + ["—"] * 6)
+            continue
         eb, c = res["equal_budget"][name], res["cost"][name]
         lr = f"{eb['chosen_lr']:g}" + ("*" if eb["edge"] else "") + (
             f" (= {eb['same_as']})" if eb.get("same_as") else f" ({', '.join(f'{x:g}' for x in eb['lrs'])})")
@@ -89,7 +92,7 @@ def rows_equal_accuracy(res: dict) -> list[list[str]]:
     test accuracy at the end of that budget, held-out perplexity with the method on (seed 0) / off."""
     rows = []
     for name in res["methods"]:
-        ea, c = res["equal_accuracy"][name], res["cost"][name]
+        ea, c = res["equal_accuracy"].get(name, {"source": "not run"}), res["cost"][name]
         if "seeds" not in ea:
             rows.append([name, ea["source"]] + ["—"] * 6)
             continue
@@ -109,12 +112,51 @@ def rows_rates(res: dict) -> list[list[str]]:
     data, steps and schedule fixed."""
     rows = []
     for name in res["methods"]:
-        eb = res["equal_budget"][name]
+        eb = res["equal_budget"].get(name, {"grid": []})
         for g in eb["grid"]:
             mark = " (chosen)" if g["lr"] == eb["chosen_lr"] else ""
             rows.append([name, f"{g['lr']:g}{mark}", f"{g['val_loss']:.3f}", _pct(g["final_val_acc"]),
                          _ppl(g["ppl_on"])])
     return rows
+
+
+def same_as_text(res: dict) -> str:
+    """For a method trained only as a check of another (PEFT's LoRA vs ours): its seed-0 run beside the
+    other's at the same rate and seed."""
+    out = []
+    for name in res["methods"]:
+        eb = res["equal_budget"].get(name, {})
+        if not eb.get("same_as"):
+            continue
+        mine = eb["seeds"][0]
+        ref = res["equal_budget"][eb["same_as"]]["seeds"][0]
+        same = "identical" if mine["val_acc"] == ref["val_acc"] else "different"
+        out.append(f"{name} against {eb['same_as']} (seed 0, lr {eb['chosen_lr']:g}): validation-accuracy curves "
+                   f"{same}; answer-token loss {mine['val_loss']:.4f} vs {ref['val_loss']:.4f}; held-out ppl on "
+                   f"{_ppl(mine['ppl_on'])} vs {_ppl(ref['ppl_on'])}.")
+    return " ".join(out)
+
+
+def near_ties(res: dict, within: float = 0.05) -> list[tuple]:
+    """Methods whose runner-up rate's validation loss is within ``within`` (relative) of the chosen one's:
+    ``(method, chosen, runner-up, loss ratio, ppl on at chosen, ppl on at runner-up)``. A second machine may
+    pick the runner-up there, so the forgetting at both rates is what such a method's row can claim."""
+    out = []
+    for name in res["methods"]:
+        grid = sorted(res["equal_budget"].get(name, {"grid": []})["grid"], key=lambda g: g["val_loss"])
+        if len(grid) >= 2 and grid[1]["val_loss"] <= (1 + within) * grid[0]["val_loss"]:
+            out.append((name, grid[0]["lr"], grid[1]["lr"], grid[1]["val_loss"] / grid[0]["val_loss"],
+                        grid[0]["ppl_on"], grid[1]["ppl_on"]))
+    return out
+
+
+def near_tie_text(res: dict) -> str:
+    ties = near_ties(res)
+    if not ties:
+        return "No method's runner-up rate came within 5% of its chosen rate's validation loss."
+    return ("Near-ties (runner-up's validation loss within 5% of the chosen rate's; another machine may pick "
+            "either): " + "; ".join(f"{n} {a:g} vs {b:g} (loss ratio {r:.3f}; held-out ppl on {_ppl(pa)} vs "
+                                    f"{_ppl(pb)})" for n, a, b, r, pa, pb in ties) + ".")
 
 
 HEADERS = {
@@ -157,7 +199,7 @@ def readme_section(res: dict) -> str:
         f"clauses, {st['n_train']} training reviews, batch {st['batch_size']}, cosine schedule; validation "
         f"{st['n_val']} reviews (learning-rate choice, steps to accuracy), test {st['n_test']} reviews; seeds "
         f"{', '.join(map(str, st['seeds']))}. Learning rates: {res['criterion']}; then the other seeds at that "
-        f"rate (\\* = best at an edge of its grid). Base model: held-out perplexity "
+        f"rate. Base model: held-out perplexity "
         f"{_ppl(res['base']['heldout_ppl'])}, zero-shot test accuracy {_pct(res['base']['zero_shot_test_acc'])}. "
         f"Memory: one AdamW step on a batch of {st['batch_size']} reviews (tensor accounting). ms/step: the "
         f"median of {st['timing_repeats']} rounds, all methods timed in alternation on one batch.",
@@ -168,6 +210,8 @@ def readme_section(res: dict) -> str:
         "",
         markdown(HEADERS["equal_budget"], rows_equal_budget(res)),
         "",
+        "\\* best rate at an edge of its grid; –: not reached within the budget. " + same_as_text(res),
+        "",
         "**Equal accuracy — each method trained until it reaches 90% / 95% validation accuracy** (up to a cap; "
         "methods that reach 95% within the equal budget in every seed reuse those runs). Wall time is steps × "
         "the ms/step above, not a stopwatch on a shared CPU:",
@@ -177,6 +221,8 @@ def readme_section(res: dict) -> str:
         "**Forgetting against the learning rate** — seed 0, same data, steps and schedule; only the rate moves:",
         "",
         markdown(HEADERS["rates"], rows_rates(res)),
+        "",
+        near_tie_text(res),
     ]
     if res.get("skipped"):
         parts += ["", "Not run: " + "; ".join(res["skipped"]) + "."]
@@ -199,7 +245,7 @@ def plot_accuracy_vs_steps(res: dict):
     legend sits under the panels, so it covers no curve."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    names = res["methods"]
+    names = [n for n in res["methods"] if n in res["equal_budget"]]
     cols = 3
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(12, 2.5 * rows + 1.2), sharey=True, squeeze=False)
@@ -247,7 +293,7 @@ def plot_views(res: dict, target: float = 0.95):
     equal-accuracy budget. Bottom: steps and wall time (steps × ms/step) to ``target`` validation accuracy.
     Every seed is a point, the mean a dash."""
     import matplotlib.pyplot as plt
-    names = res["methods"]
+    names = [n for n in res["methods"] if n in res["equal_budget"]]
     eq = [n for n in names if "seeds" in res["equal_accuracy"].get(n, {})]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.2))
     (a, b), (c, d) = axes
@@ -284,14 +330,15 @@ def plot_forgetting_vs_lr(res: dict):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4))
     for name in res["methods"]:
-        grid = sorted(res["equal_budget"][name]["grid"], key=lambda g: g["lr"])
+        grid = sorted(res["equal_budget"].get(name, {"grid": []})["grid"], key=lambda g: g["lr"])
         if not grid:
             continue
         ax.plot([g["lr"] for g in grid], [g["ppl_on"] for g in grid], "o-", color=colour(name), label=name)
         chosen = next(g for g in grid if g["lr"] == res["equal_budget"][name]["chosen_lr"])
         ax.plot(chosen["lr"], chosen["ppl_on"], "o", mfc="none", mec=colour(name), ms=12)
     ax.axhline(res["base"]["heldout_ppl"], color="0.4", ls="-", lw=1)
-    ax.text(ax.get_xlim()[0], res["base"]["heldout_ppl"] * 1.15, " base model", fontsize=8, color="0.4")
+    ax.annotate("base model", (0.99, res["base"]["heldout_ppl"]), xycoords=("axes fraction", "data"),
+                ha="right", va="bottom", fontsize=8, color="0.4")
     ax.set(xscale="log", yscale="log", xlabel="learning rate (log scale)",
            ylabel="held-out perplexity, method on (log)",
            title="Forgetting against the learning rate (seed 0, 300 steps; circled: the chosen rate)")
