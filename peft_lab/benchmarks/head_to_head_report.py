@@ -69,6 +69,20 @@ def wall_to(res: dict, name: str, seeds: list[dict], target: float) -> str:
     return f"{statistics.mean(steps) * res['cost'][name]['ms_per_step'] / 1000:.1f}"
 
 
+def accuracy_view(res: dict, name: str) -> dict:
+    """The runs of ``name``'s equal-accuracy view: its own (or those of the method it is the same computation
+    as), or — where its longer runs were not made — its equal-budget runs, marked ``"source": "equal budget
+    only"`` (then 95% was not reached in every seed, and the table says so)."""
+    ea = res["equal_accuracy"].get(name, {"source": "not run"})
+    if ea["source"].startswith("same as "):
+        return accuracy_view(res, ea["source"][len("same as "):])
+    if "seeds" not in ea and name in res["equal_budget"]:
+        eb = res["equal_budget"][name]
+        return {"source": "equal budget only", "steps": eb["steps"], "chosen_lr": eb["chosen_lr"],
+                "seeds": eb["seeds"]}
+    return ea
+
+
 def rows_equal_budget(res: dict) -> list[list[str]]:
     """Equal budget: every method, its chosen rate, trainable parameters, test accuracy over seeds, steps to
     90% per seed, step time, memory, held-out perplexity with the method on (chosen rate, seed 0) / off."""
@@ -92,12 +106,16 @@ def rows_equal_accuracy(res: dict) -> list[list[str]]:
     test accuracy at the end of that budget, held-out perplexity with the method on (seed 0) / off."""
     rows = []
     for name in res["methods"]:
-        ea, c = res["equal_accuracy"].get(name, {"source": "not run"}), res["cost"][name]
+        own = res["equal_accuracy"].get(name, {"source": "not run"})
+        ea, c = accuracy_view(res, name), res["cost"][name]
         if "seeds" not in ea:
             rows.append([name, ea["source"]] + ["—"] * 6)
             continue
-        budget = f"{ea['steps']:,} at {ea['chosen_lr']:g}" + (" (the equal-budget runs)"
-                                                               if ea["source"] == "equal budget" else "")
+        budget = f"{ea['steps']:,} at {ea['chosen_lr']:g}" + {
+            "equal budget": " (the equal-budget runs)",
+            "equal budget only": " (the equal-budget runs; longer runs not made)"}.get(ea["source"], "")
+        if own["source"].startswith("same as "):
+            budget = f"= {own['source'][len('same as '):]} (same computation)"
         s0 = ea["seeds"][0]
         rows.append([name, budget, _per_seed(ea["seeds"], 0.9), _per_seed(ea["seeds"], 0.95),
                      f"{wall_to(res, name, ea['seeds'], 0.9)} / {wall_to(res, name, ea['seeds'], 0.95)}",
@@ -294,14 +312,15 @@ def plot_views(res: dict, target: float = 0.95):
     Every seed is a point, the mean a dash."""
     import matplotlib.pyplot as plt
     names = [n for n in res["methods"] if n in res["equal_budget"]]
-    eq = [n for n in names if "seeds" in res["equal_accuracy"].get(n, {})]
+    eq = [n for n in names if "seeds" in accuracy_view(res, n) and "seeds" in res["equal_accuracy"].get(n, {})
+          or accuracy_view(res, n).get("source") == "equal budget only"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.2))
     (a, b), (c, d) = axes
     key = f"{target:g}"
     for i, name in enumerate(names):
         _dots(a, i, [100 * s["test_acc"] for s in res["equal_budget"][name]["seeds"]], colour(name))
     for i, name in enumerate(eq):
-        seeds, ms = res["equal_accuracy"][name]["seeds"], res["cost"][name]["ms_per_step"]
+        seeds, ms = accuracy_view(res, name)["seeds"], res["cost"][name]["ms_per_step"]
         _dots(b, i, [100 * s["test_acc"] for s in seeds], colour(name))
         _dots(c, i, [s["steps_to"][key] for s in seeds], colour(name))
         _dots(d, i, [None if s["steps_to"][key] is None else s["steps_to"][key] * ms / 1000 for s in seeds],
