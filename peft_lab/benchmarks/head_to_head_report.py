@@ -53,7 +53,7 @@ def _spread(values: list[float]) -> str:
 
 
 def _per_seed(seeds: list[dict], target: float) -> str:
-    return "/".join(str(s["steps_to"][f"{target:g}"] or "–") for s in seeds)
+    return "/".join(f"{s['steps_to'][f'{target:g}']:,}" if s["steps_to"][f"{target:g}"] else "–" for s in seeds)
 
 
 def _ppl(x) -> str:
