@@ -278,7 +278,9 @@ def plot_accuracy_vs_steps(res: dict):
             _curves(ax, ea["seeds"], col, "--", None)
         for t in res["setting"]["targets"]:
             ax.axhline(100 * t, color="0.5", ls=":", lw=0.8)
-        ax.set_title(name + (f" (and {ea['steps']:,} steps)" if long else ""), fontsize=10, color=col)
+        one = len(res["equal_budget"][name]["seeds"]) == 1      # PEFT's LoRA: seed 0, a check of ours
+        ax.set_title(name + (f" (and {ea['steps']:,} steps)" if long else "") + (" (seed 0 only)" if one else ""),
+                     fontsize=10, color=col)
         ax.set_xlabel("training step")
         ax.set_ylim(35, 103)
         ax.grid(alpha=0.3)
