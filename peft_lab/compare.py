@@ -25,7 +25,8 @@ from .measure import count_parameters, measure_memory
 from .train import History, train
 
 __all__ = ["MethodSpec", "Run", "METHODS", "run", "switched_off", "forgetting", "steps_to_reach",
-           "spread", "trainable_count", "calculator", "measured", "CALCULATOR_METHODS"]
+           "spread", "trainable_count", "calculator", "measured", "CALCULATOR_METHODS",
+           "answer_loss", "pick_lr"]
 
 BOTTLENECK, PREFIX_TOKENS, PROMPT_TOKENS, PROJECTION = 16, 10, 10, 64  # sizes used throughout notebook 05
 
@@ -250,3 +251,38 @@ def served_as(name: str) -> str:
     if METHODS[name].source == "PEFT" or name.startswith("LoRA"):
         return "merged"
     return "projection folded" if name == "prefix" else "as trained"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Choosing a learning rate on a criterion that a near-tie in accuracy cannot flip (notebook 05, section 3)
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def answer_loss(model: nn.Module, tokenizer, examples: list[dict], batch_size: int = 64) -> float:
+    """Mean cross-entropy (nats, over the whole vocabulary) of the answer token after each prompt: the
+    training loss restricted to the token that carries the verdict. Unlike accuracy it moves continuously, so
+    two learning rates a few reviews apart in accuracy are still ordered by how sure they are."""
+    from .data import collate
+    answers = [tokenizer.encode(" " + e["answer"])[0] for e in examples]
+    encoded = [{"input_ids": tokenizer.encode(e["prompt"])} for e in examples]
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    total = 0.0
+    try:
+        for i in range(0, len(encoded), batch_size):
+            batch = collate(encoded[i:i + batch_size], pad_id=tokenizer.eos_token_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float()
+            last = (batch["attention_mask"].sum(1) - 1).to(device)
+            logp = torch.log_softmax(logits[torch.arange(len(last), device=device), last], -1)
+            target = torch.tensor(answers[i:i + batch_size], device=device)
+            total -= logp.gather(-1, target[:, None]).sum().item()
+    finally:
+        model.train(was_training)
+    return total / len(examples)
+
+
+def pick_lr(losses: dict[float, float]) -> tuple[float, bool]:
+    """The learning rate of lowest validation loss, and whether it sits at an edge of the rates tried."""
+    best = min(losses, key=losses.get)
+    return best, best in (min(losses), max(losses))

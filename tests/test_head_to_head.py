@@ -1,0 +1,81 @@
+"""The committed full profile (notebook 05's head-to-head): its file, the README text made from it, and the
+learning-rate criterion it uses. Fast: reads JSON and runs the tiny model on six reviews."""
+import math
+
+import pytest
+import torch
+
+from peft_lab import compare, encode_task
+from peft_lab.benchmarks import head_to_head, head_to_head_report as report
+from peft_lab.corpus import generate_task
+from peft_lab.data import collate
+from peft_lab.tolerance import assert_close
+
+
+@pytest.fixture(scope="module")
+def results():
+    return report.load(report.RESULTS)
+
+
+def test_readme_section_is_generated_from_the_committed_results(results):
+    """No hand-copied number: the README's head-to-head is exactly what the generator makes of the file."""
+    text = report.README.read_text()
+    section = text[text.index(report.START):text.index(report.END)] + report.END
+    assert section == report.readme_section(results), (
+        "README's head-to-head differs from the committed results: run "
+        "`python -m peft_lab.benchmarks.head_to_head --readme`")
+
+
+def test_results_have_what_the_notebook_and_readme_read(results):
+    env = results["environment"]
+    for key in ("command", "commit", "torch", "transformers", "peft", "threads", "machine", "date", "load_start"):
+        assert env[key] not in (None, "", []), key
+    assert env["command"].startswith("python -m peft_lab.benchmarks.head_to_head")
+    assert results["complete"] is True
+    assert set(results["methods"]) == set(compare.METHODS)
+    targets = [f"{t:g}" for t in results["setting"]["targets"]]
+    for name in results["methods"]:
+        c = results["cost"][name]
+        assert c["trainable"] > 0 and c["ms_per_step"] > 0 and c["memory_mib"]["total"] > 0
+        eb = results["equal_budget"][name]
+        assert eb["chosen_lr"] in eb["lrs"]
+        for run in eb["seeds"] + eb["grid"]:
+            assert len(run["eval_step"]) == len(run["val_acc"]) and run["eval_step"][-1] == run["steps"]
+            assert set(run["steps_to"]) == set(targets) and run["ppl_on"] > 0
+        assert all(0 <= s["test_acc"] <= 1 for s in eb["seeds"])
+        if not eb.get("same_as"):
+            assert len(eb["seeds"]) >= 3 and len(eb["grid"]) >= 2      # seeds, and forgetting at two rates
+            grid_loss = {g["lr"]: g["val_loss"] for g in eb["grid"]}
+            assert compare.pick_lr(grid_loss)[0] == eb["chosen_lr"]   # the stated criterion made the choice
+        ea = results["equal_accuracy"][name]
+        assert "source" in ea
+        if "seeds" in ea and compare.METHODS[name].can_switch_off:
+            assert math.isclose(ea["seeds"][0]["ppl_off"], results["base"]["heldout_ppl"], rel_tol=1e-6)
+
+
+def test_answer_loss_is_the_training_loss_on_the_answer_token(tiny, one_thread):
+    """Independent route: the model's own loss with only the answer token supervised (encode_task also
+    supervises the end-of-text token; it is masked here)."""
+    model, tok = tiny
+    rows = generate_task(6, seed=7, num_clauses=5)
+    enc = encode_task(rows, tok)
+    for e in enc:  # keep the first supervised label (the answer), mask the EOS after it
+        first = next(i for i, lab in enumerate(e["labels"]) if lab != -100)
+        e["labels"] = [-100] * first + [e["labels"][first]] + [-100] * (len(e["labels"]) - first - 1)
+    with torch.no_grad():
+        expected = model(**collate(enc, tok.eos_token_id)).loss.item()
+    assert_close(torch.tensor(compare.answer_loss(model, tok, rows, batch_size=4)), torch.tensor(expected),
+                 reason="batched in fours here, in one batch by the model's loss; summed in another order")
+
+
+def test_pick_lr_takes_the_lowest_loss_and_flags_edges():
+    assert compare.pick_lr({1e-3: 0.5, 3e-3: 0.2, 1e-2: 0.3}) == (3e-3, False)
+    assert compare.pick_lr({1e-3: 0.1, 3e-3: 0.2, 1e-2: 0.3}) == (1e-3, True)
+    assert compare.pick_lr({1e-3: 0.4, 3e-3: 0.2, 1e-2: 0.1}) == (1e-2, True)
+
+
+def test_full_profile_covers_every_method_with_a_grid_of_two_or_more():
+    plan = head_to_head.FULL.plan
+    assert set(plan) == set(compare.METHODS)
+    for name, p in plan.items():
+        assert p.same_as in compare.METHODS if p.same_as else len(p.grid) >= 2, name
