@@ -21,6 +21,7 @@ dispatch on it, so a new method (prefix tuning, prompt tuning, ...) adds an entr
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -108,18 +109,26 @@ def _load_lora(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
     targets = config["target_modules"]
     if targets == "all-linear":
         raise ValueError('target_modules="all-linear" is not supported here; list the module names instead')
-    try:
+    with _explain_misfit(config):
         lora.apply_lora(model, rank=config["r"], alpha=config["lora_alpha"],
                         dropout=config.get("lora_dropout", 0.0) or 0.0, target_modules=targets,
                         use_rslora=bool(config.get("use_rslora", False)),
                         use_dora=bool(config.get("use_dora", False)))
+    return lora.load_lora_state_dict(model, tensors)
+
+
+@contextmanager
+def _explain_misfit(config: dict):
+    """Re-raise a method's refusal of the model as "this adapter does not fit the model", naming the model the
+    adapter was made for."""
+    try:
+        yield
     except ValueError as err:
         base = config.get("base_model_name_or_path")
         raise ValueError(f"this adapter does not fit the model (made for {base!r}, another architecture?): "
                          f"{err}") from err
     except TypeError as err:
         raise TypeError(f"this adapter does not fit the model: {err}") from err
-    return lora.load_lora_state_dict(model, tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,15 +162,9 @@ def _load_ia3(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) 
             raise ValueError(f"this IA3 adapter uses {field}={config[field]!r}, which peft_lab.ia3 does not implement")
     if "target_modules" not in config:
         raise ValueError(f"{CONFIG_NAME} lacks the IA3 field 'target_modules'")
-    try:
+    with _explain_misfit(config):
         ia3.apply_ia3(model, target_modules=config["target_modules"],
                       feedforward_modules=config.get("feedforward_modules"))
-    except ValueError as err:
-        base = config.get("base_model_name_or_path")
-        raise ValueError(f"this adapter does not fit the model (made for {base!r}, another architecture?): "
-                         f"{err}") from err
-    except TypeError as err:
-        raise TypeError(f"this adapter does not fit the model: {err}") from err
     return ia3.load_ia3_state_dict(model, tensors)
 
 
