@@ -1,4 +1,4 @@
-"""Small models shared by the LoRA and interop tests (random init, no download)."""
+"""Small models shared by the LoRA and interop tests (random init, no download), and a short AdamW run."""
 from __future__ import annotations
 
 from transformers import GPT2Config, LlamaConfig
@@ -34,3 +34,19 @@ def tiny_llama():
 
 
 MODELS = {"gpt2": small_gpt2, "llama": small_llama, "tiny": tiny, "tiny-llama": tiny_llama}
+
+
+def adamw_losses(model, steps: int, lr: float, batch) -> list[float]:
+    """The loss of each of ``steps`` AdamW steps on ``model``'s trainable parameters; ``batch(step)`` gives the
+    input ids (also the labels). Run on ours and on a reference library's model to compare loss curves."""
+    import torch
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        ids = batch(step)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -19,7 +19,7 @@ from peft_lab.lora import (apply_lora, disable_lora, lora_config, lora_layers, l
 from peft_lab.measure import print_trainable_parameters
 from peft_lab.tolerance import REORDERED, assert_close, assert_equal, is_close
 
-from builders import MODELS, VOCAB, small_gpt2, small_llama
+from builders import MODELS, VOCAB, adamw_losses, small_gpt2, small_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -255,18 +255,8 @@ def test_a_lora_file_marked_dora_is_refused(tmp_path):
 
 def test_twelve_training_steps_match_peft():
     ours, theirs = dora_pair(small_gpt2())
-    losses = []
-    for model in (ours, theirs):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        run = []
-        for step in range(12):
-            ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(step % 2))
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            run.append(loss.item())
-        losses.append(run)
+    batch = lambda step: torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(step % 2))
+    losses = [adamw_losses(model, 12, 1e-2, batch) for model in (ours, theirs)]
     assert losses[0][0] - losses[0][-1] > 0.1  # it did train
     assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), reason="another library; Adam carries rounding",
                  what="12-step loss curve")

@@ -18,7 +18,7 @@ from peft_lab.interop import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, imp
 from peft_lab.measure import print_trainable_parameters
 from peft_lab.tolerance import EXACT, assert_close, assert_equal, is_close
 
-from builders import MODELS, VOCAB, small_gpt2, small_llama
+from builders import MODELS, VOCAB, adamw_losses, small_gpt2, small_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -274,17 +274,7 @@ def test_notebook_05_harness_switches_ia3_off():
 
 def test_twelve_training_steps_equal_peft():
     ours, theirs = ia3_pair(small_llama())
-    losses = []
-    for model in (ours, theirs):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-        run = []
-        for step in range(12):
-            ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(step % 2))
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            run.append(loss.item())
-        losses.append(run)
+    batch = lambda step: torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(step % 2))
+    losses = [adamw_losses(model, 12, 3e-2, batch) for model in (ours, theirs)]
     assert losses[0][0] - losses[0][-1] > 0.01  # it did train
     assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), EXACT, reason=SAME_ORDER, what="12-step losses")

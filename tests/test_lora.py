@@ -17,7 +17,7 @@ from peft_lab.lora import (DEFAULT_TARGET_MODULES, LoRALinear, apply_lora, disab
 from peft_lab.measure import print_trainable_parameters
 from peft_lab.tolerance import assert_close
 
-from builders import MODELS, VOCAB, small_gpt2, small_llama
+from builders import MODELS, VOCAB, adamw_losses, small_gpt2, small_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,19 +133,8 @@ def test_twenty_training_steps_match_peft(kind):
     base = make_model(kind)
     ours, theirs = lora_pair(base, rank=4, alpha=8)
     vocab = base.config.vocab_size
-    losses = []
-    for model in (ours, theirs):
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        run = []
-        for step in range(20):
-            ids = input_ids(4, 16, vocab=vocab, seed=step)
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            run.append(loss.item())
-        losses.append(run)
+    losses = [adamw_losses(model.train(), 20, 1e-2, lambda step: input_ids(4, 16, vocab=vocab, seed=step))
+              for model in (ours, theirs)]
     assert losses[0][0] != losses[0][-1]  # it did train
     assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), reason="another library; Adam carries rounding",
                  what="20-step loss curve")
