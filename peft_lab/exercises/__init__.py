@@ -81,6 +81,18 @@ def run_student(fn: Callable, *args, **kwargs):
         raise StudentCodeError(_describe(err, fn)) from err
 
 
+def first_failure(cases, check_case: Callable, seed: int):
+    """``check_case(case, seed=seed + i)`` for each case, with the notebook's random stream left untouched
+    (grading draws its own weights); the first reason a case gives for failing, or ``None`` when all pass."""
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        for i, case in enumerate(cases):
+            reason = check_case(case, seed=seed + i)
+            if reason is not None:
+                return reason
+    return None
+
+
 def _describe(err: BaseException, fn: Any) -> str:
     """``"ZeroDivisionError: division by zero (line 3 of my_func)"`` — the deepest frame of the student's code."""
     where = ""
