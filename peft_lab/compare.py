@@ -257,29 +257,13 @@ def served_as(name: str) -> str:
 # Choosing a learning rate on a criterion that a near-tie in accuracy cannot flip (notebook 05, section 3)
 # ----------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def answer_loss(model: nn.Module, tokenizer, examples: list[dict], batch_size: int = 64) -> float:
     """Mean cross-entropy (nats, over the whole vocabulary) of the answer token after each prompt: the
     training loss restricted to the token that carries the verdict. Unlike accuracy it moves continuously, so
-    two learning rates a few reviews apart in accuracy are still ordered by how sure they are."""
-    from .data import collate
-    answers = [tokenizer.encode(" " + e["answer"])[0] for e in examples]
-    encoded = [{"input_ids": tokenizer.encode(e["prompt"])} for e in examples]
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
-    total = 0.0
-    try:
-        for i in range(0, len(encoded), batch_size):
-            batch = collate(encoded[i:i + batch_size], pad_id=tokenizer.eos_token_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
-            last = (batch["attention_mask"].sum(1) - 1).to(device)
-            logp = torch.log_softmax(logits[torch.arange(len(last), device=device), last], -1)
-            target = torch.tensor(answers[i:i + batch_size], device=device)
-            total -= logp.gather(-1, target[:, None]).sum().item()
-    finally:
-        model.train(was_training)
-    return total / len(examples)
+    two learning rates a few reviews apart in accuracy are still ordered by how sure they are. (One number of
+    :func:`peft_lab.diagnose.answer_diagnostics`, which notebook 04 reads in full.)"""
+    from .diagnose import answer_diagnostics
+    return answer_diagnostics(model, tokenizer, examples, batch_size=batch_size)["answer_loss"]
 
 
 def pick_lr(losses: dict[float, float]) -> tuple[float, bool]:
