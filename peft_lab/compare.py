@@ -25,7 +25,7 @@ from .measure import count_parameters, measure_memory
 from .train import History, train
 
 __all__ = ["MethodSpec", "Run", "METHODS", "run", "switched_off", "forgetting", "steps_to_reach",
-           "spread", "trainable_count", "calculator", "measured", "CALCULATOR_METHODS",
+           "spread", "trainable_count", "calculator", "has_precision", "measured", "CALCULATOR_METHODS",
            "answer_loss", "pick_lr"]
 
 BOTTLENECK, PREFIX_TOKENS, PROMPT_TOKENS, PROJECTION = 16, 10, 10, 64  # sizes used throughout notebook 05
@@ -43,17 +43,29 @@ class MethodSpec:
     source: str                                   # "peft_lab" or "PEFT"
     memory: Callable[[object], dict] | None = None
     can_switch_off: bool = True
+    precisions: tuple[str, ...] | None = None     # the calculator's precisions it exists at (None: all)
 
 
 def _lora_targets(config) -> list[str]:
     return default_targets(config, "lora")
 
 
-def _lora(rank: int):
+def _lora(rank: int, use_dora: bool = False, nf4_base: bool = False):
     def apply(model, tok):
         from .lora import apply_lora
-        return apply_lora(model, rank=rank, alpha=2 * rank, target_modules=_lora_targets(model.config))
+        # QLoRA (notebook 06): the frozen base in NF4, LoRA on top. A model on the meta device (parameter
+        # counts, trainable_count) has no values to quantize, and LoRA's count does not depend on them.
+        if nf4_base and next(model.parameters()).device.type != "meta":
+            from .qlora import quantize_model
+            quantize_model(model)
+        return apply_lora(model, rank=rank, alpha=2 * rank, target_modules=_lora_targets(model.config),
+                          use_dora=use_dora)
     return apply
+
+
+def _ia3(model, tok):
+    from .ia3 import apply_ia3
+    return apply_ia3(model)  # PEFT's defaults for the architecture (notebook 06)
 
 
 def _adapters(placement: str):
@@ -82,8 +94,13 @@ def _peft(kind: str):
     return apply
 
 
-def _lora_memory(rank):
-    return lambda config: {"kind": "lora", "rank": rank, "targets": _lora_targets(config)}
+def _lora_memory(rank, use_dora: bool = False):
+    return lambda config: {"kind": "lora", "rank": rank, "targets": _lora_targets(config), "use_dora": use_dora}
+
+
+def _ia3_memory(config):
+    return {"kind": "ia3", "targets": default_targets(config, "ia3"),
+            "feedforward": default_targets(config, "ia3_feedforward")}
 
 
 #: Name → spec, in the order of the course. Learning-rate grids are a factor ~3 apart around what notebooks
@@ -103,10 +120,15 @@ METHODS: dict[str, MethodSpec] = {
                                     "projection_dim": PROJECTION}),
     "prompt": MethodSpec("prompt", _prompt, (3e-2, 1e-1, 3e-1), "peft_lab",
                          lambda c: {"kind": "prompt", "num_virtual_tokens": PROMPT_TOKENS}),
+    "IA3": MethodSpec("IA3", _ia3, (3e-2, 1e-1, 3e-1), "peft_lab", _ia3_memory),
+    "DoRA r=8": MethodSpec("DoRA r=8", _lora(8, use_dora=True), (3e-3, 1e-2, 3e-2), "peft_lab",
+                           _lora_memory(8, use_dora=True)),
+    "QLoRA r=8": MethodSpec("QLoRA r=8", _lora(8, nf4_base=True), (3e-3, 1e-2, 3e-2), "peft_lab",
+                            _lora_memory(8), precisions=("4bit-base",)),
     "PEFT LoRA r=8": MethodSpec("PEFT LoRA r=8", _peft("lora"), (3e-3, 1e-2, 3e-2), "PEFT", _lora_memory(8)),
-    "PEFT IA3": MethodSpec("PEFT IA3", _peft("ia3"), (1e-2, 3e-2, 1e-1), "PEFT"),
+    "PEFT IA3": MethodSpec("PEFT IA3", _peft("ia3"), (3e-2, 1e-1, 3e-1), "PEFT", _ia3_memory),
 }
-#: The methods the analytic calculator describes (PEFT's IA3 has no formula here).
+#: The methods the analytic calculator describes (ours; PEFT's rows are the same computations).
 CALCULATOR_METHODS = [name for name, spec in METHODS.items() if spec.memory is not None
                       and spec.source == "peft_lab"]
 
@@ -217,10 +239,22 @@ def calculator(name: str, arch, batch_size: int = 1, seq_len: int = 128, precisi
     spec = METHODS[name]
     if spec.memory is None:
         raise ValueError(f"the calculator has no formula for {name!r}; known: {CALCULATOR_METHODS}")
+    if not has_precision(name, precision):
+        raise ValueError(f"{name} exists only at precision {' or '.join(map(repr, spec.precisions))} "
+                         f"(its frozen base is stored that way), not {precision!r}")
     config = architecture_config(arch) if isinstance(arch, str) else arch
     trainable = None if name == "full FT" else trainable_count(name, arch)
     return estimate_memory(arch, trainable_params=trainable, batch_size=batch_size, seq_len=seq_len,
                            precision=precision, method=spec.memory(config))
+
+
+def has_precision(name: str, precision: str) -> bool:
+    """Whether method ``name`` exists at the calculator's ``precision``: full fine-tuning has no frozen base to
+    store in 4 bits, and QLoRA's base is always NF4 (``"4bit-base"``)."""
+    spec = METHODS[name]
+    if spec.precisions is not None:
+        return precision in spec.precisions
+    return not (precision == "4bit-base" and name == "full FT")
 
 
 def measured(name: str, base: nn.Module, batch: dict) -> dict:
@@ -232,11 +266,16 @@ def measured(name: str, base: nn.Module, batch: dict) -> dict:
 def ready_for_inference(name: str, model: nn.Module) -> nn.Module:
     """A copy of the trained ``model`` of method ``name`` in the form it would be served (notebook 05 §7), in
     eval mode: LoRA merged into its weights (02.7), PEFT's methods merged and unloaded, the prefix's
-    reparameterization folded into a plain prefix (notebook 04); adapters and prompts stay as trained."""
+    reparameterization folded into a plain prefix (notebook 04), IA3's vectors folded into its weights
+    (06.3); adapters, prompts and QLoRA (whose NF4 base cannot take a float update, 06.Q6) stay as trained."""
     model = copy.deepcopy(model)
+    how = served_as(name)
     if METHODS[name].source == "PEFT":
         model = model.merge_and_unload()
-    elif name.startswith("LoRA"):
+    elif how == "merged" and name == "IA3":
+        from .ia3 import merge_ia3
+        merge_ia3(model)
+    elif how == "merged":
         from .lora import merge_lora
         merge_lora(model)
     elif name == "prefix":
@@ -248,7 +287,7 @@ def ready_for_inference(name: str, model: nn.Module) -> nn.Module:
 def served_as(name: str) -> str:
     """How :func:`ready_for_inference` serves method ``name``: ``"merged"``, ``"projection folded"`` or
     ``"as trained"``."""
-    if METHODS[name].source == "PEFT" or name.startswith("LoRA"):
+    if METHODS[name].source == "PEFT" or name.startswith(("LoRA", "DoRA", "IA3")):
         return "merged"
     return "projection folded" if name == "prefix" else "as trained"
 

@@ -80,30 +80,38 @@ class Profile:
     targets: tuple[float, ...] = (0.90, 0.95)
     extend_steps: int = 600          # a fast method that misses 95% in 300 steps, at its 300-step rate
     timing_repeats: int = 9
+    widen: int = 2                   # rates added beyond a grid's edge when the choice sits on it
 
 
-# Grids are a factor ~3 apart and centred on what the previous full profile chose by accuracy (notebook 05,
-# TUNED_LR), so its edge picks (full FT 1e-4, LoRA r=8 and Pfeiffer 3e-3, IA3 1e-1) are now inside.
-# Prefix and prompt tuning stay at the constant answer for 300 steps at every rate (issue 14's table), so
-# they get two rates there and their real budget in the long runs: prefix 1,000 steps (issue 14: 98.5% at
-# lr 3e-3), prompt 2,000 steps (94.5% at lr 0.3) — one rate each, three seeds (cut for time: a long grid
-# would double the profile's longest part).
+# Grids are a factor ~3 apart around the previous full profile's choices. A choice at an edge of its grid is
+# widened automatically (one more rate beyond that edge, up to ``widen`` times: :func:`_grid_then_seeds`), so
+# every chosen rate ends up bracketed or the file says it is not ("edge": true). Prefix and prompt tuning stay
+# at the constant answer for 300 steps at every rate (issue 14's table): their real budget is the long runs,
+# prefix 1,000 steps and prompt 2,000 (issue 14: 98.5% at lr 3e-3 and 94.5% at lr 0.3), each with its own grid
+# on seed 0. QLoRA is LoRA r=8 on an NF4 base: its own grid, so a rate that suits the quantized base is not
+# assumed. PEFT's LoRA and IA3 run once at our methods' rates: the check that the same computation learns the
+# same way.
 FULL = Profile("full", {
-    "full FT": Plan(grid=(3e-5, 1e-4, 3e-4)),
+    "full FT": Plan(grid=(1e-4, 3e-4, 1e-3)),
     "LoRA r=1": Plan(grid=(3e-3, 1e-2, 3e-2)),
-    "LoRA r=8": Plan(grid=(1e-3, 3e-3, 1e-2)),
+    "LoRA r=8": Plan(grid=(3e-3, 1e-2, 3e-2)),
     "Houlsby": Plan(grid=(3e-3, 1e-2, 3e-2)),
     "Pfeiffer": Plan(grid=(1e-3, 3e-3, 1e-2)),
-    "prefix": Plan(grid=(3e-3, 1e-2), long_steps=1000, long_lrs=(3e-3,), long_eval_every=50),
-    "prompt": Plan(grid=(1e-1, 3e-1), long_steps=2000, long_lrs=(3e-1,), long_eval_every=100),
+    "prefix": Plan(grid=(3e-3, 1e-2, 3e-2), long_steps=1000, long_lrs=(1e-3, 3e-3, 1e-2), long_eval_every=50),
+    "prompt": Plan(grid=(1e-1, 3e-1, 1.0), long_steps=2000, long_lrs=(1e-1, 3e-1, 1.0), long_eval_every=100),
+    "IA3": Plan(grid=(3e-2, 1e-1, 3e-1)),
+    "DoRA r=8": Plan(grid=(3e-3, 1e-2, 3e-2)),
+    "QLoRA r=8": Plan(grid=(3e-3, 1e-2, 3e-2)),
     "PEFT LoRA r=8": Plan(same_as="LoRA r=8"),
-    "PEFT IA3": Plan(grid=(3e-2, 1e-1, 3e-1)),
+    "PEFT IA3": Plan(same_as="IA3"),
 })
 SMOKE = Profile("smoke", {
     "LoRA r=8": Plan(grid=(3e-3, 1e-2)),
     "prefix": Plan(grid=(3e-3, 1e-2), long_steps=30, long_lrs=(3e-3,), long_eval_every=10),
+    "IA3": Plan(grid=(1e-1, 3e-1)),
     "PEFT LoRA r=8": Plan(same_as="LoRA r=8"),
-}, steps=12, n_val=40, n_test=40, eval_every=4, heldout_n=20, extend_steps=20, timing_repeats=2)
+}, steps=12, n_val=40, n_test=40, eval_every=4, heldout_n=20, extend_steps=20, timing_repeats=2, widen=1)
+PROFILES = {p.name: p for p in (FULL, SMOKE)}
 
 
 def _log(msg: str) -> None:
@@ -180,19 +188,34 @@ def _finish(s: _Setting, rec: dict, r, off: bool) -> dict:
     return rec
 
 
+def _beyond(lrs: list[float], low: bool) -> float:
+    """The next rate past the low or high edge of ``lrs``, at the grid's own spacing (×3 for one rate)."""
+    lrs = sorted(lrs)
+    step = lrs[1] / lrs[0] if len(lrs) > 1 else 3.0
+    return float(f"{(lrs[0] / step if low else lrs[-1] * step):.3g}")
+
+
 def _grid_then_seeds(s, p, name, lrs, steps, eval_every) -> dict:
-    """Seed 0 at every rate, the lowest validation loss chosen, then the other seeds at that rate."""
+    """Seed 0 at every rate, the lowest validation loss chosen — widened past an edge while the choice sits on
+    it (``p.widen`` times at most) — then the other seeds at that rate."""
     runs = {lr: _train(s, p, name, lr, p.seeds[0], steps, eval_every) for lr in lrs}
     chosen, edge = compare.pick_lr({lr: rec["val_loss"] for lr, (rec, _) in runs.items()})
-    grid = [rec for rec, _ in runs.values()]
+    added = []
+    while edge and len(runs) > 1 and len(added) < p.widen:
+        lr = _beyond(list(runs), low=chosen == min(runs))
+        added.append(lr)
+        _log(f"{name:>14}: best rate {chosen:g} at the edge of {sorted(runs)}; adding {lr:g}")
+        runs[lr] = _train(s, p, name, lr, p.seeds[0], steps, eval_every)
+        chosen, edge = compare.pick_lr({lr: rec["val_loss"] for lr, (rec, _) in runs.items()})
+    grid = [runs[lr][0] for lr in sorted(runs)]
     rec0, r0 = runs[chosen]
     seeds = [_finish(s, rec0, r0, off=True)]
     del runs, r0
     for seed in p.seeds[1:]:
         rec, r = _train(s, p, name, chosen, seed, steps, eval_every)
         seeds.append(_finish(s, rec, r, off=False))
-    return {"steps": steps, "lrs": list(lrs), "chosen_lr": chosen, "edge": edge and len(lrs) > 1,
-            "grid": grid, "seeds": seeds}
+    return {"steps": steps, "lrs": sorted(rec["lr"] for rec in grid), "widened": added, "chosen_lr": chosen,
+            "edge": edge and len(grid) > 1, "grid": grid, "seeds": seeds}
 
 
 def _reached_all(view: dict, target: float) -> bool:
@@ -224,10 +247,64 @@ def cost(s: _Setting, p: Profile, names: list[str]) -> dict:
     return out
 
 
-def run_profile(p: Profile, argv: list[str], out: Path | None, max_minutes: float | None = None) -> dict:
-    """Run profile ``p``; the file is rewritten after every method, so a stopped run leaves what it did."""
+def _method(s: _Setting, p: Profile, name: str, chosen: dict[str, float], start: float,
+            max_minutes: float | None) -> tuple[dict, dict, str | None]:
+    """One method's two views (and why its optional runs were skipped, if they were). ``chosen`` holds the
+    rates already chosen for the methods a ``same_as`` plan refers to."""
+    plan, top = p.plan[name], max(p.targets)
+    if plan.same_as:
+        lr = chosen[plan.same_as]
+        rec, r = _train(s, p, name, lr, p.seeds[0], p.steps, p.eval_every)
+        eb = {"steps": p.steps, "lrs": [lr], "chosen_lr": lr, "edge": False, "same_as": plan.same_as,
+              "grid": [], "seeds": [_finish(s, rec, r, True)]}
+        return eb, {"source": "same as " + plan.same_as}, None
+    eb = _grid_then_seeds(s, p, name, plan.grid, p.steps, p.eval_every)
+    chosen[name] = eb["chosen_lr"]
+    if _reached_all(eb, top):
+        return eb, {"source": "equal budget", "steps": eb["steps"], "chosen_lr": eb["chosen_lr"],
+                    "seeds": eb["seeds"]}, None
+    if plan.long_steps or max_minutes is None or (time.time() - start) / 60 < max_minutes:
+        steps = plan.long_steps or p.extend_steps
+        lrs = plan.long_lrs or (eb["chosen_lr"],)
+        view = _grid_then_seeds(s, p, name, lrs, steps, plan.long_eval_every if plan.long_steps else p.eval_every)
+        return eb, {"source": "long budget" if plan.long_steps else "extended", **view}, None
+    return eb, {"source": "not run"}, (f"{name}: misses {top:.0%} within {p.steps} steps; its {p.extend_steps}-step "
+                                       f"runs were skipped (over the {max_minutes:g}-minute limit)")
+
+
+def groups(p: Profile) -> list[list[str]]:
+    """The methods in independent groups (a method with the methods whose plan is ``same_as`` it), the longest
+    first: the unit of work of one process."""
+    roots = [n for n, pl in p.plan.items() if not pl.same_as]
+    out = [[r] + [n for n, pl in p.plan.items() if pl.same_as == r] for r in roots]
+    return sorted(out, key=lambda g: -(p.plan[g[0]].long_steps or 0))
+
+
+_SETTING: dict[str, _Setting] = {}
+
+
+def _run_group(job: tuple[str, list[str], float, float | None]) -> dict[str, tuple]:
+    """Worker: train one group of methods in this process, one thread (so every run computes the same numbers
+    whichever process it lands in)."""
+    profile, names, start, max_minutes = job
+    torch.set_num_threads(1)
+    _quiet()
+    p = PROFILES[profile]
+    if profile not in _SETTING:                                # loaded once per process
+        _SETTING[profile] = _Setting(p)
+    s = _SETTING[profile]
+    chosen: dict[str, float] = {}
+    return {name: _method(s, p, name, chosen, start, max_minutes) for name in names}
+
+
+def run_profile(p: Profile, argv: list[str], out: Path | None, max_minutes: float | None = None,
+                jobs: int = 1) -> dict:
+    """Run profile ``p`` with ``jobs`` processes of one thread each (the groups of :func:`groups` are spread
+    over them), then time every method's step in alternation with nothing else running. The file is rewritten
+    after every group, so a stopped run leaves what it did."""
     start = time.time()
-    res = {"environment": environment(argv), "complete": False,
+    torch.set_num_threads(1)
+    res = {"environment": {**environment(argv), "jobs": jobs}, "complete": False,
            "setting": {k: v for k, v in asdict(p).items() if k != "plan"},
            "plan": {n: asdict(pl) for n, pl in p.plan.items()}, "methods": list(p.plan),
            "criterion": "lowest validation loss on the answer token (compare.answer_loss), seed 0",
@@ -236,42 +313,43 @@ def run_profile(p: Profile, argv: list[str], out: Path | None, max_minutes: floa
     s = _Setting(p)
     res["base"] = {"heldout_ppl": round(perplexity(s.base, s.tok, s.heldout), 4),
                    "zero_shot_test_acc": round(evaluate_task(s.base, s.tok, s.test)["accuracy"], 4)}
-    res["cost"] = cost(s, p, list(p.plan))
+    work = [(p.name, g, start, max_minutes) for g in groups(p)]
+    done: dict[str, tuple] = {}
+
+    def collect(part: dict) -> None:
+        done.update(part)
+        order = [n for n in p.plan if n in done]               # the file keeps the plan's order
+        res["equal_budget"] = {n: done[n][0] for n in order}
+        res["equal_accuracy"] = {n: done[n][1] for n in order}
+        res["skipped"] = [done[n][2] for n in order if done[n][2]]
+        save()
+
+    if jobs == 1:
+        _SETTING[p.name] = s
+        for job in work:
+            collect(_run_group(job))
+    else:  # spawn, not fork: a forked copy of a process that already ran torch can deadlock in its thread pools
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            for part in pool.imap_unordered(_run_group, work):
+                collect(part)
+    res["environment"]["minutes_training"] = round((time.time() - start) / 60, 1)
+    res["environment"]["load_after_training"] = _load()
+    res["cost"] = cost(s, p, list(p.plan))                      # alone on the machine: the workers are gone
     _log("step times (ms): " + ", ".join(f"{n} {c['ms_per_step']}" for n, c in res["cost"].items()))
-    save()
-    for name, plan in p.plan.items():                                   # 1. equal budget
-        if plan.same_as:
-            lr = res["equal_budget"][plan.same_as]["chosen_lr"]
-            rec, r = _train(s, p, name, lr, p.seeds[0], p.steps, p.eval_every)
-            res["equal_budget"][name] = {"steps": p.steps, "lrs": [lr], "chosen_lr": lr, "edge": False,
-                                         "same_as": plan.same_as, "grid": [], "seeds": [_finish(s, rec, r, True)]}
-        else:
-            res["equal_budget"][name] = _grid_then_seeds(s, p, name, plan.grid, p.steps, p.eval_every)
-        save()
-    top = max(p.targets)
-    for name, plan in sorted(p.plan.items(), key=lambda kv: kv[1].long_steps is None):   # 2. equal accuracy
-        eb = res["equal_budget"][name]
-        if plan.same_as:
-            res["equal_accuracy"][name] = {"source": "same as " + plan.same_as}
-        elif _reached_all(eb, top):
-            res["equal_accuracy"][name] = {"source": "equal budget", "steps": eb["steps"],
-                                           "chosen_lr": eb["chosen_lr"], "seeds": eb["seeds"]}
-        elif plan.long_steps or max_minutes is None or (time.time() - start) / 60 < max_minutes:
-            steps = plan.long_steps or p.extend_steps
-            lrs = plan.long_lrs or (eb["chosen_lr"],)
-            view = _grid_then_seeds(s, p, name, lrs, steps, plan.long_eval_every if plan.long_steps else p.eval_every)
-            res["equal_accuracy"][name] = {"source": "long budget" if plan.long_steps else "extended",
-                                           **view}
-        else:
-            res["equal_accuracy"][name] = {"source": "not run"}
-            res["skipped"].append(f"{name}: misses {top:.0%} within {p.steps} steps; its {p.extend_steps}-step "
-                                  f"runs were skipped (over the {max_minutes:g}-minute limit)")
-        save()
     res["environment"].update(load_end=_load(), minutes=round((time.time() - start) / 60, 1))
     res["complete"] = True
     save()
     _log(f"done in {res['environment']['minutes']} min")
     return res
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("PEFT_LAB_QUIET", "1")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="a few steps of two methods: checks the plumbing")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="skip the optional longer runs of fast methods once this much time has passed")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="processes of one thread each (default: one per CPU); the numbers do not depend on it")
     ap.add_argument("--readme", action="store_true",
                     help="rewrite the README section and its figure from the results file (--out or the committed one)")
     args = ap.parse_args(argv)
@@ -288,12 +368,10 @@ def main(argv: list[str] | None = None) -> None:
         from .head_to_head_report import write_readme
         write_readme(args.out or RESULTS)
         return
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-    import transformers
-    transformers.logging.set_verbosity_error()
-    os.environ.setdefault("PEFT_LAB_QUIET", "1")
-    run_profile(SMOKE if args.smoke else FULL, argv, args.out, args.max_minutes)
+    _quiet()
+    p = SMOKE if args.smoke else FULL
+    jobs = args.jobs or max(1, min(os.cpu_count() or 1, len(groups(p))))
+    run_profile(p, argv, args.out, args.max_minutes, jobs)
 
 
 if __name__ == "__main__":
