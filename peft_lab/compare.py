@@ -44,6 +44,7 @@ class MethodSpec:
     memory: Callable[[object], dict] | None = None
     can_switch_off: bool = True
     precisions: tuple[str, ...] | None = None     # the calculator's precisions it exists at (None: all)
+    quantized_base: bool = False                   # QLoRA: switched off, it is the NF4 base, not the base
 
 
 def _lora_targets(config) -> list[str]:
@@ -124,7 +125,7 @@ METHODS: dict[str, MethodSpec] = {
     "DoRA r=8": MethodSpec("DoRA r=8", _lora(8, use_dora=True), (3e-3, 1e-2, 3e-2), "peft_lab",
                            _lora_memory(8, use_dora=True)),
     "QLoRA r=8": MethodSpec("QLoRA r=8", _lora(8, nf4_base=True), (3e-3, 1e-2, 3e-2), "peft_lab",
-                            _lora_memory(8), precisions=("4bit-base",)),
+                            _lora_memory(8), precisions=("4bit-base",), quantized_base=True),
     "PEFT LoRA r=8": MethodSpec("PEFT LoRA r=8", _peft("lora"), (3e-3, 1e-2, 3e-2), "PEFT", _lora_memory(8)),
     "PEFT IA3": MethodSpec("PEFT IA3", _peft("ia3"), (3e-2, 1e-1, 3e-1), "PEFT", _ia3_memory),
 }
@@ -240,8 +241,9 @@ def calculator(name: str, arch, batch_size: int = 1, seq_len: int = 128, precisi
     if spec.memory is None:
         raise ValueError(f"the calculator has no formula for {name!r}; known: {CALCULATOR_METHODS}")
     if not has_precision(name, precision):
-        raise ValueError(f"{name} exists only at precision {' or '.join(map(repr, spec.precisions))} "
-                         f"(its frozen base is stored that way), not {precision!r}")
+        why = (f"it exists only at precision {' or '.join(map(repr, spec.precisions))} (its frozen base is "
+               "stored that way)" if spec.precisions else "there is no frozen base to store in 4 bits")
+        raise ValueError(f"no {precision!r} figure for {name}: {why}")
     config = architecture_config(arch) if isinstance(arch, str) else arch
     trainable = None if name == "full FT" else trainable_count(name, arch)
     return estimate_memory(arch, trainable_params=trainable, batch_size=batch_size, seq_len=seq_len,
@@ -267,7 +269,7 @@ def ready_for_inference(name: str, model: nn.Module) -> nn.Module:
     """A copy of the trained ``model`` of method ``name`` in the form it would be served (notebook 05 §7), in
     eval mode: LoRA merged into its weights (02.7), PEFT's methods merged and unloaded, the prefix's
     reparameterization folded into a plain prefix (notebook 04), IA3's vectors folded into its weights
-    (06.3); adapters, prompts and QLoRA (whose NF4 base cannot take a float update, 06.Q6) stay as trained."""
+    (06.3); adapters, prompts and QLoRA (whose NF4 base cannot take a float update, notebook 06 §3) stay as trained."""
     model = copy.deepcopy(model)
     how = served_as(name)
     if METHODS[name].source == "PEFT":

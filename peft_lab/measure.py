@@ -80,7 +80,8 @@ def measure_memory(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) ->
 
     How each part is counted (valid on any device, CPU included):
 
-    * ``parameters``: every parameter's ``numel * element_size`` (tied weights once).
+    * ``parameters``: every parameter's ``numel * element_size`` (tied weights once), plus the buffers of
+      NF4 layers (a QLoRA base, notebook 06), which hold those layers' weights.
     * ``gradients``: the same for the trainable parameters only: ``.grad`` has the parameter's dtype.
     * ``optimizer``: AdamW keeps ``exp_avg`` and ``exp_avg_sq`` per trainable parameter, in the parameter's
       dtype, so twice the gradient bytes (the scalar ``step`` counter is ignored).
@@ -119,11 +120,12 @@ def measure_memory(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) ->
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     trainable = [p for p in params if p.requires_grad]
 
-    out = {"parameters": sum(p.numel() * p.element_size() for p in params)}
+    stored = params + _quantized_weights(model)
+    out = {"parameters": sum(t.numel() * t.element_size() for t in stored)}
     out["gradients"] = sum(p.numel() * p.element_size() for p in trainable)
     out["optimizer"] = 2 * out["gradients"]
 
-    param_storages = {_storage_key(p) for p in params}
+    param_storages = {_storage_key(t) for t in stored}
     saved: dict[tuple, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -152,6 +154,13 @@ def measure_memory(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) ->
             p.grad = g
         model.train(was_training)
     return out
+
+
+def _quantized_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The buffers that hold quantized layers' weights (NF4 codes and constants, notebook 06): stored weights,
+    counted with the parameters."""
+    from .qlora import nf4_layers
+    return [b for _, layer in nf4_layers(model) for b in layer.buffers(recurse=False)]
 
 
 def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

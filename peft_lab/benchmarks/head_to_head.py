@@ -8,19 +8,22 @@ method of :data:`peft_lab.compare.METHODS` on notebook 05's setting and writes o
   method's learning rate is chosen on seed 0 from a small grid by the *validation loss on the answer token*
   (:func:`peft_lab.compare.answer_loss`), not by accuracy: on 200 reviews one review is half a point, and a
   near-tie in accuracy flipped the previous choice between two machines; the loss orders rates by how sure
-  the model is. Then seeds 1 and 2 at that rate.
+  the model is. A choice at an edge of the grid adds the next rate beyond it (twice at most). Then seeds 1
+  and 2 at that rate.
 * **equal accuracy** — each method trained long enough to reach 90% / 95% validation accuracy, up to a cap:
   methods that reach 95% within 300 steps in every seed reuse the equal-budget runs; prefix and prompt
-  tuning get their own, longer budget; a fast method that misses 95% gets one longer run per seed at its
-  300-step rate (as long as the time limit allows).
+  tuning get their own, longer budget with its own grid; a fast method that misses 95% gets one longer run
+  per seed at its 300-step rate (as long as the time limit allows).
 
 Every run also records held-out perplexity with the method on, so the grid gives forgetting at two or more
-learning rates per method with everything else fixed. Step time is measured once, all methods in
-alternation; "wall time to accuracy" is steps × that median (labelled so), because wall time of a run on a
-shared CPU measures the machine as much as the method.
+learning rates per method with everything else fixed. Training runs in ``--jobs`` processes of one thread
+each (default: one per CPU; every run computes the same numbers in any of them). Step time is measured once,
+after training, with nothing else running, all methods in alternation; "wall time to accuracy" is steps ×
+that median (labelled so), because wall time of a run on a shared CPU measures the machine as much as the
+method.
 
-``--smoke`` runs a few steps of two methods (seconds); ``--readme`` regenerates the README section and its
-figure from the committed file (:mod:`peft_lab.benchmarks.head_to_head_report`).
+``--smoke`` runs a few steps of three methods (seconds); ``--readme`` regenerates the README section, its
+figure and notebook 05's §10 argument from the committed file (:mod:`peft_lab.benchmarks.head_to_head_report`).
 """
 from __future__ import annotations
 
@@ -189,10 +192,12 @@ def _finish(s: _Setting, rec: dict, r, off: bool) -> dict:
 
 
 def _beyond(lrs: list[float], low: bool) -> float:
-    """The next rate past the low or high edge of ``lrs``, at the grid's own spacing (×3 for one rate)."""
-    lrs = sorted(lrs)
-    step = lrs[1] / lrs[0] if len(lrs) > 1 else 3.0
-    return float(f"{(lrs[0] / step if low else lrs[-1] * step):.3g}")
+    """The next rate past the low or high edge of ``lrs`` on the grids' own 1–3–10 ladder (a factor ~3)."""
+    x = min(lrs) if low else max(lrs)
+    exp = math.floor(math.log10(x) + 1e-9)
+    ladder = [m * 10.0 ** e for e in (exp - 1, exp, exp + 1) for m in (1, 3)]
+    nxt = max(v for v in ladder if v < x * 0.99) if low else min(v for v in ladder if v > x * 1.01)
+    return float(f"{nxt:.3g}")
 
 
 def _grid_then_seeds(s, p, name, lrs, steps, eval_every) -> dict:
@@ -344,6 +349,25 @@ def run_profile(p: Profile, argv: list[str], out: Path | None, max_minutes: floa
     return res
 
 
+def retime(path: Path, argv: list[str]) -> dict:
+    """Measure the step times (and memory) of the methods in the results file at ``path`` again and write them
+    into it, with when, under what load and by which command: timing needs an idle machine, training does not,
+    so a profile trained while the machine was busy can be timed once it is idle."""
+    res = json.loads(Path(path).read_text())
+    p = PROFILES[res["setting"]["name"]]
+    torch.set_num_threads(1)
+    s = _Setting(p)
+    load = _load()
+    res["cost"] = cost(s, p, res["methods"])
+    res["environment"]["timing"] = {"command": "python -m peft_lab.benchmarks.head_to_head " + " ".join(argv),
+                                    "commit": _git_commit(), "torch": torch.__version__, "threads": 1,
+                                    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                                    "load_start": load, "load_end": _load()}
+    write_text_atomic(Path(path), json.dumps(res, indent=1) + "\n")
+    _log("step times (ms): " + ", ".join(f"{n} {c['ms_per_step']}" for n, c in res["cost"].items()))
+    return res
+
+
 def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
@@ -361,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="skip the optional longer runs of fast methods once this much time has passed")
     ap.add_argument("--jobs", type=int, default=None,
                     help="processes of one thread each (default: one per CPU); the numbers do not depend on it")
+    ap.add_argument("--retime", action="store_true",
+                    help="only measure the step times of the results file (--out or the committed one) again, "
+                         "in place: for a profile trained on a busy machine, timed once it is idle")
     ap.add_argument("--readme", action="store_true",
                     help="rewrite the README section and its figure from the results file (--out or the committed one)")
     args = ap.parse_args(argv)
@@ -369,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         write_readme(args.out or RESULTS)
         return
     _quiet()
+    if args.retime:
+        retime(args.out or RESULTS, argv)
+        return
     p = SMOKE if args.smoke else FULL
     jobs = args.jobs or max(1, min(os.cpu_count() or 1, len(groups(p))))
     run_profile(p, argv, args.out, args.max_minutes, jobs)
