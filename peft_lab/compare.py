@@ -25,7 +25,7 @@ from .measure import count_parameters, measure_memory
 from .train import History, train
 
 __all__ = ["MethodSpec", "Run", "METHODS", "run", "switched_off", "forgetting", "steps_to_reach",
-           "spread", "trainable_count", "calculator", "has_precision", "measured", "CALCULATOR_METHODS",
+           "spread", "trainable_count", "stored_count", "calculator", "has_precision", "measured", "CALCULATOR_METHODS",
            "answer_loss", "pick_lr"]
 
 BOTTLENECK, PREFIX_TOKENS, PROMPT_TOKENS, PROJECTION = 16, 10, 10, 64  # sizes used throughout notebook 05
@@ -231,6 +231,17 @@ def _count_trainable(name: str, arch) -> int:
 
 
 _trainable_on_named = lru_cache(maxsize=None)(_count_trainable)
+
+
+def stored_count(name: str, arch) -> int:
+    """Parameters a task's file holds after training: what the method trains, except prefix tuning, whose
+    projection folds away into its P keys and values per layer (notebook 04): 2 · L · P · kv_dim."""
+    if name != "prefix":
+        return trainable_count(name, arch)
+    from .models import architecture_config
+    from .prefix import prefix_shapes
+    s = prefix_shapes(architecture_config(arch) if isinstance(arch, str) else arch)
+    return 2 * s["num_layers"] * PREFIX_TOKENS * s["kv_dim"]
 
 
 def calculator(name: str, arch, batch_size: int = 1, seq_len: int = 128, precision: str = "fp32") -> dict:

@@ -103,3 +103,15 @@ def test_steps_to_reach_and_spread():
     assert compare.spread([0.9, 1.0, 0.95]) == pytest.approx((0.95, 0.9, 1.0))
     with pytest.raises(ValueError):
         compare.spread([])
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-llama"])
+def test_stored_count_of_prefix_is_the_folded_prefix(arch):
+    """What a prefix-tuning task stores after training: the folded prefix (notebook 04), not the projection."""
+    from peft_lab.prefix import fold_prefix_projection
+    model = compare.METHODS["prefix"].apply(peft_lab.build_from_config(arch, device="cpu"), None)
+    assert peft_lab.count_parameters(model)[0] == compare.trainable_count("prefix", arch)
+    fold_prefix_projection(model)
+    assert peft_lab.count_parameters(model)[0] == compare.stored_count("prefix", arch) < compare.trainable_count(
+        "prefix", arch)
+    assert compare.stored_count("LoRA r=8", arch) == compare.trainable_count("LoRA r=8", arch)

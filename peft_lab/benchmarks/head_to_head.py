@@ -49,6 +49,7 @@ from ..data import collate, encode_task, evaluate_task, load_heldout, perplexity
 from ..measure import measure_memory, time_fn
 from ..models import load_base_model
 from ..paths import write_text_atomic
+from ..qlora import nf4_layers
 
 RESULTS = Path("notebooks") / "results" / "05_full_profile.json"
 MiB = 2 ** 20
@@ -243,8 +244,8 @@ def cost(s: _Setting, p: Profile, names: list[str]) -> dict:
             model(**s.batch).loss.backward()
             opt.step()
         steps[name] = step
-        out[name] = {"trainable": sum(q.numel() for q in params),
-                     "total": sum(q.numel() for q in model.parameters()),
+        out[name] = {"trainable": sum(q.numel() for q in params),   # NF4 weights (QLoRA) are buffers: added
+                     "total": sum(q.numel() for q in model.parameters()) + sum(l.nf4.numel for _, l in nf4_layers(model)),
                      "memory_mib": {k: round(v / MiB, 3) for k, v in mem.items()}}
     ms = time_fn(steps, repeats=p.timing_repeats, warmup=2)
     for name in names:
