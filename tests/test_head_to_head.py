@@ -131,3 +131,15 @@ def test_notebook_05_argument_is_generated_from_the_committed_results(results):
     assert cell.source == report.argument(results), (
         "notebook 05's §10 argument differs from the committed results: run "
         "`python -m peft_lab.benchmarks.head_to_head --readme`")
+
+
+def test_second_run_is_the_same_plan_under_other_versions(results):
+    """The README's movement table compares like with like: the committed second run (the floor environment)
+    ran the same plan and setting with other library versions."""
+    second = report.load_second()
+    assert second is not None, f"commit a complete {report.SECOND.name} (or drop the README's sentence about it)"
+    assert second["setting"] == results["setting"] and second["methods"] == results["methods"]
+    assert second["plan"] == results["plan"]
+    assert (second["environment"]["torch"], second["environment"]["transformers"]) != (
+        results["environment"]["torch"], results["environment"]["transformers"])
+    assert len(report.movement(results, second)) == len(results["methods"])

@@ -220,19 +220,50 @@ def rows_movement(res: dict, other: dict) -> list[list[str]]:
             for m in movement(res, other)]
 
 
+def _runs(res: dict) -> dict[tuple, dict]:
+    """Every training run of a results file, keyed by (view, method, rate, seed, steps)."""
+    out = {}
+    for view in ("equal_budget", "equal_accuracy"):
+        for name, v in res[view].items():
+            for run in v.get("grid", []) + v.get("seeds", []):
+                out[view, name, run["lr"], run["seed"], run["steps"]] = run
+    return out
+
+
+def run_agreement(res: dict, other: dict) -> tuple[int, int, list[tuple]]:
+    """``(runs in both files, runs identical in both, keys found in one file only)``. Identical: the same
+    validation curve, answer-token loss, held-out perplexity and test accuracy, to the digits the files keep."""
+    a, b = _runs(res), _runs(other)
+    fields = ("val_acc", "val_loss", "ppl_on", "test_acc")
+    both = a.keys() & b.keys()
+    same = sum(all(a[k].get(f) == b[k].get(f) for f in fields) for k in both)
+    return len(both), same, sorted(a.keys() ^ b.keys())
+
+
 def movement_text(res: dict, other: dict) -> str:
-    """One paragraph: how many rate choices agreed and the largest moves of test accuracy and perplexity."""
+    """One paragraph: how many rate choices agreed, how many runs came out identical, and the largest moves of
+    test accuracy and perplexity."""
     ms = movement(res, other)
     same = [m for m in ms if m["lr"][0] == m["lr"][1]]
+    e = other["environment"]
+    both, identical, alone = run_agreement(res, other)
+    text = (f"Against a second run of the same plan on the same machine with torch {e['torch']}, transformers "
+            f"{e['transformers']} and peft {e['peft']}: {len(same)} of {len(ms)} methods chose the same learning "
+            f"rate, and {identical} of the {both} runs made in both came out identical (validation curve, "
+            "answer-token loss, held-out perplexity and test accuracy, to the digits the files keep)")
+    if alone:
+        text += (f"; {len(alone)} run(s) exist in one file only (" + "; ".join(
+            f"{n} at {lr:g}, seed {sd}" for _, n, lr, sd, _ in alone) + "): a rate added past a grid's edge "
+            "by a different widening rule, not chosen in either")
+    moved = [m for m in ms if m["budget_acc"][0] != m["budget_acc"][1] or m["ppl_on"][0] != m["ppl_on"][1]]
+    if not moved:
+        return text + ". Not one figure of the tables moved: on this CPU the library versions do not change these " \
+                      "computations. A different CPU or a GPU can (float reordering), which this run does not measure."
     acc = max(ms, key=lambda m: abs(m["budget_acc"][0] - m["budget_acc"][1]))
     ppl = max(ms, key=lambda m: max(m["ppl_on"]) / min(m["ppl_on"]))
-    e = other["environment"]
-    return (f"Against a second run of the same plan with torch {e['torch']}, transformers {e['transformers']} "
-            f"and peft {e['peft']} ({e['machine']}): {len(same)} of {len(ms)} methods chose the same learning "
-            f"rate; the largest move of a mean test accuracy (equal budget) was {acc['name']}, "
+    return (text + f". The largest move of a mean test accuracy (equal budget) was {acc['name']}'s, "
             f"{_pct(acc['budget_acc'][0])} → {_pct(acc['budget_acc'][1])}; the largest factor on held-out "
-            f"perplexity with the method on was {ppl['name']}'s, {_ppl(ppl['ppl_on'][0])} → "
-            f"{_ppl(ppl['ppl_on'][1])}.")
+            f"perplexity with the method on was {ppl['name']}'s, {_ppl(ppl['ppl_on'][0])} → {_ppl(ppl['ppl_on'][1])}.")
 
 
 HEADERS = {
