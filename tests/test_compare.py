@@ -44,7 +44,8 @@ def test_counts_at_real_size(name, expected):
 
 
 def test_dora_count_at_real_size_is_peft_s():
-    """DoRA r=8 on gpt2-small: LoRA's 294,912 plus one magnitude per c_attn output (12 × 2,304) — as PEFT counts it."""
+    """DoRA r=8 on gpt2-small: LoRA's 294,912 plus one magnitude per c_attn output (12 × 2,304), as PEFT counts
+    it."""
     import peft
     model = peft.get_peft_model(peft_lab.build_from_config("gpt2", device="meta"),
                                 peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, task_type="CAUSAL_LM"))
@@ -67,7 +68,8 @@ def test_calculator_equals_measurement_on_tiny(tiny):
     batch = {"input_ids": torch.randint(0, 1000, (4, 24), generator=torch.Generator().manual_seed(0))}
     for name in compare.CALCULATOR_METHODS:
         if compare.has_precision(name, "fp32"):
-            assert compare.calculator(name, "tiny", batch_size=4, seq_len=24) == compare.measured(name, base, batch), name
+            calc = compare.calculator(name, "tiny", batch_size=4, seq_len=24)
+            assert calc == compare.measured(name, base, batch), name
 
 
 def test_qlora_measured_is_lora_on_the_stored_nf4_base(tiny):

@@ -244,8 +244,9 @@ def cost(s: _Setting, p: Profile, names: list[str]) -> dict:
             model(**s.batch).loss.backward()
             opt.step()
         steps[name] = step
-        out[name] = {"trainable": sum(q.numel() for q in params),   # NF4 weights (QLoRA) are buffers: added
-                     "total": sum(q.numel() for q in model.parameters()) + sum(l.nf4.numel for _, l in nf4_layers(model)),
+        quantized = sum(layer.nf4.numel for _, layer in nf4_layers(model))   # QLoRA's NF4 weights are buffers
+        out[name] = {"trainable": sum(q.numel() for q in params),
+                     "total": sum(q.numel() for q in model.parameters()) + quantized,
                      "memory_mib": {k: round(v / MiB, 3) for k, v in mem.items()}}
     ms = time_fn(steps, repeats=p.timing_repeats, warmup=2)
     for name in names:

@@ -263,7 +263,8 @@ def movement_text(res: dict, other: dict) -> str:
     ppl = max(ms, key=lambda m: max(m["ppl_on"]) / min(m["ppl_on"]))
     return (text + f". The largest move of a mean test accuracy (equal budget) was {acc['name']}'s, "
             f"{_pct(acc['budget_acc'][0])} → {_pct(acc['budget_acc'][1])}; the largest factor on held-out "
-            f"perplexity with the method on was {ppl['name']}'s, {_ppl(ppl['ppl_on'][0])} → {_ppl(ppl['ppl_on'][1])}.")
+            f"perplexity with the method on was {ppl['name']}'s, {_ppl(ppl['ppl_on'][0])} → "
+            f"{_ppl(ppl['ppl_on'][1])}.")
 
 
 HEADERS = {
@@ -301,7 +302,8 @@ def provenance(res: dict) -> str:
     if "timing" in e:  # step times measured again on an idle machine
         t = e["timing"]
         text += (f"; step times and memory measured again by `{t['command']}`, commit {t['commit'][:12]}"
-                 + (" with uncommitted changes" if "uncommitted" in t["commit"] else "") + f", {t['date']}, 1 thread, load "
+                 + (" with uncommitted changes" if "uncommitted" in t["commit"] else "")
+                 + f", {t['date']}, 1 thread, load "
                  f"average {'/'.join(f'{x:g}' for x in t['load_start'])} at the start")
     return text
 
@@ -658,8 +660,8 @@ def argument(res: dict) -> str:
              f"they add: from {small[0]} ({stored[small[0]]:,} parameters; {mb[small[0]]:.2f} MB at gpt2-small's "
              f"size) to {small[-1]} ({stored[small[-1]]:,}; {mb[small[-1]]:.2f} MB). Prefix tuning trains "
              f"{cost['prefix']['trainable']:,} but stores {stored['prefix']:,}: its projection folds away into the "
-             f"prefix after training (notebook 04). IA3 stores {stored['IA3']:,}, under a quarter of LoRA r=8's "
-             f"{stored['LoRA r=8']:,}; DoRA r=8 adds one magnitude per output feature ({stored['DoRA r=8']:,}); QLoRA "
+             f"prefix after training (notebook 04). IA3 stores {stored['IA3']:,}, "
+             f"{stored['IA3'] / stored['LoRA r=8']:.0%} of LoRA r=8's {stored['LoRA r=8']:,}; DoRA r=8 adds one magnitude per output feature ({stored['DoRA r=8']:,}); QLoRA "
              "stores exactly LoRA's adapter — its saving is in the base, not in the file. With many tasks on one "
              "base model, this storage column decides.",
              "",
@@ -680,8 +682,9 @@ def argument(res: dict) -> str:
                f"constant answer — prefix tuning in {seeds_text('prefix')}, prompt tuning in {seeds_text('prompt')} "
                "— which is why the equal-budget view alone would call them failures and the equal-accuracy view "
                "does not."
-             + (f" {_cap(_names(missed))} did not reach 95% in every seed within {'its' if len(missed) == 1 else 'their'} "
-                f"{p_steps(view, missed)}-step budget." if missed else "")
+             + (f" {_cap(_names(missed))} did not reach 95% in every seed within "
+                f"{'its' if len(missed) == 1 else 'their'} "
+                f"{_budgets(view, missed)}-step budget." if missed else "")
              + " Test accuracy at the end of each method's equal-accuracy budget ("
              + ", ".join(f"{n} {_pct(acc_ea[n])}" + (f" after {view[n]['steps']:,} steps" if n in longer else "")
                          for n in own)
@@ -709,7 +712,7 @@ def argument(res: dict) -> str:
     return "\n".join(lines)
 
 
-def p_steps(view: dict, names: list[str]) -> str:
+def _budgets(view: dict, names: list[str]) -> str:
     """The budget(s) of ``names`` in the equal-accuracy view, e.g. ``"600"`` or ``"600/1,000"``."""
     return "/".join(sorted({f"{view[n]['steps']:,}" for n in names}))
 
