@@ -1,4 +1,5 @@
-"""Small models shared by the LoRA and interop tests (random init, no download), and a short AdamW run."""
+"""Small models shared by the LoRA and interop tests (random init, no download), a short AdamW run, and the
+grading helpers of the exercise tests."""
 from __future__ import annotations
 
 from transformers import GPT2Config, LlamaConfig
@@ -50,3 +51,20 @@ def adamw_losses(model, steps: int, lr: float, batch) -> list[float]:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def verdict(exercise_id: str, answer) -> tuple[bool, str]:
+    """``(ok, why)`` of exercise ``exercise_id``'s grader on ``answer`` (the id names its notebook: "07.ex3")."""
+    from peft_lab.exercises import exercises
+    graders = {e.id: e for e in exercises(exercise_id.split(".")[0])}
+    return graders[exercise_id].checker(answer)
+
+
+def passes_and_leaves_the_rng_alone(exercise_id: str, answer) -> bool:
+    """Whether ``peft_lab.check`` passes ``answer`` and leaves torch's random stream where the notebook left it."""
+    import torch
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    passed = peft_lab.check(exercise_id, answer)
+    return bool(passed) and torch.equal(torch.rand(3), before)
