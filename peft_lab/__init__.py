@@ -2,6 +2,10 @@
 
 The public names below are what the notebooks use; each is documented where it is defined.
 """
+from . import offline_imports
+
+offline_imports.install()  # first: before anything imports peft, and through it bitsandbytes (see the module)
+
 from . import arch
 from .adapters import (AdapterConfig, BottleneckAdapter, adapter_config, adapters_state_dict, apply_adapters,
                        bottleneck_layers, disable_adapters, load_adapters, load_adapters_state_dict, remove_adapters,

@@ -36,6 +36,11 @@ def linear4bit(layer: nn.Module, block_size: int = 64, double_quant: bool = True
                                    blocksize=block_size, compress_statistics=double_quant, quant_type="nf4")
     if layer.bias is not None:
         out.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    # On a CPU with AVX512-BF16, Linear4bit's forward in eval mode without gradients repacks the weight and
+    # multiplies in bfloat16; everywhere else it dequantizes and multiplies in the compute dtype. The reference
+    # takes the second path on every CPU, so a comparison with it means the same thing on every machine.
+    if hasattr(out, "support_avx512bf16_for_cpu"):
+        out.support_avx512bf16_for_cpu = False
     return out.to(weight.device)  # Params4bit quantizes on this move
 
 
