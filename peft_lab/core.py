@@ -17,7 +17,7 @@ from torch import nn
 
 from . import validate
 
-__all__ = ["Switchable", "AdapterLayer", "matches_target", "resolve_targets", "describe_layers", "replace_module",
+__all__ = ["Switchable", "AdapterLayer", "matches_target", "module_names", "ends_with_module", "resolve_targets", "describe_layers", "replace_module",
            "freeze", "find_layers", "require_layers", "record_config", "get_config", "clear_config",
            "disabled", "adapter_state_dict", "load_adapter_state_dict", "all_adapter_layers",
            "require_adapters_active", "require_untied", "no_match_hint", "rollback_on_error", "adapter_dtype",
@@ -90,24 +90,42 @@ def resolve_targets(model: nn.Module, target_modules, defaults: Mapping[str, Seq
                 f"no default target_modules for model type {model_type!r}; pass target_modules=[...] "
                 f"explicitly. {describe_layers(model, layer_types)}")
         return tuple(defaults[model_type])
-    if isinstance(target_modules, str):
-        if not target_modules:
-            raise ValueError("target_modules is an empty string; pass a list of module names such as "
-                             "['c_attn'], or None for the architecture's default")
+    return module_names(target_modules, "target_modules")
+
+
+def module_names(value, argument: str, allow_empty: bool = False) -> tuple[str, ...] | str:
+    """A module-name argument (``target_modules``, ``skip_modules``, ...) checked and normalised, the same
+    way everywhere: a list, tuple or set → a tuple of names (suffix rule of :func:`matches_target`); one
+    string → a regular expression over the whole name (it must compile). ``tuple("lm_head")`` would be seven
+    one-letter names, which is why no caller converts with ``tuple`` itself."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"{argument} is an empty string; pass a list of module names such as "
+                             f"['c_attn'], or a regular expression over the whole module name")
         try:
-            re.compile(target_modules)
+            re.compile(value)
         except re.error as err:
-            raise ValueError(f"target_modules={target_modules!r} is one string, which is read as a regular "
-                             f"expression, and it is not a valid one ({err}); to list module names pass a "
-                             "list, e.g. ['c_attn']") from None
-        return target_modules
-    if not isinstance(target_modules, (list, tuple, set, frozenset)):
-        raise TypeError(f"target_modules must be None, a list of module names or a regex string, "
-                        f"got {validate.describe(target_modules)}")
-    targets = tuple(sorted(target_modules)) if isinstance(target_modules, (set, frozenset)) else tuple(target_modules)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"target_modules must be a non-empty list of non-empty strings, got {target_modules!r}")
-    return targets
+            raise ValueError(f"{argument}={value!r} is one string, which is read as a regular expression, "
+                             f"and it is not a valid one ({err}); to list module names pass a list, "
+                             "e.g. ['c_attn']") from None
+        return value
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"{argument} must be a list of module names or a regex string, got "
+                        f"{validate.describe(value)}")
+    names = tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+    if not all(isinstance(t, str) and t for t in names):
+        raise ValueError(f"{argument} must be a list of non-empty strings, got {value!r}")
+    if not names and not allow_empty:
+        raise ValueError(f"{argument} is empty; pass at least one module name such as ['c_attn']")
+    return names
+
+
+def ends_with_module(name: str, modules: Sequence[str] | str) -> bool:
+    """PEFT's rule for IA3's ``feedforward_modules``, not quite :func:`matches_target`: a regex must match the
+    whole name; a list entry matches when ``name`` ends with it (no dot required)."""
+    if isinstance(modules, str):
+        return re.fullmatch(modules, name) is not None
+    return any(name.endswith(f) for f in modules)
 
 
 def no_match_hint(model: nn.Module, targets: tuple[str, ...] | str, layer_types: tuple[type, ...]) -> str:

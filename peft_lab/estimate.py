@@ -9,15 +9,16 @@ what its own modules keep — so a new method adds an entry and nothing else.
 """
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from . import validate
+from . import core, validate
 from .measure import MEMORY_KEYS
 
 __all__ = ["PRECISIONS", "QUANTIZED_BASE", "STAGES", "MethodShape", "METHOD_SHAPES", "activation_elements",
-           "estimate_memory", "dropout_of"]
+           "estimate_memory", "dropout_of", "METHOD_FIELDS", "method_spec"]
 
 # Bytes per parameter for AdamW training, by precision (notebook 00, equations (1)–(3)).
 # "bf16-mixed" is the convention of Rajbhandari et al. 2020 (ZeRO, section 3.1): bf16/fp16 weights (2 B) and
@@ -89,6 +90,50 @@ METHOD_SHAPES: dict[str, MethodShape] = {
     "prompt": MethodShape(lowest=-1.0, prompt=True),  # the virtual tokens sit at the input: everything is kept
 }
 
+#: The settings each method kind takes in a ``method`` spec: required fields, then optional ones. A field that is
+#: missing or not listed here is an error that names it (a misspelt ``"rnak"`` must not estimate with rank 0).
+METHOD_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "full": ((), ()),
+    "lora": (("rank", "targets"), ("use_dora",)),
+    "ia3": (("targets", "feedforward"), ()),
+    "houlsby": (("bottleneck_dim",), ()),
+    "pfeiffer": (("bottleneck_dim",), ()),
+    "parallel": (("bottleneck_dim",), ()),
+    "prefix": (("num_virtual_tokens",), ("projection_dim",)),
+    "prompt": (("num_virtual_tokens",), ()),
+}
+
+
+def method_spec(method: Mapping | None) -> dict:
+    """``method`` checked: a known ``kind``, its required fields present, no unknown field, counts positive
+    integers, module names normalised by :func:`peft_lab.core.module_names` (one string is a regex)."""
+    if method is None:
+        return {"kind": "full"}
+    validate.require_mapping("method", method)
+    spec = dict(method)
+    kind = spec.pop("kind", None)
+    if kind not in METHOD_SHAPES:
+        raise ValueError(f"method kind must be one of {sorted(METHOD_SHAPES)}, got {kind!r}")
+    required, optional = METHOD_FIELDS[kind]
+    unknown = sorted(set(spec) - set(required) - set(optional))
+    if unknown:
+        close = {u: difflib.get_close_matches(u, required + optional, n=1) for u in unknown}
+        hints = "; ".join(f"{u!r} (did you mean {c[0]!r}?)" if c else repr(u) for u, c in close.items())
+        raise ValueError(f"method {kind!r} has no field {hints}; its fields are "
+                         f"{list(required) + list(optional)}")
+    missing = [f for f in required if f not in spec]
+    if missing:
+        raise ValueError(f"method {kind!r} needs {missing}; e.g. "
+                         + ", ".join(f"{f!r}: ..." for f in required))
+    for name in ("rank", "bottleneck_dim", "num_virtual_tokens", "projection_dim"):
+        if name in spec and not (name == "projection_dim" and spec[name] is None):
+            spec[name] = validate.require_int(f"method[{name!r}]", spec[name], min=1)
+    for name in ("targets", "feedforward"):
+        if name in spec:
+            spec[name] = core.module_names(spec[name], f"method[{name!r}]", allow_empty=name == "feedforward")
+    return {"kind": kind, **spec}
+
+
 _DROPOUTS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "attention_dropout", "hidden_dropout", "dropout")
 
 
@@ -148,10 +193,8 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
     attention probabilities per token per layer; CUDA SDPA kernels may keep q, k, v without the two CPU
     copies (2d less per token per layer).
     """
-    spec = dict(method or {"kind": "full"})
-    kind = spec.get("kind")
-    if kind not in METHOD_SHAPES:
-        raise ValueError(f"method kind must be one of {sorted(METHOD_SHAPES)}, got {kind!r}")
+    spec = method_spec(method)
+    kind = spec["kind"]
     arch = getattr(config, "model_type", None)
     if arch not in _LINEAR_STAGES:
         raise ValueError(f"no activation formula for model_type {arch!r}; known: {sorted(_LINEAR_STAGES)}")
@@ -163,10 +206,10 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
                          "the config (build_from_config does), or measure the model with measure_memory")
     shape, full = METHOD_SHAPES[kind], kind == "full"
     B, T = batch_size, seq_len
-    P = int(spec.get("num_virtual_tokens", 0)) if shape.prefix or shape.prompt else 0
+    P = spec["num_virtual_tokens"] if shape.prefix or shape.prompt else 0
     n = B * (T + P) if shape.prompt else B * T      # positions every layer computes
-    rank, m = int(spec.get("rank", 0)), int(spec.get("bottleneck_dim", 0))
-    targets = tuple(spec.get("targets", ()))
+    rank, m = spec.get("rank", 0), spec.get("bottleneck_dim", 0)   # 0 where the kind has no such field
+    targets = spec.get("targets", ())
     stages = _LINEAR_STAGES[arch]
     if arch == "gpt2":
         d, h, L, V = config.n_embd, config.n_head, config.n_layer, config.vocab_size
@@ -183,8 +226,15 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
                  "self_attn.o_proj": (h * hd, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f),
                  "mlp.down_proj": (f, d)}
 
-    def wrapped(x):  # whether the method wraps the linear layer x (PEFT's suffix rule)
-        return any(x == t or x.endswith("." + t) for t in targets)
+    # the module names of the linear layers of one block, as named_modules() writes them
+    block = "transformer.h.{}." if arch == "gpt2" else "model.layers.{}."
+    wraps = [frozenset(x for x in stages if core.matches_target(block.format(i) + x, targets)) for i in range(L)]
+    if len(set(wraps)) > 1:
+        raise ValueError(f"targets {targets!r} wrap different layers in different blocks; this calculator "
+                         "counts a method applied alike in every block: name the layers, e.g. ['c_attn']")
+
+    def wrapped(x):  # whether the method wraps the linear layer x (PEFT's rules, core.matches_target)
+        return x in wraps[0]
 
     def lora(*names):  # how many of these linear layers LoRA wraps
         return sum(kind == "lora" and wrapped(x) for x in names)
@@ -198,8 +248,8 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
         lowest = float(min(hits))
     dora = kind == "lora" and bool(spec.get("use_dora", False))
     # IA3: per token and layer, the unscaled tensor each product keeps (input side: PEFT's endswith rule)
-    feedforward = tuple(spec.get("feedforward", ()))
-    ia3_kept = sum(sizes[x][0] if any(x.endswith(t) for t in feedforward) else sizes[x][1]
+    feedforward = spec.get("feedforward", ())
+    ia3_kept = sum(sizes[x][0] if core.ends_with_module(block.format(0) + x, feedforward) else sizes[x][1]
                    for x in stages if kind == "ia3" and wrapped(x))
 
     floats = 0
@@ -249,7 +299,7 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
         floats += n * f if down_in else 0
         floats += n * shape.after_ffn(d, m, layer)
     if shape.prefix and spec.get("projection_dim"):
-        floats += P * int(spec["projection_dim"])          # tanh output of the reparameterization
+        floats += P * spec["projection_dim"]          # tanh output of the reparameterization
     floats += n * (d + 2 if arch == "gpt2" else d + 1 + (d if full else 0))  # final norm
     floats += n * d if full else 0                         # lm_head input (lm_head trained with the model)
     floats += n * V                                        # logits, kept for the loss
@@ -310,8 +360,8 @@ def estimate_memory(name_or_config, trainable_params: int | None = None, batch_s
     validate.require_str("precision", precision, choices=sorted(PRECISIONS) + sorted(QUANTIZED_BASE))
     batch_size = validate.require_int("batch_size", batch_size, min=0)
     if method is not None:
-        validate.require_mapping("method", method)
-    peft_method = method is not None and method.get("kind", "full") != "full"
+        method = method_spec(method)
+    peft_method = method is not None and method["kind"] != "full"
     if peft_method and trainable_params is None:
         raise ValueError("with a PEFT method, trainable_params is the method's own parameter count "
                          "(e.g. from count_parameters after applying it)")

@@ -69,13 +69,10 @@ class IA3Config:
 
 
 def is_feedforward(name: str, feedforward_modules: Sequence[str] | str) -> bool:
-    """Whether the target called ``name`` is scaled on its input (06.2) — PEFT's rule, which is *not* quite
-    :func:`peft_lab.core.matches_target`: a regex must match the whole name, and a list entry matches when
-    ``name`` ends with it (no dot required; ``feedforward_modules`` must be a subset of ``target_modules``,
-    so in practice both rules agree)."""
-    if isinstance(feedforward_modules, str):
-        return re.fullmatch(feedforward_modules, name) is not None
-    return any(name.endswith(f) for f in feedforward_modules)
+    """Whether the target called ``name`` is scaled on its input (06.2) — PEFT's rule
+    (:func:`peft_lab.core.ends_with_module`); ``feedforward_modules`` must be a subset of ``target_modules``,
+    so in practice it agrees with :func:`peft_lab.core.matches_target`."""
+    return core.ends_with_module(name, feedforward_modules)
 
 
 class IA3Layer(AdapterLayer):

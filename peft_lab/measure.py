@@ -190,6 +190,37 @@ def _cuda_peak(model, batch, trainable) -> int:
         torch.cuda.empty_cache()
 
 
+def interleaved_times(fns: Mapping[str, Callable[[], object]], repeats: int = 7,
+                      warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each function: ``warmup`` untimed rounds, then ``repeats`` timed rounds with the
+    order reversed every other round (A B, B A, A B, ...), so neither always runs first after the other. Entry
+    ``i`` of every list comes from round ``i``. The one timer of the package (:func:`time_fn`, the benchmarks).
+
+    CUDA work is asynchronous: when CUDA is in use the device is synchronised before each clock read. Whether
+    it is in use is decided *after* the warm-up, so a function that is the first to touch CUDA is timed with
+    its kernels, not their launches."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync()
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def time_fn(fn, repeats: int = 5, warmup: int = 1):
     """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls.
 
@@ -197,8 +228,8 @@ def time_fn(fn, repeats: int = 5, warmup: int = 1):
     in turn, and a dict of medians comes back. Comparisons should be timed that way: a busy moment of the
     machine (another process, a frequency change) then hits every variant alike instead of one of them, and
     the warm-up rounds take the first call's one-off costs (memory allocation, kernel selection) out of every
-    variant. The median ignores the odd slow round. CUDA work is asynchronous, so when CUDA is initialised the
-    device is synchronised before each clock read. Used by the "Measure" sections of the method notebooks.
+    variant. The median ignores the odd slow round. Rounds and CUDA synchronisation as in
+    :func:`interleaved_times`. Used by the "Measure" sections of the method notebooks.
     """
     single = not isinstance(fn, dict)
     fns = {"fn": fn} if single else dict(fn)
@@ -206,20 +237,7 @@ def time_fn(fn, repeats: int = 5, warmup: int = 1):
         raise ValueError("fn is an empty dict: pass a callable, or a dict of callables to time in alternation")
     for name, f in fns.items():
         validate.require_callable("fn" if single else f"fn[{name!r}]", f)
-    repeats = validate.require_int("repeats", repeats, min=1)
-    warmup = validate.require_int("warmup", warmup, min=0)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (
-        lambda: None)
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, f in fns.items():
-            sync()
-            start = time.perf_counter()
-            f()
-            sync()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(fns, validate.require_int("repeats", repeats, min=1),
+                              validate.require_int("warmup", warmup, min=0))
     medians = {name: statistics.median(t) for name, t in times.items()}
     return medians["fn"] if single else medians

@@ -6,10 +6,8 @@ Notebook 00 ("Real architectures on the meta device") and 01 ("The tiny model").
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
@@ -178,14 +176,16 @@ def _no_loading_bar():
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub's host answers at all (offline machines fail in well under a second)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    """Whether the Hugging Face Hub answers one request, sent by huggingface_hub's own HTTP session, so the
+    user's proxy settings (``HTTPS_PROXY``) and endpoint (``HF_ENDPOINT``) apply; ``HF_HUB_OFFLINE`` says no
+    without asking. Offline, the hub client would retry for most of a minute before giving up."""
+    from huggingface_hub import constants, get_session
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any HTTP answer means reachable
         return True
-    except OSError:
+    except Exception:  # requests' or httpx's connection errors, by huggingface_hub release
         return False
 
 

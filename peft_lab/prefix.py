@@ -565,18 +565,24 @@ def load_prefix_state_dict(model: PrefixModel, state_dict) -> PrefixModel:
     c = model.prefix_config
     prefix_tuning = isinstance(model, PrefixTuningModel)
     width = c.num_layers * 2 * c.token_dim if prefix_tuning else c.token_dim
-    value = state_dict.get("prompt_embeddings") if isinstance(state_dict, Mapping) else None
-    if isinstance(value, torch.Tensor) and tuple(value.shape) != (c.num_virtual_tokens, width):
+    # every check before the first change: folding replaces the trainable MLP, so it comes last
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping {{'prompt_embeddings': tensor}} (PEFT's prompt-learning "
+                        f"format), got {validate.describe(state_dict)}")
+    if set(state_dict) != {"prompt_embeddings"}:
+        raise ValueError(f"expected exactly one tensor named 'prompt_embeddings' (PEFT's prompt-learning "
+                         f"format), got {sorted(map(str, state_dict))}")
+    value = state_dict["prompt_embeddings"]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"state_dict['prompt_embeddings'] must be a tensor, got {validate.describe(value)}")
+    if not value.is_floating_point():
+        raise TypeError(f"state_dict['prompt_embeddings'] must hold floating-point weights, got dtype {value.dtype}")
+    if tuple(value.shape) != (c.num_virtual_tokens, width):
         formula = (f"L·2·d_kv = {c.num_layers}·2·{c.token_dim}" if prefix_tuning
                    else f"d = {c.token_dim}")
         raise ValueError(f"prompt_embeddings has shape {tuple(value.shape)}, this model needs "
                          f"({c.num_virtual_tokens}, {width}): P = {c.num_virtual_tokens} virtual tokens × {formula}. "
                          "Was it made for another architecture, number of layers or prefix length?")
-    if (not isinstance(state_dict, Mapping) or set(state_dict) != {"prompt_embeddings"}
-            or not isinstance(value, torch.Tensor)):
-        got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
-        raise ValueError(f"expected exactly one tensor named 'prompt_embeddings' (PEFT's prompt-learning "
-                         f"format), got {got}")
     fold_prefix_projection(model)
     core.load_adapter_state_dict({"prompt_embeddings": model.prompt_encoder.embedding.weight}, state_dict,
                                  what=c.method.replace("_", " "))

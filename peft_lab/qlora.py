@@ -351,13 +351,14 @@ def nf4_layers(model: nn.Module) -> list[tuple[str, _NF4Layer]]:
 
 
 def quantize_model(model: nn.Module, block_size: int = 64, double_quant: bool = True,
-                   skip_modules: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+                   skip_modules: tuple[str, ...] | str = ("lm_head",)) -> nn.Module:
     """Put every ``nn.Linear`` and ``Conv1D`` of ``model`` in NF4 (step 06.Q5), in place; freeze the model;
     return it.
 
     What stays in its float dtype, as in transformers' bitsandbytes integration and QLoRA: embeddings and
     norms (not linear layers; few weights, and the norms' scales act on every activation), biases, and the
-    modules named in ``skip_modules`` (suffix rule of :func:`peft_lab.core.matches_target`) — by default the
+    modules named in ``skip_modules`` (names by the suffix rule of :func:`peft_lab.core.matches_target`, or one
+    regular expression, as ``target_modules``) — by default the
     output head, whose weight on GPT-2 *is* the input embedding (tied) and whose errors go straight into the
     logits. Run before :func:`peft_lab.apply_lora` (LoRA then wraps the NF4 layers: QLoRA). A failed call
     leaves the model unchanged.
@@ -366,7 +367,7 @@ def quantize_model(model: nn.Module, block_size: int = 64, double_quant: bool = 
     if any(isinstance(m, core.AdapterLayer) for m in model.modules()):
         raise ValueError("quantize the base before adding adapters: this model already has adapter layers "
                          "(call quantize_model(model) first, then apply_lora(model, ...))")
-    skip = tuple(skip_modules)
+    skip = core.module_names(skip_modules, "skip_modules", allow_empty=True)
     chosen = [(n, m) for n, m in model.named_modules()
               if n and isinstance(m, (nn.Linear, Conv1D)) and not isinstance(m, _NF4Layer)
               and not core.matches_target(n, skip)]

@@ -45,11 +45,12 @@ def linear4bit(layer: nn.Module, block_size: int = 64, double_quant: bool = True
 
 
 def bitsandbytes_model(model: nn.Module, block_size: int = 64, double_quant: bool = True,
-                       skip_modules: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+                       skip_modules: tuple[str, ...] | str = ("lm_head",)) -> nn.Module:
     """``model``'s linear layers as bitsandbytes NF4 ``Linear4bit``, in place (the same choice of layers as
     :func:`peft_lab.qlora.quantize_model`); the model frozen and marked ``is_loaded_in_4bit``."""
+    skip = core.module_names(skip_modules, "skip_modules", allow_empty=True)
     chosen = [(n, m) for n, m in model.named_modules()
-              if n and isinstance(m, (nn.Linear, Conv1D)) and not core.matches_target(n, tuple(skip_modules))]
+              if n and isinstance(m, (nn.Linear, Conv1D)) and not core.matches_target(n, skip)]
     new = [(n, linear4bit(m, block_size, double_quant)) for n, m in chosen]
     core.freeze(model)
     for name, layer in new:

@@ -130,10 +130,15 @@ def test_estimate_rejects_bad_input(kwargs, error):
         estimate_memory("gpt2", **kwargs)
 
 
-def test_time_fn():
-    calls = []
-    t = time_fn(lambda: calls.append(1), repeats=3, warmup=2)
-    assert len(calls) == 5 and 0 <= t < 1
+def test_time_fn(monkeypatch):
+    calls, clock = [], [0.0]
+
+    def f():
+        calls.append(1)
+        clock[0] += len(calls)        # the n-th call takes n seconds
+    monkeypatch.setattr("peft_lab.measure.time.perf_counter", lambda: clock[0])
+    t = time_fn(f, repeats=3, warmup=2)
+    assert len(calls) == 5 and t == 4.0   # the timed calls take 3, 4, 5 s: the warm-up is not timed
     with pytest.raises(ValueError):
         time_fn(lambda: None, repeats=0)
     with pytest.raises(TypeError):
@@ -141,8 +146,8 @@ def test_time_fn():
 
 
 def test_time_fn_alternates_and_takes_medians(monkeypatch):
-    """A dict of callables runs in rounds (a, b, a, b, …) after the warm-up; each gets the median of its calls,
-    so one slow moment — here the first timed call of "a" — cannot decide the comparison."""
+    """A dict of callables runs in rounds (a b, b a, a b, …) after the warm-up; each gets the median of its
+    calls, so one slow moment — here the first timed call of "a" — cannot decide the comparison."""
     clock, order = [0.0], []
     cost = {"a": [5.0, 1.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0, 2.0]}  # seconds per timed call
 
@@ -154,7 +159,7 @@ def test_time_fn_alternates_and_takes_medians(monkeypatch):
         return f
     monkeypatch.setattr("peft_lab.measure.time.perf_counter", lambda: clock[0])
     medians = time_fn({"a": make("a"), "b": make("b")}, repeats=3, warmup=1)
-    assert order == ["a", "b"] * 4
+    assert order == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]
     assert medians == {"a": 1.0, "b": 2.0}
     with pytest.raises(TypeError, match=r"fn\['b'\]"):
         time_fn({"a": lambda: None, "b": 3})
@@ -166,3 +171,39 @@ def test_count_parameters_rejects_non_modules():
     from peft_lab.measure import count_parameters
     with pytest.raises(TypeError, match="nn.Module"):
         count_parameters({"weight": 1})
+
+
+def test_cuda_first_touched_in_the_warm_up_is_synchronised(monkeypatch):
+    """Whether to synchronise is decided after the warm-up: a function that is the first to touch CUDA is
+    timed with its kernels, not just their launches (simulated: CUDA becomes initialised at the first call)."""
+    state = {"initialised": False, "syncs": 0}
+
+    def f():
+        state["initialised"] = True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: state["initialised"])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: state.__setitem__("syncs", state["syncs"] + 1))
+    time_fn(f, repeats=3, warmup=1)
+    assert state["syncs"] == 6            # before and after each timed call
+
+
+@pytest.mark.parametrize("method, words", [
+    ({"kind": "lora", "rnak": 8, "targets": ["c_attn"]}, "no field 'rnak' (did you mean 'rank'?)"),
+    ({"kind": "houlsby"}, "needs ['bottleneck_dim']"),
+    ({"kind": "lora", "rank": 0, "targets": ["c_attn"]}, "rank"),
+    ({"kind": "lora", "rank": 8, "targets": r".*h\.0\.attn\.c_attn"}, "different layers in different blocks"),
+    ({"kind": "prefix", "num_virtual_tokens": 4, "projection": 8}, "did you mean 'projection_dim'"),
+])
+def test_estimate_refuses_a_misspelt_or_missing_method_field(method, words):
+    with pytest.raises(ValueError) as err:
+        estimate_memory("tiny", 1000, batch_size=2, seq_len=16, method=method)
+    assert words in str(err.value)
+
+
+def test_estimate_reads_a_regex_target_as_peft_does():
+    """One string is a regular expression over the whole module name (not a tuple of its characters)."""
+    as_list = estimate_memory("tiny", 16384, batch_size=2, seq_len=16,
+                              method={"kind": "lora", "rank": 8, "targets": ["c_attn"]})
+    as_regex = estimate_memory("tiny", 16384, batch_size=2, seq_len=16,
+                               method={"kind": "lora", "rank": 8, "targets": r".*\.attn\.c_attn"})
+    assert as_regex == as_list

@@ -87,6 +87,39 @@ def test_load_base_model_unreachable_hub_id_fails_fast(monkeypatch):
     assert time.perf_counter() - start < 10
 
 
+
+def test_hub_id_is_fetched_through_the_hub_clients_session(monkeypatch):
+    """Behind a proxy a direct socket to the hub fails while huggingface_hub's session (which reads
+    HTTPS_PROXY) gets through: the download must then be tried, not refused."""
+    import socket
+
+    import huggingface_hub
+    from peft_lab import models
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+
+    def no_direct_route(*args, **kwargs):
+        raise OSError("no route to host except through the proxy")
+    monkeypatch.setattr(socket, "create_connection", no_direct_route)
+    heads = []
+
+    class Session:   # stands in for huggingface_hub's proxy-aware HTTP session
+        def head(self, url, timeout):
+            heads.append(url)
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: Session())
+    downloads = []
+
+    def from_pretrained(source, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise OSError("not in the local cache")
+        downloads.append(source)
+        raise OSError("stop here: the download was tried")
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", from_pretrained)
+    with pytest.raises(OSError, match="could not load 'some-org/some-model'"):
+        load_base_model("some-org/some-model", device="cpu")
+    assert heads and downloads == ["some-org/some-model"]
+
 def test_print_trainable_parameters_matches_peft(capsys):
     from peft import LoraConfig, get_peft_model
 

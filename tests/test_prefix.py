@@ -570,3 +570,23 @@ def test_exercise_graders(capsys):
     assert "causal" in capsys.readouterr().out
     assert peft_lab.check("04.ex3", 81_920) and not peft_lab.check("04.ex3", 5_242_880)
     assert peft_lab.check("04.ex4", 1004) and not peft_lab.check("04.ex4", "a lot")
+
+
+def test_failed_load_leaves_a_projected_prefix_unchanged():
+    """Every check runs before the projection is folded: an integer tensor of the right shape is refused
+    with the reparameterization MLP still in place."""
+    from peft_lab.prefix import load_prefix_state_dict
+    model = apply_prefix_tuning(tiny(), P, projection_dim=32)
+    encoder, config = model.prompt_encoder, model.prefix_config
+    shape = (P, config.num_layers * 2 * config.token_dim)
+    for bad, error in [({"prompt_embeddings": torch.zeros(shape, dtype=torch.int64)}, TypeError),
+                       ({"prompt_embeddings": torch.zeros(3, 3)}, ValueError),
+                       ({"prompt_embeddings": torch.zeros(shape), "extra": torch.zeros(1)}, ValueError),
+                       ([("prompt_embeddings", torch.zeros(shape))], TypeError)]:
+        with pytest.raises(error):
+            load_prefix_state_dict(model, bad)
+        assert model.prompt_encoder is encoder and encoder.projection_dim == 32
+        assert model.prefix_config == config
+    load_prefix_state_dict(model, {"prompt_embeddings": torch.ones(shape)})   # a good one folds and loads
+    assert model.prompt_encoder.projection_dim is None
+    assert torch.equal(model.prompt_encoder.embedding.weight, torch.ones(shape))

@@ -283,3 +283,22 @@ def test_qlora_equals_peft_on_bitsandbytes(bnb, tiny):
         other = theirs.base_model.model.get_submodule(name)
         for mine, ref in ((layer.lora_A, other.lora_A["default"]), (layer.lora_B, other.lora_B["default"])):
             assert_close(mine.weight.grad, ref.weight.grad, reason=BNB_ORDER, what=f"{name} gradient")
+
+
+@pytest.mark.parametrize("skip", ["lm_head", ["lm_head"], ("lm_head",)])
+def test_skip_modules_as_one_string_skips_that_module(skip):
+    """One string is a regular expression, as for target_modules, never seven one-letter names."""
+    from builders import small_gpt2
+    model = small_gpt2()
+    qlora.quantize_model(model, skip_modules=skip)
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, qlora.LinearNF4)
+    assert model.lm_head.weight is model.transformer.wte.weight   # the tied head untouched
+    assert {n for n, _ in qlora.nf4_layers(model)} == {f"transformer.h.{i}.{x}" for i in range(2)
+                                                       for x in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+
+
+def test_reference_skip_modules_as_one_string(bnb):
+    from builders import small_gpt2
+    from peft_lab.reference_bitsandbytes import bitsandbytes_model
+    model = bitsandbytes_model(small_gpt2(), skip_modules="lm_head")
+    assert type(model.lm_head) is nn.Linear

@@ -14,30 +14,9 @@ from typing import Callable
 
 import torch
 
+from ..measure import interleaved_times
 from ..models import build_from_config, load_base_model
 from ..paths import data_dir
-
-
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 7,
-                      warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each call of each function: ``repeats`` rounds, the order reversed every other round
-    (A B, B A, A B, ...), after ``warmup`` untimed rounds. Entry ``i`` of every list comes from round ``i``."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            sync()
-            start = time.perf_counter()
-            fns[name]()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:
