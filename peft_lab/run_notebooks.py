@@ -17,10 +17,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 import nbformat
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.channels import AsyncZMQSocketChannel
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+from traitlets import Type
 
 from .paths import write_text_atomic
 from .results import ENV_VAR, FIGURES_VAR
@@ -33,13 +37,46 @@ def all_notebooks() -> list[Path]:
     return sorted((ROOT / "notebooks").rglob("*.ipynb"))
 
 
+POLL_SLICE = 0.5   # seconds: the longest a message that has arrived can wait unread (SlicedKernelClient)
+
+
+class _SlicedChannel(AsyncZMQSocketChannel):
+    """A client channel whose ``get_msg`` waits in slices of :data:`POLL_SLICE` seconds.
+
+    pyzmq's asyncio ``poll`` can miss the wake-up for a message that has already arrived (the socket's
+    edge-triggered file descriptor fired while nobody watched); the message is then found only when the poll
+    times out. nbclient waits for a cell's reply with one poll as long as the whole cell timeout, so a missed
+    wake-up held a finished cell for the full timeout (600 s), after which the run went on as if nothing
+    had happened; on the output channel the wait has no timeout at all. Each slice ends with a direct check of
+    the socket, so a missed wake-up costs at most one slice."""
+
+    async def get_msg(self, timeout: float | None = None) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = POLL_SLICE if left is None else min(POLL_SLICE, left)
+            if await self.socket.poll(int(step * 1000)):
+                return await self._recv()
+            if left is not None and left <= step:
+                raise Empty
+
+
+class SlicedKernelClient(AsyncKernelClient):
+    """nbclient's kernel client, its shell and output channels waiting in slices (:class:`_SlicedChannel`)."""
+
+    shell_channel_class = Type(_SlicedChannel)
+    iopub_channel_class = Type(_SlicedChannel)
+
+
 def _kernel_config(tmp: str):
-    """Kernel over local sockets in ``tmp`` where the OS has them (no "running over TCP" warning), else TCP."""
+    """Kernel over local sockets in ``tmp`` where the OS has them (no "running over TCP" warning), else TCP;
+    the client waits in slices (:class:`SlicedKernelClient`)."""
     from traitlets.config import Config
 
+    client = {"client_class": f"{__name__}.SlicedKernelClient"}
     if os.name == "posix":
-        return Config({"KernelManager": {"transport": "ipc", "ip": str(Path(tmp) / "kernel")}})
-    return Config()
+        return Config({"KernelManager": {"transport": "ipc", "ip": str(Path(tmp) / "kernel"), **client}})
+    return Config({"KernelManager": client})
 
 
 def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -51,7 +88,10 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def execute(path: Path, timeout: int = 600, quiet: bool = True) -> tuple[nbformat.NotebookNode, dict]:
-    """Run ``path`` top to bottom on a fresh kernel; return the executed, :func:`clean` notebook and a summary."""
+    """Run ``path`` top to bottom on a fresh kernel; return the executed, :func:`clean` notebook and a summary.
+
+    ``timeout``: seconds a cell may run without its reply. A cell that errs, times out or kills the kernel
+    ends the run with ``status`` "error" and an ``error`` that names the cell (0-based over all cells)."""
     nb = nbformat.read(path, as_version=4)
     saved_env = {k: os.environ.get(k) for k in (ENV_VAR, QUIET_VAR)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,13 +99,23 @@ def execute(path: Path, timeout: int = 600, quiet: bool = True) -> tuple[nbforma
         os.environ[ENV_VAR] = str(results_file)  # the kernel inherits this process's environment
         if quiet:
             os.environ[QUIET_VAR] = "1"
+        current: dict[str, int] = {}   # the index of the cell running now, for a message that names it
+
+        def note(cell, cell_index):
+            current["cell"] = cell_index
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", config=_kernel_config(tmp),
-                                resources={"metadata": {"path": str(path.parent)}})
+                                resources={"metadata": {"path": str(path.parent)}}, on_cell_execute=note)
         start, error = time.perf_counter(), None
         try:
             client.execute()
         except CellExecutionError as err:
             error = str(err).splitlines()[-1] if str(err) else type(err).__name__
+        except CellTimeoutError:   # a stalled kernel or a cell slower than the course allows: say which
+            cell = current.get("cell")
+            first = nb.cells[cell].source.splitlines()[:1] if cell is not None else []
+            error = f"cell {cell} gave no reply within {timeout} s ({first[0][:60] if first else ''!r})"
+        except DeadKernelError as err:
+            error = f"the kernel died during cell {current.get('cell')}: {err}"
         finally:
             for k, v in saved_env.items():
                 if v is None:

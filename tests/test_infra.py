@@ -128,6 +128,18 @@ def test_runner_collects_status_time_and_records(tmp_path):
         run_main([str(nbdir / "good.ipynb")])  # neither --out nor --inplace
 
 
+
+def test_runner_names_the_cell_that_gave_no_reply(tmp_path):
+    """A cell past the timeout (a stalled kernel looks the same) ends the run at once, naming that cell."""
+    from peft_lab.run_notebooks import execute
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# slow"),
+                                         nbformat.v4.new_code_cell("x = 1"),
+                                         nbformat.v4.new_code_cell("import time\ntime.sleep(30)")])
+    nbformat.write(nb, tmp_path / "slow.ipynb")
+    _, summary = execute(tmp_path / "slow.ipynb", timeout=2)
+    assert summary["status"] == "error" and summary["seconds"] < 25
+    assert summary["error"].startswith("cell 2 gave no reply within 2 s ('import time')"), summary
+
 def test_retarget_rewrites_badge_and_setup(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(badge("x.ipynb")),
                                          nbformat.v4.new_code_cell(setup_cell())])

@@ -38,6 +38,20 @@ def _dump(seconds: float, out: Path, tag: str) -> None:
     out.write_text("\n".join(lines) + "\n")
 
 
+def _synthetic(cells: int, folder: Path) -> Path:
+    import nbformat
+    folder.mkdir(parents=True, exist_ok=True)
+    code = ["import sys\nimport ipywidgets as widgets\nimport matplotlib.pyplot as plt\n"
+            "from IPython.display import display"]
+    kinds = ["print({i})", "plt.figure(figsize=(1, 1)); plt.plot([0, {i}]); plt.show()",
+             "display(widgets.interactive(lambda n: print(n), n=widgets.IntSlider(value={i}, max=1000)))"]
+    for i in range(cells):   # mostly prints; every 10th a figure, every 10th a widget (comm messages)
+        code.append(kinds[0 if i % 10 > 1 else 1 + i % 10].format(i=i))
+    path = folder / f"synthetic_{cells}.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in code]), path)
+    return path
+
+
 def _one(args: tuple) -> dict:
     i, path, timeout, dump_after, dump_dir = args
     from ..run_notebooks import execute
@@ -57,7 +71,10 @@ def _one(args: tuple) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("notebooks", nargs="+", type=Path)
+    ap.add_argument("notebooks", nargs="*", type=Path)
+    ap.add_argument("--synthetic", type=int, default=0,
+                    help="instead: a generated notebook of this many tiny cells (prints, figures, widgets), "
+                         "which exchanges far more kernel messages per second than a course notebook")
     ap.add_argument("--runs", type=int, default=20, help="executions in all (the notebooks in turn)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel processes")
     ap.add_argument("--timeout", type=int, default=120, help="seconds per cell")
@@ -67,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.runs < 1 or args.jobs < 1:
         ap.error("--runs and --jobs must be at least 1")
+    if args.synthetic:
+        args.notebooks = [_synthetic(args.synthetic, args.dump_dir)]
+    if not args.notebooks:
+        ap.error("give notebooks or --synthetic N")
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("PEFT_LAB_PROFILE", "quick")
     if args.model:
