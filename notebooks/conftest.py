@@ -8,12 +8,3 @@ the whole repository.
 import os
 
 os.environ["PEFT_LAB_QUIET"] = "1"  # read by peft_lab.train (and run_notebooks): no tqdm bar
-
-
-def pytest_collection_modifyitems(items):
-    """Every cell of one notebook in one test process, in order (nbval needs that): one pytest-xdist group
-    per notebook file (the test command runs ``--dist loadgroup``)."""
-    import pytest
-    for item in items:
-        if item.path.suffix == ".ipynb":
-            item.add_marker(pytest.mark.xdist_group(f"nbval-{item.path.parent.name}-{item.path.stem}"))

@@ -19,7 +19,8 @@ from torch import nn
 
 __all__ = [
     "Layout", "LAYOUTS", "DEFAULT_TARGETS", "MODEL_ENV_VAR", "model_name", "model_type", "layout", "blocks",
-    "block_name", "attention", "mlp", "attention_qkv", "attention_output", "width", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    "block_name", "attention", "mlp", "attention_qkv", "attention_output", "width", "num_layers", "num_heads",
+    "num_kv_heads", "head_dim",
     "vocab_size", "context_length", "head_is_tied", "default_targets",
 ]
 

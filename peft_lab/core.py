@@ -17,7 +17,8 @@ from torch import nn
 
 from . import validate
 
-__all__ = ["Switchable", "AdapterLayer", "matches_target", "module_names", "ends_with_module", "resolve_targets", "describe_layers", "replace_module",
+__all__ = ["Switchable", "AdapterLayer", "matches_target", "module_names", "ends_with_module", "resolve_targets",
+           "describe_layers", "replace_module",
            "freeze", "find_layers", "require_layers", "record_config", "get_config", "clear_config",
            "disabled", "adapter_state_dict", "load_adapter_state_dict", "all_adapter_layers",
            "require_adapters_active", "require_untied", "no_match_hint", "rollback_on_error", "adapter_dtype",

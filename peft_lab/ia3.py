@@ -41,8 +41,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import core
-from . import validate
+from . import core, validate
 from .arch import DEFAULT_TARGETS
 from .core import AdapterLayer, matches_target
 

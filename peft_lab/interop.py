@@ -29,8 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import core, ia3, lora, prefix
-from . import validate
+from . import core, ia3, lora, prefix, validate
 from .paths import atomic_path
 
 __all__ = ["export_peft_adapter", "import_peft_adapter", "read_adapter_config", "read_adapter_weights",

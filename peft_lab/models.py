@@ -137,7 +137,8 @@ def load_base_model(name: str = TINY, device: str | torch.device | None = None,
 def _check_dtype(dtype) -> None:
     if dtype is not None and not isinstance(dtype, torch.dtype):
         fix = f" (write torch.{dtype} without quotes)" if isinstance(dtype, str) else ""
-        raise TypeError(f"dtype must be None or a torch.dtype such as torch.float16, got {validate.describe(dtype)}{fix}")
+        raise TypeError(f"dtype must be None or a torch.dtype such as torch.float16, got "
+                        f"{validate.describe(dtype)}{fix}")
 
 
 def _is_local(name: str) -> bool:

@@ -2,8 +2,8 @@
 
 Each helper draws on ``ax`` (new figure when ``None``), labels its axes with units and returns what it drew
 on, so a notebook can add to it. Rules they keep: one quantity per axis, no bars on a log axis (a bar's
-length must mean something), log axes named in the label. Notebook 00 introduces the memory plot; every method notebook's "Train" and
-"Measure" sections use all three.
+length must mean something), log axes named in the label. Notebook 00 introduces the memory plot; every
+method notebook's "Train" and "Measure" sections use all three.
 """
 from __future__ import annotations
 

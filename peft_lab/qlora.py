@@ -38,8 +38,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import core
-from . import validate
+from . import core, validate
 
 __all__ = ["NF4_OFFSET", "nf4_code", "dynamic_code", "nf4_bits_per_parameter", "NF4Weight", "quantize_nf4",
            "LinearNF4", "Conv1DNF4", "NF4_LAYERS", "quantize_model", "dequantize_model", "nf4_layers",

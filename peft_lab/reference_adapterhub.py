@@ -39,6 +39,7 @@ def adapterhub_model(placement: str, name: str = NAME, model=None, seed: int = S
     """The tiny model (or ``model``) with an AdapterHub adapter of ``placement`` whose tensors all get fixed
     non-zero values N(0, 0.05²) from ``seed`` (in sorted key order), active and trainable."""
     import adapters
+
     from .models import load_base_model
     if model is None:
         model = load_base_model("tiny", device="cpu")[0]

@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         import platform
+
         import torch
         meta = {"python": platform.python_version(), "torch": torch.__version__,
                 "cpu_threads": torch.get_num_threads()}

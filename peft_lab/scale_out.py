@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import uuid
@@ -147,6 +146,7 @@ def _hf_model(model: nn.Module) -> nn.Module:
 def _shard(model: nn.Module) -> nn.Module:
     """FSDP2: one unit per transformer block, then the root (embeddings, final norm, head, a prefix encoder)."""
     from torch.distributed.fsdp import fully_shard
+
     from .arch import blocks
     for block in blocks(_hf_model(model)):
         fully_shard(block)
@@ -264,6 +264,7 @@ def _run_job(job: Job, rank: int, world: int) -> dict:
 
 def _train_rank(job: Job, rank: int, world: int, counter: _CollectiveCounter) -> dict:
     import torch.distributed as dist
+
     from .data import collate, encode_task, load_task
 
     model, tok = _build(job)
@@ -331,7 +332,6 @@ def _save(full: dict, job: Job) -> None:
 
 def _worker(jobs: list[dict]) -> list[dict]:
     """The entry point of every rank: join the process group, run each job, leave."""
-    import torch.distributed as dist
     from torch.distributed.elastic.multiprocessing.errors import record
     return record(_rank_main)(jobs)
 

@@ -28,6 +28,7 @@ def tiny():
 def small_gpt2():
     """A 2-layer random GPT-2 with the tiny vocabulary: fast, for loop mechanics."""
     from transformers import GPT2Config
+
     from peft_lab import build_from_config
     cfg = GPT2Config(vocab_size=1024, n_positions=64, n_embd=32, n_layer=2, n_head=2,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

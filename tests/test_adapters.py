@@ -10,16 +10,26 @@ import torch
 from safetensors.torch import load_file
 
 import peft_lab
-from peft_lab.tolerance import COMMITTED, assert_close
-from peft_lab.core import fill_seeded
+from builders import MODELS, VOCAB, small_gpt2, small_llama
 from peft_lab import lora
-from peft_lab.adapters import (BottleneckAdapter, ResidualTap, adapter_config, bottleneck_layers, adapters_state_dict,
-                               apply_adapters, bottleneck_params, disable_adapters, load_adapters,
-                               load_adapters_state_dict, remove_adapters, save_adapters)
+from peft_lab.adapters import (
+    BottleneckAdapter,
+    ResidualTap,
+    adapter_config,
+    adapters_state_dict,
+    apply_adapters,
+    bottleneck_layers,
+    bottleneck_params,
+    disable_adapters,
+    load_adapters,
+    load_adapters_state_dict,
+    remove_adapters,
+    save_adapters,
+)
+from peft_lab.core import fill_seeded
 from peft_lab.interop_adapterhub import export_adapterhub_adapter, import_adapterhub_adapter
 from peft_lab.paths import data_dir
-
-from builders import MODELS, VOCAB, small_gpt2, small_llama
+from peft_lab.tolerance import COMMITTED, assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PLACEMENTS = ["pfeiffer", "houlsby", "parallel"]

@@ -1,6 +1,6 @@
 """peft_lab.arch: the architecture accessors the notebooks use instead of GPT-2's attribute names, the one table
 of default targets (equal to PEFT's), MODEL_NAME from $PEFT_LAB_MODEL, and the second shipped model
-tiny-llama (issue 16)."""
+tiny-llama."""
 import json
 import math
 
@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import peft_lab
-from peft_lab import arch
-from peft_lab.tolerance import assert_close
-from peft_lab.models import build_from_config, load_base_model
-
 from builders import small_gpt2, small_llama
+from peft_lab import arch
+from peft_lab.models import build_from_config, load_base_model
+from peft_lab.tolerance import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,7 +43,8 @@ EXPECTED = [
 def test_accessors_on_real_architectures(name, kind, L, d, h, h_kv, V, ctx, tied):
     model = build_from_config(name, device="meta")
     assert arch.model_type(model) == kind
-    assert (arch.num_layers(model), arch.width(model), arch.num_heads(model), arch.num_kv_heads(model)) == (L, d, h, h_kv)
+    sizes = (arch.num_layers(model), arch.width(model), arch.num_heads(model), arch.num_kv_heads(model))
+    assert sizes == (L, d, h, h_kv)
     assert (arch.vocab_size(model), arch.context_length(model), arch.head_dim(model)) == (V, ctx, d // h)
     assert arch.head_is_tied(model) is tied
     blocks = arch.blocks(model)
@@ -52,7 +52,8 @@ def test_accessors_on_real_architectures(name, kind, L, d, h, h_kv, V, ctx, tied
     # the accessors name the very modules named_modules() lists
     modules = dict(model.named_modules())
     assert modules[arch.block_name(model, L - 1)] is blocks[L - 1]
-    assert arch.attention(model, 1) is modules[f"{arch.block_name(model, 1)}.{'attn' if kind == 'gpt2' else 'self_attn'}"]
+    attention = "attn" if kind == "gpt2" else "self_attn"
+    assert arch.attention(model, 1) is modules[f"{arch.block_name(model, 1)}.{attention}"]
     assert arch.mlp(model, 1) is modules[f"{arch.block_name(model, 1)}.mlp"]
     # the default LoRA targets are layers of every block's attention
     for target in arch.default_targets(model):
@@ -142,6 +143,7 @@ def test_model_name_from_environment(monkeypatch):
 def test_every_notebook_reads_model_name_from_the_environment():
     """Each notebook with a MODEL_NAME parameter takes it from $PEFT_LAB_MODEL through arch.model_name."""
     import nbformat
+
     from peft_lab.run_notebooks import ROOT
     found = 0
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):

@@ -39,7 +39,7 @@ def test_every_method_switches_off_to_the_exact_base(tiny, name):
                                             ("QLoRA r=8", 294_912), ("IA3", 64_512), ("PEFT IA3", 64_512)])
 def test_counts_at_real_size(name, expected):
     """gpt2-small: PEFT's LoRA r=8 on c_attn trains 294,912 (PEFT's own count, notebook 02), and so does QLoRA
-    (LoRA on the NF4 base); IA3 64,512 (PEFT's line, issue 17); full fine-tuning every parameter."""
+    (LoRA on the NF4 base); IA3 64,512 (PEFT's line); full fine-tuning every parameter."""
     assert compare.trainable_count(name, "gpt2") == expected
 
 

@@ -6,9 +6,8 @@ import re
 import pytest
 
 import peft_lab
-from peft_lab import compare
 from builders import verdict
-
+from peft_lab import compare
 
 # --- 05.ex1: IA3's trainable parameters ----------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 import peft_lab
-from peft_lab.estimate import PRECISIONS
 from builders import verdict
+from peft_lab.estimate import PRECISIONS
 from peft_lab.scale_out import shard_rows
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from peft_lab import compare, encode_task
-from peft_lab.benchmarks import head_to_head, head_to_head_report as report
+from peft_lab.benchmarks import head_to_head
+from peft_lab.benchmarks import head_to_head_report as report
 from peft_lab.corpus import generate_task
 from peft_lab.data import collate
 from peft_lab.tolerance import assert_close
@@ -116,7 +117,7 @@ def test_groups_keep_a_check_with_the_method_it_checks():
 
 
 def test_peft_ia3_learns_what_our_ia3_learns(results):
-    """Issue 17: PEFT's IA3 row is the check of ours — same rate, seed and data, so the same curve (up to float
+    """PEFT's IA3 row is the check of ours — same rate, seed and data, so the same curve (up to float
     rounding that training can amplify: at most two reviews of 200 apart at any evaluation)."""
     check = next(c for c in report.same_as_checks(results) if c["name"] == "PEFT IA3")
     assert check["of"] == "IA3" and check["curve_gap"] <= 1.0

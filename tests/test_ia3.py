@@ -11,14 +11,23 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import peft_lab
+from builders import MODELS, VOCAB, adamw_losses, small_gpt2, small_llama
 from peft_lab.core import fill_seeded
-from peft_lab.ia3 import (IA3Layer, apply_ia3, disable_ia3, ia3_config, ia3_layers, ia3_state_dict,
-                          load_ia3_state_dict, merge_ia3, remove_ia3, unmerge_ia3)
+from peft_lab.ia3 import (
+    IA3Layer,
+    apply_ia3,
+    disable_ia3,
+    ia3_config,
+    ia3_layers,
+    ia3_state_dict,
+    load_ia3_state_dict,
+    merge_ia3,
+    remove_ia3,
+    unmerge_ia3,
+)
 from peft_lab.interop import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, import_peft_adapter
 from peft_lab.measure import print_trainable_parameters
 from peft_lab.tolerance import EXACT, assert_close, assert_equal, is_close
-
-from builders import MODELS, VOCAB, adamw_losses, small_gpt2, small_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))

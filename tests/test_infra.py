@@ -9,7 +9,8 @@ import peft_lab
 from peft_lab import check, record
 from peft_lab.colab import REPO_URL, badge, repo_urls, retarget, setup_cell
 from peft_lab.exercises import exercise, exercises, number
-from peft_lab.run_notebooks import ROOT, all_notebooks, main as run_main
+from peft_lab.run_notebooks import ROOT, all_notebooks
+from peft_lab.run_notebooks import main as run_main
 
 STUDENT_NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -170,7 +171,7 @@ PROGRESS_TEXT = re.compile(r"\d+%\|[^\n|]*\| *\d+/\d+")  # tqdm's text: " 0%|   
 
 @pytest.mark.parametrize("path", all_notebooks(), ids=lambda p: p.name)
 def test_committed_outputs_are_clean(path):
-    """No execution timestamps, no bulky widget state, no progress-bar text, no echoed booleans (issue 6)."""
+    """No execution timestamps, no bulky widget state, no progress-bar text, no echoed booleans."""
     nb = nbformat.read(path, as_version=4)
     problems = []
     state = nb.metadata.get("widgets")

@@ -9,13 +9,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import peft_lab
-from peft_lab.tolerance import assert_close
+from builders import MODELS, VOCAB, small_gpt2, small_llama
 from peft_lab.core import fill_seeded
 from peft_lab.interop import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, import_peft_adapter
 from peft_lab.lora import apply_lora, lora_config, lora_layers, lora_state_dict
-
-from builders import MODELS, VOCAB, small_gpt2, small_llama
-
+from peft_lab.tolerance import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -10,15 +10,24 @@ from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 import peft_lab
+from builders import MODELS, VOCAB, adamw_losses, small_gpt2, small_llama
 from peft_lab.core import fill_seeded
-from peft_lab.lora import (DEFAULT_TARGET_MODULES, LoRALinear, apply_lora, disable_lora, load_lora_state_dict,
-                           lora_config, lora_layers, lora_state_dict, matches_target, merge_lora, remove_lora,
-                           unmerge_lora)
+from peft_lab.lora import (
+    DEFAULT_TARGET_MODULES,
+    LoRALinear,
+    apply_lora,
+    disable_lora,
+    load_lora_state_dict,
+    lora_config,
+    lora_layers,
+    lora_state_dict,
+    matches_target,
+    merge_lora,
+    remove_lora,
+    unmerge_lora,
+)
 from peft_lab.measure import print_trainable_parameters
 from peft_lab.tolerance import assert_close
-
-from builders import MODELS, VOCAB, adamw_losses, small_gpt2, small_llama
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -358,7 +367,8 @@ def test_load_state_dict_errors():
     model = apply_lora(small_gpt2(), rank=4)
     sd = {k: v.clone() for k, v in lora_state_dict(model).items()}
     key = "transformer.h.0.attn.c_attn.lora_A.weight"
-    with pytest.raises(ValueError, match=r"shape mismatch for transformer\.h\.0\.attn\.c_attn\.lora_A\.weight.*\(8, 64\).*\(4, 64\)"):
+    shape_error = r"shape mismatch for transformer\.h\.0\.attn\.c_attn\.lora_A\.weight.*\(8, 64\).*\(4, 64\)"
+    with pytest.raises(ValueError, match=shape_error):
         load_lora_state_dict(model, {**sd, key: torch.zeros(8, 64)})
     with pytest.raises(ValueError, match="missing keys"):
         load_lora_state_dict(model, {k: v for k, v in sd.items() if k != key})

@@ -94,6 +94,7 @@ def test_hub_id_is_fetched_through_the_hub_clients_session(monkeypatch):
     import socket
 
     import huggingface_hub
+
     from peft_lab import models
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

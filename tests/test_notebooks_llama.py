@@ -24,10 +24,7 @@ pytestmark = pytest.mark.notebooks
 CELL_TIMEOUT = 120
 
 
-# One group per notebook: the test command spreads groups over two processes (pytest-xdist's --dist loadgroup).
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=pytest.mark.xdist_group(f"llama-{p.stem}"))
-                                  for p in NOTEBOOKS])
-def test_runs_top_to_bottom_on_tiny_llama(path, tmp_path, monkeypatch):
+def _run_on_tiny_llama(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFT_LAB_MODEL", "tiny-llama")     # the kernel inherits this process's environment
     monkeypatch.setenv("PEFT_LAB_PROFILE", "quick")
     nb, summary = execute(path, timeout=CELL_TIMEOUT)
@@ -36,3 +33,17 @@ def test_runs_top_to_bottom_on_tiny_llama(path, tmp_path, monkeypatch):
               if cell.cell_type == "code" for out in cell.get("outputs", []) if out.output_type == "error"]
     assert summary["status"] == "ok" and not errors, (path.name, summary.get("error"), errors,
                                                       str(tmp_path / path.name))
+
+
+# One test class per notebook: the test command spreads tests over two processes by class or module
+# (pytest-xdist's --dist loadscope, which keeps each nbval notebook in one process), so each notebook here can
+# run beside another instead of all of them queueing in one process. (pytest-xdist's groups would say this
+# more directly, but --dist loadgroup did not keep nbval's cells together in one process here.)
+for _path in NOTEBOOKS:
+    _name = "TestTinyLlama_" + _path.stem
+
+    def _test(self, tmp_path, monkeypatch, path=_path):
+        _run_on_tiny_llama(path, tmp_path, monkeypatch)
+
+    _test.__name__ = "test_runs_top_to_bottom"
+    globals()[_name] = type(_name, (), {"test_runs_top_to_bottom": _test})

@@ -88,6 +88,7 @@ def test_every_notebook_imports_peft_lab_before_peft():
     import re
 
     import nbformat
+
     from peft_lab.run_notebooks import all_notebooks
     late = []
     for path in all_notebooks():

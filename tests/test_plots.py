@@ -89,6 +89,7 @@ def test_plot_memory_totals_share_one_format():
 def test_adapter_placement_figure_has_one_add_per_addition_and_its_adapters():
     """Notebook 03's block figure: each ⊕ is one addition of (03.3), each orange box one adapter."""
     import matplotlib.colors as mcolors
+
     from peft_lab.plots import draw_adapter_placements
     axes = draw_adapter_placements()
     adds = [sum(isinstance(p, plt.Circle) for p in ax.patches) for ax in axes]

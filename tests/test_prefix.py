@@ -14,14 +14,25 @@ from torch import nn
 from transformers import GPT2Config, LlamaConfig
 
 import peft_lab
+from builders import VOCAB, small_gpt2, tiny
 from peft_lab.core import fill_seeded
 from peft_lab.interop import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, import_peft_adapter
 from peft_lab.measure import count_parameters, print_trainable_parameters
-from peft_lab.prefix import (PrefixEncoder, PrefixModel, PrefixTuningModel, PromptEmbedding, PromptTuningModel,
-                             apply_prefix_tuning, apply_prompt_tuning, disable_prefix, fold_prefix_projection,
-                             load_prefix_state_dict, prefix_shapes, prefix_state_dict, remove_prefix)
-
-from builders import VOCAB, small_gpt2, tiny
+from peft_lab.prefix import (
+    PrefixEncoder,
+    PrefixModel,
+    PrefixTuningModel,
+    PromptEmbedding,
+    PromptTuningModel,
+    apply_prefix_tuning,
+    apply_prompt_tuning,
+    disable_prefix,
+    fold_prefix_projection,
+    load_prefix_state_dict,
+    prefix_shapes,
+    prefix_state_dict,
+    remove_prefix,
+)
 from peft_lab.tolerance import COMMITTED, assert_close, is_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,7 +18,7 @@ import peft_lab
 from peft_lab import qlora
 from peft_lab.core import fill_seeded
 from peft_lab.estimate import QUANTIZED_BASE
-from peft_lab.tolerance import REORDERED, assert_close, assert_equal
+from peft_lab.tolerance import assert_close, assert_equal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BNB_ORDER = "bitsandbytes' CPU matmul sums in another order"
@@ -244,7 +244,7 @@ def test_double_quant_equals_bitsandbytes(bnb, shape):
 def test_layers_equal_linear4bit(bnb):
     """Our NF4 Linear and Conv1D vs bitsandbytes' Linear4bit on the same stored weights: output and input
     gradient."""
-    from peft_lab.reference_bitsandbytes import linear4bit, copy_bitsandbytes_state
+    from peft_lab.reference_bitsandbytes import copy_bitsandbytes_state, linear4bit
     torch.manual_seed(0)
     for layer in (nn.Linear(128, 384), Conv1D(384, 128)):
         ref = linear4bit(layer, 64, True)
@@ -262,6 +262,7 @@ def test_qlora_equals_peft_on_bitsandbytes(bnb, tiny):
     """QLoRA on the tiny model: our LoRA over our NF4 base vs PEFT's LoRA over bitsandbytes' NF4 base, the same
     stored 4-bit tensors and LoRA weights: logits and the LoRA gradients."""
     from peft import LoraConfig, get_peft_model
+
     from peft_lab.reference_bitsandbytes import bitsandbytes_model, copy_bitsandbytes_state
     ours = peft_lab.apply_lora(qlora.quantize_model(copy.deepcopy(tiny[0])), rank=4, alpha=8)
     theirs = get_peft_model(bitsandbytes_model(copy.deepcopy(tiny[0])),
@@ -293,8 +294,8 @@ def test_skip_modules_as_one_string_skips_that_module(skip):
     qlora.quantize_model(model, skip_modules=skip)
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, qlora.LinearNF4)
     assert model.lm_head.weight is model.transformer.wte.weight   # the tied head untouched
-    assert {n for n, _ in qlora.nf4_layers(model)} == {f"transformer.h.{i}.{x}" for i in range(2)
-                                                       for x in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    layers = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert {n for n, _ in qlora.nf4_layers(model)} == {f"transformer.h.{i}.{x}" for i in range(2) for x in layers}
 
 
 def test_reference_skip_modules_as_one_string(bnb):

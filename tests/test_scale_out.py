@@ -15,9 +15,17 @@ from peft_lab import import_peft_adapter, load_base_model, train
 from peft_lab.data import encode_task, load_task
 from peft_lab.interop import read_adapter_weights
 from peft_lab.lora import apply_lora
-from peft_lab.scale_out import (Job, communication_per_step, fsdp_elements_per_rank, launch, main, shard_rows,
-                                train_with_accelerate, zero_bytes_per_rank)
-from peft_lab.tolerance import assert_close, assert_equal
+from peft_lab.scale_out import (
+    Job,
+    communication_per_step,
+    fsdp_elements_per_rank,
+    launch,
+    main,
+    shard_rows,
+    train_with_accelerate,
+    zero_bytes_per_rank,
+)
+from peft_lab.tolerance import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,12 +2,12 @@
 
 ``python -m peft_lab.benchmarks.head_to_head --out notebooks/results/05_full_profile.json`` trains every
 method of :data:`peft_lab.compare.METHODS` on notebook 05's setting and writes one JSON file that notebook 05
-(every profile) and the README draw their head-to-head from. Two views (issue 14):
+(every profile) and the README draw their head-to-head from. Two views:
 
 * **equal budget** — 300 cosine steps for everyone (the cost of being slow is part of the truth). Each
   method's learning rate is chosen on seed 0 from a small grid by the *validation loss on the answer token*
   (:func:`peft_lab.compare.answer_loss`), not by accuracy: on 200 reviews one review is half a point, and a
-  near-tie in accuracy flipped the previous choice between two machines; the loss orders rates by how sure
+  near-tie in accuracy can flip the choice between two machines; the loss orders rates by how sure
   the model is. A choice at an edge of the grid adds the next rate beyond it (twice at most). Then seeds 1
   and 2 at that rate.
 * **equal accuracy** — each method trained long enough to reach 90% / 95% validation accuracy, up to a cap:
@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -90,8 +90,8 @@ class Profile:
 # Grids are a factor ~3 apart around the previous full profile's choices. A choice at an edge of its grid is
 # widened automatically (one more rate beyond that edge, up to ``widen`` times: :func:`_grid_then_seeds`), so
 # every chosen rate ends up bracketed or the file says it is not ("edge": true). Prefix and prompt tuning stay
-# at the constant answer for 300 steps at every rate (issue 14's table): their real budget is the long runs,
-# prefix 1,000 steps and prompt 2,000 (issue 14: 98.5% at lr 3e-3 and 94.5% at lr 0.3), each with its own grid
+# at the constant answer for 300 steps at every rate (the README's rates table): their real budget is the long runs,
+# prefix 1,000 steps and prompt 2,000, each with its own grid
 # on seed 0. QLoRA is LoRA r=8 on an NF4 base: its own grid, so a rate that suits the quantized base is not
 # assumed. PEFT's LoRA and IA3 run once at our methods' rates: the check that the same computation learns the
 # same way.

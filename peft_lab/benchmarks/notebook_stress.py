@@ -38,7 +38,8 @@ def _dump(seconds: float, out: Path, tag: str) -> None:
     out.write_text("\n".join(lines) + "\n")
 
 
-def _synthetic(cells: int, folder: Path) -> Path:
+def synthetic_notebook(cells: int, folder: Path) -> Path:
+    """A notebook of ``cells`` tiny cells: mostly prints, every 10th a figure, every 10th a widget."""
     import nbformat
     folder.mkdir(parents=True, exist_ok=True)
     code = ["import sys\nimport ipywidgets as widgets\nimport matplotlib.pyplot as plt\n"
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1 or args.jobs < 1:
         ap.error("--runs and --jobs must be at least 1")
     if args.synthetic:
-        args.notebooks = [_synthetic(args.synthetic, args.dump_dir)]
+        args.notebooks = [synthetic_notebook(args.synthetic, args.dump_dir)]
     if not args.notebooks:
         ap.error("give notebooks or --synthetic N")
     os.environ["OMP_NUM_THREADS"] = "1"

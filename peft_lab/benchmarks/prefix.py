@@ -24,8 +24,16 @@ import copy
 import torch
 
 from .. import prefix
-from . import (add_common_arguments, base_model, forward, interleaved_times, machine_line, print_header,
-               print_rows, train_step)
+from . import (
+    add_common_arguments,
+    base_model,
+    forward,
+    interleaved_times,
+    machine_line,
+    print_header,
+    print_rows,
+    train_step,
+)
 
 
 def bench_model(name: str, tokens: int, lengths: list[int], batch: int, seq: int, repeats: int) -> dict | None:

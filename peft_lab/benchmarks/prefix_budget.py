@@ -6,7 +6,7 @@
 
 Notebook 05's harder setting: reviews of five judged clauses, 200 training reviews (seed 501), 200 validation
 reviews (seed 502), batch 16, AdamW with a cosine schedule over the whole budget, P = 10 virtual tokens, one
-seed, the tiny model. Four variants (learning rates from issue 14's probes and notebook 05's grids):
+seed, the tiny model. Four variants (learning rates from notebook 05's grids and the probes recorded in the README):
 
 * ``prefix + projection, random`` — PEFT's default prefix (N(0, 1) table, MLP of width 64), lr 3e-3;
 * ``prefix, text init`` — no projection, the prefix starts as the keys and values of a text's first 10 tokens

@@ -5,9 +5,10 @@ notebook), worked solutions in ``notebooks/solutions/``. A checker returns ``(co
 computes the expected answer from the same formulas the notebook derives rather than storing it.
 
 Exercise ids read ``"NN.exK"`` (notebook NN, exercise K), so they cannot be mistaken for an equation tag
-such as (02.3); ids of the older "NN.K" scheme are not accepted (they read like equation tags). An answer is a number (Python, NumPy or a
-0-d torch tensor), a string, or — for coding exercises — a function or class that the checker runs; an
-error raised by the student's code while it runs becomes "Not yet" naming the exception.
+such as (02.3); ids of the form "NN.K" are not accepted (they read like equation tags). An answer is a
+number (Python, NumPy or a 0-d torch tensor), a string, or — for coding exercises — a function or class
+that the checker runs; an error raised by the student's code while it runs becomes "Not yet" naming the
+exception.
 """
 from __future__ import annotations
 

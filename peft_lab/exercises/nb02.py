@@ -172,7 +172,8 @@ def _check_layer_case(cls, case, seed: int) -> str | None:
             if not math.isclose(s, s_right) and torch.allclose(out.detach(), base(x).detach() + s * branch, atol=tol):
                 want = "α/√r (use_rslora=True)" if rs else "α/r"
                 return f"the branch is scaled by {label} {where}; equation (02.6) asks for s = {want} = {s_right:g}"
-        return f"the output differs from base(x) + s·B(Ax) {where} (max |Δ| = {float((out - expected).detach().abs().max()):.2e})"
+        worst = float((out - expected).detach().abs().max())
+        return f"the output differs from base(x) + s·B(Ax) {where} (max |Δ| = {worst:.2e})"
     g = torch.randn(expected.shape)
     (out * g).sum().backward()
     (expected * g).sum().backward()

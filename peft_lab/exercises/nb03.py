@@ -2,8 +2,8 @@
 running ``peft_lab.adapters`` itself, not from stored numbers."""
 from __future__ import annotations
 
-from . import exercise, first_failure, number
 from ..tolerance import is_close  # student's order of operations vs ours: float32 reordering
+from . import exercise, first_failure, number
 
 
 @exercise("03.ex1", "Write bottleneck(h, down, up): the adapter function f(h) = W_up · relu(W_down · h + b_down) "
@@ -11,6 +11,7 @@ from ..tolerance import is_close  # student's order of operations vs ours: float
 def _bottleneck(answer):
     import torch
     from torch import nn
+
     from ..adapters import BottleneckAdapter
     if not callable(answer):
         raise TypeError(f"expected a function bottleneck(h, down, up), got {type(answer).__name__}")
@@ -87,6 +88,7 @@ def _parallel_reference(sublayer, d: int, m: int, s: float):
     """The package's parallel adapter (equation 03.3, placement "parallel") around ``sublayer``, with the
     :class:`ResidualTap` that hands it the sublayer's input: ``ref(x) = sublayer(x) + s·f(x)``."""
     from torch import nn
+
     from ..adapters import BottleneckAdapter, ResidualTap
     layer = BottleneckAdapter(sublayer, d, m, "relu", placement="parallel", scaling=s, init="zero")
     tap = ResidualTap(nn.Identity(), layer)
@@ -96,8 +98,10 @@ def _parallel_reference(sublayer, d: int, m: int, s: float):
 def _check_parallel_case(cls, case, seed: int) -> str | None:
     """Run the student's class on one case; None if it behaves like the package's parallel adapter."""
     import copy
+
     import torch
     from torch import nn
+
     from . import run_student
 
     d, m, s, shape = case
@@ -163,7 +167,8 @@ def _check_parallel_case(cls, case, seed: int) -> str | None:
     g = torch.randn(x.shape)
     (got * g).sum().backward()
     (want_out * g).sum().backward()
-    pairs = (("down.weight", down.weight, ref.adapter_down[0].weight), ("down.bias", down.bias, ref.adapter_down[0].bias),
+    pairs = (("down.weight", down.weight, ref.adapter_down[0].weight),
+             ("down.bias", down.bias, ref.adapter_down[0].bias),
              ("up.weight", up.weight, ref.adapter_up.weight), ("up.bias", up.bias, ref.adapter_up.bias))
     for name, p, q in pairs:
         if p.grad is None:

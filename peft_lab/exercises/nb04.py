@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from . import exercise, number, run_student
 from ..tolerance import is_close  # student's order of operations vs ours: float32 reordering
+from . import exercise, number, run_student
 
 
 def _configs():

@@ -34,11 +34,10 @@ def _ia3_counted(config) -> int:
 @lru_cache(maxsize=None)
 def _ia3_counted_json(config_json: str) -> int:
     import json
-
-    from transformers import AutoConfig
     import warnings
 
     import peft
+    from transformers import AutoConfig
 
     from ..measure import count_parameters
     from ..models import build_from_config
@@ -64,9 +63,11 @@ def _ia3_hint(config, got) -> str:
     kind, L, d, kv, ff = _ia3_shape(config)
     if kind == "gpt2":
         if got == L * (2 * d + ff):
-            return " GPT-2's c_attn is one fused projection: its output is queries, keys and values (3·d), and IA3 scales all of it."
+            return (" GPT-2's c_attn is one fused projection: its output is queries, keys and values (3·d), and IA3 "
+                    "scales all of it.")
         if got == L * (3 * d + 4 * d) or got == L * 3 * d:
-            return " The feed-forward vector scales the input of mlp.c_proj, whose width is n_inner (4·d only when n_inner is None)."
+            return (" The feed-forward vector scales the input of mlp.c_proj, whose width is n_inner (4·d only when "
+                    "n_inner is None).")
         return " PEFT's IA3 on GPT-2 targets c_attn (its output) and mlp.c_proj (its input), in every block."
     if got == L * (d + 2 * kv + ff) or got == L * (3 * d + ff):
         return " PEFT's IA3 on LLaMA targets k_proj and v_proj, not q_proj."

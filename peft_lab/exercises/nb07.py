@@ -59,9 +59,10 @@ def _bytes_per_rank(answer):
                                                precision=precision)["total"]
                 if math.isclose(got, expected, rel_tol=1e-9):
                     continue
+                fallback = (f"compare your three terms with (07.1): which of W, G, O does stage {stage} divide by "
+                            f"the {ranks} ranks?")
                 hint = next((why for why, wrong in _variants(arch, trainable, precision, ranks, stage).items()
-                             if math.isclose(got, wrong, rel_tol=1e-9)), "compare your three terms with (07.1): which of W, G, O "
-                             f"does stage {stage} divide by the {ranks} ranks?")
+                             if math.isclose(got, wrong, rel_tol=1e-9)), fallback)
                 return False, f"{call} returned {got:,.0f}, a rank holds {expected:,.0f} B: {hint}"
     return True, ("W/n^[s≥3] + G/n^[s≥2] + O/n^[s≥1], with the master copy counted in O: equal to "
                   "zero_bytes_per_rank on GPT-2 and LLaMA shapes, full FT and frozen bases, fp32 and bf16-mixed.")
@@ -81,8 +82,8 @@ def _gpus(answer):
     if isinstance(answer, float) and not answer.is_integer():
         return False, f"{answer} GPUs: a count of GPUs is a whole number (round up)."
     return number(answer, need[3], rel_tol=1e-9, mistakes=mistakes,
-                  explain=f"16 B per parameter · {total / 16e9:.2f} billion parameters = {total / 2**30:.1f} GiB, / 24 GiB per GPU → "
-                          f"{need[3]} GPUs at stage 3 ({need[2]} at stage 2).")
+                  explain=f"16 B per parameter · {total / 16e9:.2f} billion parameters = {total / 2**30:.1f} GiB, "
+                          f"/ 24 GiB per GPU → {need[3]} GPUs at stage 3 ({need[2]} at stage 2).")
 
 
 def _models():

@@ -14,12 +14,17 @@ import torch
 adapters = pytest.importorskip("adapters", reason="AdapterHub runs in the floor environment (.ci/floor)")
 
 import peft_lab  # noqa: E402
-from peft_lab.core import fill_seeded  # noqa: E402
 from peft_lab.adapters import adapters_state_dict, apply_adapters, bottleneck_params  # noqa: E402
+from peft_lab.core import fill_seeded  # noqa: E402
 from peft_lab.interop_adapterhub import export_adapterhub_adapter, import_adapterhub_adapter  # noqa: E402
 from peft_lab.paths import data_dir  # noqa: E402
-from peft_lab.reference_adapterhub import (ADAPTERHUB_CONFIGS, CONFIGS, adapterhub_model,  # noqa: E402
-                                           reference_inputs, write_reference)
+from peft_lab.reference_adapterhub import (  # noqa: E402
+    ADAPTERHUB_CONFIGS,
+    CONFIGS,
+    adapterhub_model,
+    reference_inputs,
+    write_reference,
+)
 from peft_lab.tolerance import COMMITTED, assert_close  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
