@@ -53,6 +53,18 @@ def _lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
+MAX_STEPS_VAR = "PEFT_LAB_MAX_STEPS"
+
+
+def _max_steps() -> int:
+    value = os.environ.get(MAX_STEPS_VAR, "")
+    if not value:
+        return 2**62
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{MAX_STEPS_VAR}={value!r}: expected a positive whole number of steps, or unset")
+    return int(value)
+
+
 def train(
     model: torch.nn.Module,
     examples: list[dict],
@@ -77,9 +89,11 @@ def train(
     drawn without replacement from a permutation seeded by ``seed``, reshuffled each epoch. ``eval_fn(model)``
     returns a number (e.g. accuracy), recorded at step 0, every ``eval_every`` steps and at the end.
     ``progress=None`` shows a ``tqdm.auto`` bar except under CI (``CI`` or ``PEFT_LAB_QUIET`` set).
+    ``PEFT_LAB_MAX_STEPS=N`` in the environment caps every run at N steps: a check that every cell of a
+    notebook runs (the test command's tiny-llama runs), whose trained numbers are then not meant to be read.
     """
     model = validate.require_module("model", model)
-    steps = validate.require_int("steps", steps, min=1)
+    steps = min(validate.require_int("steps", steps, min=1), _max_steps())
     batch_size = validate.require_int("batch_size", batch_size, min=1)
     lr = validate.require_real("lr", lr, min=0, min_open=True)
     weight_decay = validate.require_real("weight_decay", weight_decay, min=0)

