@@ -6,6 +6,7 @@ machine by making bitsandbytes' native feature check answer yes, in a fresh inte
 connection refused and recorded. The control (peft first, no peft_lab) shows the branch is really taken:
 there the warning appears and the network is tried.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -68,7 +69,10 @@ def _run(first: str) -> tuple[dict, str]:
 def test_avx512bf16_branch_is_silent_and_offline_after_peft_lab():
     out, stderr = _run("peft_lab")
     assert out["branch"], "the patched feature check did not take bitsandbytes' AVX512-BF16 branch"
-    assert out["refused"] == ["kernels-community/quantization-bitsandbytes"], out
+    # with the kernels package (transformers 5 brings it) the fetch is refused; without it bitsandbytes' own
+    # import of kernels fails first (the floor environment) — either way its message must not reach stderr
+    fetched = ["kernels-community/quantization-bitsandbytes"] if importlib.util.find_spec("kernels") else []
+    assert out["refused"] == fetched, out
     assert out["connects"] == [], f"an import tried the network: {out['connects']}"
     assert stderr == "", f"imports printed to stderr:\n{stderr}"
     # the reference layer computes as on a CPU without the feature: dequantize, then multiply in fp32
