@@ -10,7 +10,8 @@ notebook cell that first imports peft printed that line, and every import tried 
 imported, ``kernels.get_kernel`` refuses at once (recorded in :data:`REFUSED`) and bitsandbytes' message about
 the refusal is dropped, so bitsandbytes takes its built-in kernel — what it does offline anyway — without
 the network and without a word. Nothing else changes; once the module is imported the hook is inert. It
-works only when ``peft_lab`` is imported before ``peft`` or ``bitsandbytes`` (the notebooks do that).
+works only when ``peft_lab`` is imported before ``peft`` or ``bitsandbytes`` (every notebook that imports
+``peft`` imports ``peft_lab`` first; tests/test_offline_imports.py checks it).
 """
 from __future__ import annotations
 

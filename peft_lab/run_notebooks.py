@@ -46,8 +46,8 @@ class _SlicedChannel(AsyncZMQSocketChannel):
     pyzmq's asyncio ``poll`` can miss the wake-up for a message that has already arrived (the socket's
     edge-triggered file descriptor fired while nobody watched); the message is then found only when the poll
     times out. nbclient waits for a cell's reply with one poll as long as the whole cell timeout, so a missed
-    wake-up held a finished cell for the full timeout (600 s), after which the run went on as if nothing
-    had happened; on the output channel the wait has no timeout at all. Each slice ends with a direct check of
+    wake-up held a finished cell for the full timeout (600 s); then the reply was read and the run continued
+    without an error. On the output channel the wait has no timeout at all. Each slice ends with a direct check of
     the socket, so a missed wake-up costs at most one slice."""
 
     async def get_msg(self, timeout: float | None = None) -> dict:

@@ -89,8 +89,9 @@ def train(
     drawn without replacement from a permutation seeded by ``seed``, reshuffled each epoch. ``eval_fn(model)``
     returns a number (e.g. accuracy), recorded at step 0, every ``eval_every`` steps and at the end.
     ``progress=None`` shows a ``tqdm.auto`` bar except under CI (``CI`` or ``PEFT_LAB_QUIET`` set).
-    ``PEFT_LAB_MAX_STEPS=N`` in the environment caps every run at N steps: a check that every cell of a
-    notebook runs (the test command's tiny-llama runs), whose trained numbers are then not meant to be read.
+    ``PEFT_LAB_MAX_STEPS=N`` in the environment caps every run at N steps, the schedule fitted to the shorter
+    run. The test command sets it to check quickly that every cell of a notebook runs on tiny-llama; the
+    numbers such a run trains to are not meant to be read. Unset, nothing is capped.
     """
     model = validate.require_module("model", model)
     steps = min(validate.require_int("steps", steps, min=1), _max_steps())

@@ -2,9 +2,9 @@
 
 bitsandbytes' CPU backend branches on the CPU: with AVX512-BF16 it asks the hub for a kernel at import and
 logs a warning when it cannot have one (:mod:`peft_lab.offline_imports`). These tests take that branch on any
-machine by making bitsandbytes' native feature check answer yes, in a fresh interpreter, with every socket
-connection refused and recorded. The control (peft first, no peft_lab) shows the branch is really taken:
-there the warning appears and the network is tried.
+machine by making bitsandbytes' native feature check answer yes, in a fresh interpreter, with every name
+lookup and socket connection refused and recorded. The control (peft first, no peft_lab) shows the branch is
+really taken: there the warning appears and, where the kernels package is installed, the network is tried.
 """
 import importlib.util
 import json
@@ -25,6 +25,10 @@ SCRIPT = textwrap.dedent('''
         CONNECTS.append(str(address))
         raise OSError("this test allows no network")
     socket.socket.connect = refuse
+    def no_lookup(host, *args, **kwargs):
+        CONNECTS.append(str(host))
+        raise socket.gaierror("this test allows no network")
+    socket.getaddrinfo = no_lookup
 
     class ForceAVX512BF16(importlib.abc.MetaPathFinder):
         """bitsandbytes' native check of the CPU answers yes, whatever this CPU has."""
@@ -84,6 +88,8 @@ def test_control_without_peft_lab_shows_the_branch():
     out, stderr = _run("peft")
     assert out["branch"]
     assert "Failed to load CPU gemm_4bit_forward" in stderr
+    if importlib.util.find_spec("kernels"):   # with the kernels package the fetch really goes for the network
+        assert out["connects"], out
 
 
 def test_every_notebook_imports_peft_lab_before_peft():
@@ -98,9 +104,9 @@ def test_every_notebook_imports_peft_lab_before_peft():
     for path in all_notebooks():
         lines = [line for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"
                  for line in cell.source.splitlines()]
+        third = r"\s*(from (peft|bitsandbytes)\b(?!_)|import .*\b(peft|bitsandbytes)\b(?!_))"
         first = {name: next((i for i, line in enumerate(lines) if re.match(pattern, line)), None)
-                 for name, pattern in [("peft_lab", r"\s*(import|from) peft_lab\b"),
-                                       ("third", r"\s*(import|from) (peft|bitsandbytes)\b(?!_)")]}
+                 for name, pattern in [("peft_lab", r"\s*(import|from) peft_lab\b"), ("third", third)]}
         if first["third"] is not None and (first["peft_lab"] is None or first["peft_lab"] > first["third"]):
             late.append(path.name)
     assert not late, f"import peft_lab before peft in: {late}"
