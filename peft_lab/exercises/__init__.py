@@ -23,11 +23,21 @@ from typing import Any, Callable
 Checker = Callable[[Any], "tuple[bool, str]"]
 
 
+KINDS = ("predict", "build", "debug", "compute")
+"""What an exercise asks: *predict* a value before the cell that reveals it, *build* code the notebook did not
+write, *debug* a broken snippet, or *compute* a number for a setting the notebook never printed."""
+
+
 @dataclass(frozen=True)
 class Exercise:
     id: str
     question: str
     checker: Checker
+    kind: str | None
+    hidden: Callable[[], "list[str]"] | None
+    """The ways the answer for the notebook's own setting would be printed (e.g. ``["65,536", "65536"]``);
+    none may appear in the notebook's outputs, so the answer cannot be copied from the screen. ``[]`` for an
+    exercise whose answer is code."""
 
 
 _REGISTRY: dict[str, Exercise] = {}
@@ -37,12 +47,19 @@ class StudentCodeError(Exception):
     """The student's function or class raised while a checker ran it (see :func:`run_student`)."""
 
 
-def exercise(id: str, question: str):
-    """Decorator registering ``checker(answer) -> (correct, why)`` as exercise ``id`` (``"NN.exK"``)."""
+def exercise(id: str, question: str, *, kind: str | None = None, hidden: Callable[[], "list[str]"] | None = None):
+    """Decorator registering ``checker(answer) -> (correct, why)`` as exercise ``id`` (``"NN.exK"``), of one
+    of :data:`KINDS`, with ``hidden()`` the printed forms of its answer that the notebook must not show (both are
+    required of every exercise by tests/test_notebook_text.py)."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if hidden is not None and not callable(hidden):
+        raise TypeError(f"hidden must be a function returning the answer's printed forms, got {hidden!r}")
+
     def wrap(fn: Checker) -> Checker:
         if id in _REGISTRY:
             raise ValueError(f"exercise {id!r} is registered twice")
-        _REGISTRY[id] = Exercise(id, question, fn)
+        _REGISTRY[id] = Exercise(id, question, fn, kind, hidden)
         return fn
     return wrap
 
