@@ -9,15 +9,15 @@ offline_imports.install()  # first: before anything imports peft, and through it
 
 from . import arch
 from .adapters import (
-    AdapterConfig,
     BottleneckAdapter,
-    adapter_config,
-    adapters_state_dict,
+    BottleneckConfig,
     apply_adapters,
+    bottleneck_config,
     bottleneck_layers,
+    bottleneck_state_dict,
     disable_adapters,
     load_adapters,
-    load_adapters_state_dict,
+    load_bottleneck_state_dict,
     remove_adapters,
     save_adapters,
 )

@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -49,16 +48,14 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from . import arch, core, validate
+from . import arch, core, registry, validate
 from .arch import LAYOUTS, Layout
 from .paths import atomic_path
 
-__all__ = ["AdapterConfig", "BottleneckAdapter", "ResidualTap", "apply_adapters", "bottleneck_layers",
-           "adapter_config", "disable_adapters", "remove_adapters", "adapters_state_dict",
-           "load_adapters_state_dict", "save_adapters", "load_adapters", "bottleneck_params",
-           "PLACEMENTS", "NONLINEARITIES", "INITS"]
-
-_METHOD = "adapters"
+__all__ = ["BottleneckConfig", "BottleneckAdapter", "ResidualTap", "apply_adapters", "bottleneck_layers",
+           "bottleneck_config", "disable_adapters", "remove_adapters", "bottleneck_state_dict",
+           "load_bottleneck_state_dict", "save_adapters", "load_adapters", "bottleneck_params",
+           "resolve_bottleneck_dim", "PLACEMENTS", "NONLINEARITIES", "INITS"]
 
 #: placement → (sublayers that get an adapter, default nonlinearity, default scaling), as AdapterHub's
 #: ``SeqBnConfig`` (Pfeiffer), ``DoubleSeqBnConfig`` (Houlsby) and ``ParBnConfig`` (parallel).
@@ -79,8 +76,9 @@ INITS = ("zero", "bert", "houlsby")
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
-    """The settings :func:`apply_adapters` used (read back with :func:`adapter_config`)."""
+class BottleneckConfig:
+    """The settings of bottleneck adapters (AdapterHub calls its config ``BnConfig``), checked when made:
+    :func:`apply_adapters` builds one, :func:`bottleneck_config` returns it, :func:`save_adapters` writes it."""
 
     placement: str = "pfeiffer"
     bottleneck_dim: int = 48
@@ -88,6 +86,15 @@ class AdapterConfig:
     nonlinearity: str = "relu"
     init: str = "zero"
     scaling: float = 1.0
+
+    def __post_init__(self):
+        validate.require_str("placement", self.placement, choices=sorted(PLACEMENTS))
+        validate.require_int("bottleneck_dim", self.bottleneck_dim, min=1)
+        validate.require_int("hidden_size", self.hidden_size, min=1)
+        validate.require_str("nonlinearity", self.nonlinearity, choices=sorted(NONLINEARITIES))
+        validate.require_str("init", self.init, choices=INITS)
+        scaling = validate.as_python_number(self.scaling)
+        object.__setattr__(self, "scaling", float(validate.require_real("scaling", scaling, min=0, min_open=True)))
 
     @property
     def reduction_factor(self) -> float:
@@ -225,104 +232,91 @@ def resolve_bottleneck_dim(hidden_size: int, reduction_factor=16, bottleneck_dim
     return int(m)
 
 
+_LAYERS = core.LayerMethod("bottleneck", BottleneckAdapter, "bottleneck adapter", "adapters",
+                           companions=(ResidualTap,))
+
+
 def bottleneck_layers(model: nn.Module) -> Iterator[tuple[str, BottleneckAdapter]]:
     """``(name, layer)`` for every :class:`BottleneckAdapter` in ``model``, in module order."""
-    return core.find_layers(validate.require_module("model", model), BottleneckAdapter)
-
-
-def _require_adapters(model: nn.Module) -> list[tuple[str, BottleneckAdapter]]:
-    return core.require_layers(model, BottleneckAdapter, "bottleneck adapter", "apply_adapters(model, ...)")
-
-
-def _check_args(model, placement, nonlinearity, init, scaling) -> tuple[tuple[str, ...], str, float]:
-    """The arguments of :func:`apply_adapters` checked; the placement's defaults filled in."""
-    validate.require_module("model", model)
-    sublayers, default_act, default_scaling = PLACEMENTS[
-        validate.require_str("placement", placement, choices=sorted(PLACEMENTS))]
-    nonlinearity = validate.require_str("nonlinearity", default_act if nonlinearity is None else nonlinearity,
-                                        choices=sorted(NONLINEARITIES))
-    validate.require_str("init", init, choices=INITS)
-    scaling = validate.require_real("scaling", default_scaling if scaling is None else scaling, min=0, min_open=True)
-    present = sorted({type(layer).__name__ for _, layer in core.all_adapter_layers(model)})
-    if present:
-        raise ValueError(f"this model already has {present} "
-                         "layers; a second method (or applying adapters twice) is not supported. Remove them first "
-                         "(remove_adapters(model) or remove_lora(model)), or use a fresh copy of the base model")
-    return sublayers, nonlinearity, scaling
+    return iter(_LAYERS.layers(model))
 
 
 def apply_adapters(model: nn.Module, placement: str = "pfeiffer", reduction_factor: float = 16,
                    bottleneck_dim: int | None = None, nonlinearity: str | None = None, init: str = "zero",
-                   scaling: float | None = None) -> nn.Module:
+                   scaling: float | None = None, *, config: BottleneckConfig | None = None) -> nn.Module:
     """Add a bottleneck adapter to every block of ``model`` (in place), freeze the rest; return ``model``.
 
     ``placement``: ``"pfeiffer"`` (after the MLP), ``"houlsby"`` (after attention and after the MLP) or
     ``"parallel"`` (beside the MLP), equation (03.3). The bottleneck has ``m = bottleneck_dim`` units, or
     ``d / reduction_factor`` (AdapterHub's default 16 gives 48 on GPT-2 small). ``nonlinearity=None`` takes
     AdapterHub's default for the placement (relu; swish for houlsby); ``scaling=None`` likewise (1; 4 for
-    parallel). ``init="zero"`` starts as the exact base model (03.4).
+    parallel). ``init="zero"`` starts as the exact base model (03.4). The keywords build a
+    :class:`BottleneckConfig` (or pass ``config=``, whose ``hidden_size`` must be the model's width).
     """
-    sublayers, nonlinearity, scaling = _check_args(model, placement, nonlinearity, init, scaling)
+    validate.require_module("model", model)
     layout, d = _layout(model), hidden_size_of(model)
-    m = resolve_bottleneck_dim(d, reduction_factor, bottleneck_dim)
-    core.freeze(model)
+    if config is None:
+        sublayers, default_act, default_scaling = PLACEMENTS[
+            validate.require_str("placement", placement, choices=sorted(PLACEMENTS))]
+        config = BottleneckConfig(placement, resolve_bottleneck_dim(d, reduction_factor, bottleneck_dim), d,
+                                  default_act if nonlinearity is None else nonlinearity, init,
+                                  default_scaling if scaling is None else scaling)
+    elif not isinstance(config, BottleneckConfig):
+        raise TypeError(f"config must be a BottleneckConfig, got {validate.describe(config)}")
+    elif config.hidden_size != d:
+        raise ValueError(f"config.hidden_size = {config.hidden_size}, but this model has width {d}: adapters "
+                         "made for one width do not fit another")
+    registry.require_no_method(model, "bottleneck adapters")
+    c = config
+    wrapped = []
     for i, _ in enumerate(model.get_submodule(layout.blocks)):
         block = f"{layout.blocks}.{i}"
-        for which in sublayers:
+        for which in PLACEMENTS[c.placement][0]:
             name = f"{block}.{getattr(layout, which)}"
-            layer = BottleneckAdapter(model.get_submodule(name), d, m, nonlinearity, placement, scaling, init)
-            core.replace_module(model, name, layer)
-            if placement != "houlsby":  # the adapter also needs x₁, the input of the MLP's norm
+            layer = BottleneckAdapter(model.get_submodule(name), d, c.bottleneck_dim, c.nonlinearity, c.placement,
+                                      c.scaling, c.init)
+            wrapped.append((name, layer))
+            if c.placement != "houlsby":  # the adapter also needs x₁, the input of the MLP's norm
                 norm = f"{block}.{layout.ffn_norm}"
-                core.replace_module(model, norm, ResidualTap(model.get_submodule(norm), layer))
-    core.record_config(model, _METHOD, AdapterConfig(placement, m, d, nonlinearity, init, scaling))
-    return model
+                wrapped.append((norm, ResidualTap(model.get_submodule(norm), layer)))
+    return _LAYERS.install(model, wrapped, config)
 
 
-def adapter_config(model: nn.Module) -> AdapterConfig:
-    """The :class:`AdapterConfig` recorded by :func:`apply_adapters`."""
-    _require_adapters(model)
-    config = core.get_config(model, _METHOD)
+def bottleneck_config(model: nn.Module) -> BottleneckConfig:
+    """The :class:`BottleneckConfig` recorded by :func:`apply_adapters`."""
+    config = _LAYERS.recorded_config(model)
     if config is None:
         raise ValueError("these adapters were not placed by apply_adapters; their settings are unknown")
     return config
 
 
-@contextmanager
 def disable_adapters(model: nn.Module):
     """Context manager: inside it every adapter is skipped, so the model is *exactly* the base model."""
-    with core.disabled(layer for _, layer in _require_adapters(model)):
-        yield model
+    return _LAYERS.disable(model)
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
     """Put the original sublayers and norms back (the very same modules: the base is restored bit for bit).
     Base parameters stay frozen (``requires_grad=False``), as after ``remove_lora``."""
-    _require_adapters(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (BottleneckAdapter, ResidualTap)):
-            core.replace_module(model, name, module.base_layer)
-    core.clear_config(model, _METHOD)
-    return model
+    return _LAYERS.remove(model, merge=None)
 
 
-def adapters_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def bottleneck_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter weights, e.g. ``transformer.h.0.mlp.adapter_down.0.weight`` (detached, shared storage)."""
-    return core.adapter_state_dict(_require_adapters(model))
+    return _LAYERS.state_dict(model)
 
 
-def load_adapters_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Copy adapter weights (keys as in :func:`adapters_state_dict`) into ``model``; strict, all or nothing."""
-    core.load_adapter_state_dict(adapters_state_dict(model), state_dict, what="adapter")
-    return model
+def load_bottleneck_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Copy adapter weights (keys as in :func:`bottleneck_state_dict`) into ``model``; strict, all or nothing."""
+    return _LAYERS.load_state_dict(model, state_dict)
 
 
 def save_adapters(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapter weights to one safetensors file; the settings go into its metadata."""
     from safetensors.torch import save_file
     path = validate.require_path("path", path)
-    tensors = {k: t.contiguous() for k, t in adapters_state_dict(model).items()}
-    meta = {"peft_lab_adapters": json.dumps(asdict(adapter_config(model)))}
+    tensors = {k: t.contiguous() for k, t in bottleneck_state_dict(model).items()}
+    meta = {"peft_lab_adapters": json.dumps(asdict(bottleneck_config(model)))}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -344,12 +338,12 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if meta is None:
         raise ValueError(f"path={str(path)!r} was not written by save_adapters (its metadata has no adapter "
                          "settings); for AdapterHub's folders use peft_lab.import_adapterhub_adapter")
-    config = AdapterConfig(**json.loads(meta))
+    config = BottleneckConfig(**json.loads(meta))
     if hidden_size_of(model) != config.hidden_size:
         raise ValueError(f"the file was saved from a model of width {config.hidden_size}, this model has width "
                          f"{hidden_size_of(model)}: load it into the architecture it was trained on")
     if any(True for _ in bottleneck_layers(model)):
-        here = asdict(adapter_config(model))
+        here = asdict(bottleneck_config(model))
         differ = {k: (val, here[k]) for k, val in asdict(config).items()
                   if here[k] != val and k != "init"}  # init matters only before weights are loaded
         if differ:
@@ -359,7 +353,34 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                              "are then applied with the file's settings), or call remove_adapters(model) first")
     with core.rollback_on_error(model):
         if not any(True for _ in bottleneck_layers(model)):
-            apply_adapters(model, config.placement, bottleneck_dim=config.bottleneck_dim,
-                           nonlinearity=config.nonlinearity, init=config.init, scaling=config.scaling)
-        load_adapters_state_dict(model, load_file(str(path)))
+            apply_adapters(model, config=config)
+        load_bottleneck_state_dict(model, load_file(str(path)))
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registry entry (PEFT has no bottleneck adapters: AdapterHub's format is in peft_lab.interop_adapterhub)
+# ----------------------------------------------------------------------------------------------------------
+
+registry.register(registry.Method(
+    name="bottleneck", label="bottleneck adapters", config_class=BottleneckConfig, layer_class=BottleneckAdapter,
+    apply=lambda model, config: apply_adapters(model, config=config), present=_LAYERS.present,
+    disable=disable_adapters, remove=remove_adapters, state_dict=bottleneck_state_dict,
+    load_state_dict=load_bottleneck_state_dict, config_of=bottleneck_config,
+    # A bottleneck keeps its input (d) and what its nonlinearity saves: m for ReLU (its output, also W_up's
+    # input), 2m for SiLU (input and output).
+    memory={
+        # Houlsby: SiLU adapters after attention (stage 4) and after the MLP, the lowest at stage 4
+        "houlsby": registry.MethodShape(lowest=registry.STAGES["attn_adapter"],
+                                        after_attention=lambda d, m: d + 2 * m,
+                                        after_ffn=lambda d, m, layer: d + 2 * m, required=("bottleneck_dim",)),
+        # Pfeiffer: one ReLU adapter after the MLP, fed z = y + x₁ (a new tensor, d)
+        "pfeiffer": registry.MethodShape(lowest=registry.STAGES["ffn_adapter"], after_ffn=lambda d, m, layer: d + m,
+                                         required=("bottleneck_dim",)),
+        # parallel: one ReLU adapter beside the MLP, fed x₁, the MLP norm's input. Above the first block that
+        # norm keeps x₁ already (the same storage); in the first block nothing else does.
+        "parallel": registry.MethodShape(lowest=registry.STAGES["ffn_adapter"],
+                                         after_ffn=lambda d, m, layer: m + (d if layer == 0 else 0),
+                                         required=("bottleneck_dim",)),
+    },
+))

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import registry
 from .arch import default_targets
 from .data import evaluate_task, perplexity
 from .estimate import estimate_memory
@@ -42,10 +43,14 @@ class MethodSpec:
     lr_grid: tuple[float, ...]
     source: str                                   # "peft_lab" or "PEFT"
     memory: Callable[[object], dict] | None = None
-    can_switch_off: bool = True
+    method: str | None = None                      # its registry name (peft_lab.registry); None: full FT
     precisions: tuple[str, ...] | None = None     # the calculator's precisions it exists at (None: all)
     quantized_base: bool = False                   # QLoRA: switched off, it is the NF4 base, not the base
 
+    @property
+    def can_switch_off(self) -> bool:
+        """Whether the trained model can give its base model back (full fine-tuning changed the base itself)."""
+        return self.method is not None
 
 def _lora_targets(config) -> list[str]:
     return default_targets(config, "lora")
@@ -109,25 +114,26 @@ def _ia3_memory(config):
 #: al. 2021); the notebook reports the grid and flags a best rate at an edge of it.
 METHODS: dict[str, MethodSpec] = {
     "full FT": MethodSpec("full FT", lambda m, t: m, (1e-4, 3e-4, 1e-3), "peft_lab",
-                          lambda c: {"kind": "full"}, can_switch_off=False),
-    "LoRA r=1": MethodSpec("LoRA r=1", _lora(1), (3e-3, 1e-2, 3e-2), "peft_lab", _lora_memory(1)),
-    "LoRA r=8": MethodSpec("LoRA r=8", _lora(8), (3e-3, 1e-2, 3e-2), "peft_lab", _lora_memory(8)),
+                          lambda c: {"kind": "full"}),
+    "LoRA r=1": MethodSpec("LoRA r=1", _lora(1), (3e-3, 1e-2, 3e-2), "peft_lab", _lora_memory(1), "lora"),
+    "LoRA r=8": MethodSpec("LoRA r=8", _lora(8), (3e-3, 1e-2, 3e-2), "peft_lab", _lora_memory(8), "lora"),
     "Houlsby": MethodSpec("Houlsby", _adapters("houlsby"), (3e-3, 1e-2, 3e-2), "peft_lab",
-                          lambda c: {"kind": "houlsby", "bottleneck_dim": BOTTLENECK}),
+                          lambda c: {"kind": "houlsby", "bottleneck_dim": BOTTLENECK}, "bottleneck"),
     "Pfeiffer": MethodSpec("Pfeiffer", _adapters("pfeiffer"), (3e-3, 1e-2, 3e-2), "peft_lab",
-                           lambda c: {"kind": "pfeiffer", "bottleneck_dim": BOTTLENECK}),
+                           lambda c: {"kind": "pfeiffer", "bottleneck_dim": BOTTLENECK}, "bottleneck"),
     "prefix": MethodSpec("prefix", _prefix, (3e-3, 1e-2, 3e-2), "peft_lab",
                          lambda c: {"kind": "prefix", "num_virtual_tokens": PREFIX_TOKENS,
-                                    "projection_dim": PROJECTION}),
+                                    "projection_dim": PROJECTION}, "prefix_tuning"),
     "prompt": MethodSpec("prompt", _prompt, (3e-2, 1e-1, 3e-1), "peft_lab",
-                         lambda c: {"kind": "prompt", "num_virtual_tokens": PROMPT_TOKENS}),
-    "IA3": MethodSpec("IA3", _ia3, (3e-2, 1e-1, 3e-1), "peft_lab", _ia3_memory),
+                         lambda c: {"kind": "prompt", "num_virtual_tokens": PROMPT_TOKENS}, "prompt_tuning"),
+    "IA3": MethodSpec("IA3", _ia3, (3e-2, 1e-1, 3e-1), "peft_lab", _ia3_memory, "ia3"),
     "DoRA r=8": MethodSpec("DoRA r=8", _lora(8, use_dora=True), (3e-3, 1e-2, 3e-2), "peft_lab",
-                           _lora_memory(8, use_dora=True)),
+                           _lora_memory(8, use_dora=True), "lora"),
     "QLoRA r=8": MethodSpec("QLoRA r=8", _lora(8, nf4_base=True), (3e-3, 1e-2, 3e-2), "peft_lab",
-                            _lora_memory(8), precisions=("4bit-base",), quantized_base=True),
-    "PEFT LoRA r=8": MethodSpec("PEFT LoRA r=8", _peft("lora"), (3e-3, 1e-2, 3e-2), "PEFT", _lora_memory(8)),
-    "PEFT IA3": MethodSpec("PEFT IA3", _peft("ia3"), (3e-2, 1e-1, 3e-1), "PEFT", _ia3_memory),
+                            _lora_memory(8), "lora", precisions=("4bit-base",), quantized_base=True),
+    "PEFT LoRA r=8": MethodSpec("PEFT LoRA r=8", _peft("lora"), (3e-3, 1e-2, 3e-2), "PEFT", _lora_memory(8),
+                                "lora"),
+    "PEFT IA3": MethodSpec("PEFT IA3", _peft("ia3"), (3e-2, 1e-1, 3e-1), "PEFT", _ia3_memory, "ia3"),
 }
 #: The methods the analytic calculator describes (ours; PEFT's rows are the same computations).
 CALCULATOR_METHODS = [name for name, spec in METHODS.items() if spec.memory is not None
@@ -170,22 +176,17 @@ def run(name: str, base: nn.Module, tokenizer, train_examples: list[dict], val_e
 def switched_off(model: nn.Module):
     """Inside the block ``model`` computes its base model alone, whatever method it carries.
 
-    peft_lab's methods switch off through their own context managers, PEFT's models through
-    ``disable_adapter()``. A fully fine-tuned model has nothing to switch off: ``ValueError``.
+    peft_lab's methods switch off through the ``disable`` of their registry entry (:mod:`peft_lab.registry`),
+    PEFT's models through ``disable_adapter()``. A fully fine-tuned model has nothing to switch off: ``ValueError``.
     """
-    from . import adapters, ia3, lora, prefix
     if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
         ctx = model.disable_adapter()
-    elif prefix.is_prefix_model(model):
-        ctx = prefix.disable_prefix(model)
-    elif any(True for _ in lora.lora_layers(model)):
-        ctx = lora.disable_lora(model)
-    elif any(True for _ in adapters.bottleneck_layers(model)):
-        ctx = adapters.disable_adapters(model)
-    elif any(True for _ in ia3.ia3_layers(model)):
-        ctx = ia3.disable_ia3(model)
     else:
-        raise ValueError("this model carries no adapter to switch off (full fine-tuning changes the base itself)")
+        found = registry.methods_on(model)
+        if not found:
+            raise ValueError("this model carries no adapter to switch off (full fine-tuning changes the base "
+                             "itself)")
+        ctx = registry.method_on(model).disable(model)
     with ctx:
         yield model
 
@@ -282,27 +283,22 @@ def ready_for_inference(name: str, model: nn.Module) -> nn.Module:
     reparameterization folded into a plain prefix (notebook 04), IA3's vectors folded into its weights
     (06.3); adapters, prompts and QLoRA (whose NF4 base cannot take a float update, notebook 06 §3) stay as trained."""
     model = copy.deepcopy(model)
-    how = served_as(name)
-    if METHODS[name].source == "PEFT":
+    spec = METHODS[name]
+    if spec.source == "PEFT":
         model = model.merge_and_unload()
-    elif how == "merged" and name == "IA3":
-        from .ia3 import merge_ia3
-        merge_ia3(model)
-    elif how == "merged":
-        from .lora import merge_lora
-        merge_lora(model)
-    elif name == "prefix":
-        from .prefix import fold_prefix_projection
-        fold_prefix_projection(model)
+    elif served_as(name) != "as trained":
+        registry.get(spec.method).serve(model)
     return model.eval()
 
 
 def served_as(name: str) -> str:
-    """How :func:`ready_for_inference` serves method ``name``: ``"merged"``, ``"projection folded"`` or
-    ``"as trained"``."""
-    if METHODS[name].source == "PEFT" or name.startswith(("LoRA", "DoRA", "IA3")):
-        return "merged"
-    return "projection folded" if name == "prefix" else "as trained"
+    """How :func:`ready_for_inference` serves method ``name``, as its registry entry says: ``"merged"``,
+    ``"projection folded"`` or ``"as trained"`` (full fine-tuning; a method on a quantized base, which cannot
+    take a float update)."""
+    spec = METHODS[name]
+    if spec.method is None or spec.quantized_base:
+        return "as trained"
+    return "merged" if spec.source == "PEFT" else registry.get(spec.method).served_as
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,7 +22,10 @@ __all__ = ["Switchable", "AdapterLayer", "matches_target", "module_names", "ends
            "freeze", "find_layers", "require_layers", "record_config", "get_config", "clear_config",
            "disabled", "adapter_state_dict", "load_adapter_state_dict", "all_adapter_layers",
            "require_adapters_active", "require_untied", "no_match_hint", "rollback_on_error", "adapter_dtype",
-           "fill_seeded"]
+           "fill_seeded", "stored_weight", "StoredWeights", "LayerMethod", "eval_mode", "IGNORE_INDEX"]
+
+#: The label that a loss ignores (PyTorch's ``cross_entropy`` default, transformers' and PEFT's padding label).
+IGNORE_INDEX = -100
 
 
 class Switchable(nn.Module):
@@ -40,11 +43,26 @@ class Switchable(nn.Module):
 
 
 class AdapterLayer(Switchable):
-    """Base of every method's layer: the :class:`Switchable` flags and the names of the submodules that hold
-    the adapter's own (trainable) parameters, e.g. ``("lora_A", "lora_B")``. Those names become the keys of
-    :func:`adapter_state_dict`."""
+    """Base of every method's layer: the :class:`Switchable` flags, the wrapped ``base_layer``, and the names of
+    the submodules that hold the adapter's own (trainable) parameters, e.g. ``("lora_A", "lora_B")``.
+    :meth:`adapter_tensors` names those tensors; they become the keys of :func:`adapter_state_dict`."""
 
     adapter_modules: tuple[str, ...] = ()
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's own tensors by key relative to the layer (``"lora_A.weight"``); a layer whose tensor is
+        not in a submodule (IA3's ``ia3_l``, DoRA's magnitude) adds it here."""
+        return {f"{sub}.{pname}": t for sub in self.adapter_modules
+                for pname, t in getattr(self, sub).named_parameters()}
+
+
+class StoredWeights:
+    """Mixin for a base layer that stores its weight in buffers rather than a parameter (an NF4 layer,
+    ``peft_lab.qlora``): :meth:`stored_tensors` lists them, so that ``measure`` counts them as weights without
+    knowing the layer."""
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        return list(self.buffers(recurse=False))
 
 
 def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -322,12 +340,7 @@ def fill_seeded(tensors: Mapping[str, torch.Tensor], seed: int, std: float) -> N
 def adapter_state_dict(layers: Iterable[tuple[str, AdapterLayer]]) -> dict[str, torch.Tensor]:
     """Only the adapters' tensors, named ``"<layer>.<adapter module>.<parameter>"`` (e.g.
     ``transformer.h.0.attn.c_attn.lora_A.weight``). Detached and sharing storage, like ``state_dict``."""
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in layers:
-        for sub in layer.adapter_modules:
-            for pname, tensor in getattr(layer, sub).named_parameters():
-                out[f"{name}.{sub}.{pname}"] = tensor.detach()
-    return out
+    return {f"{name}.{key}": t.detach() for name, layer in layers for key, t in layer.adapter_tensors().items()}
 
 
 def _extra_prefix(missing: list[str], unexpected: list[str]) -> str:
@@ -374,3 +387,136 @@ def load_adapter_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Ma
                              f"{tuple(target.shape)} (made for another model size or setting?)")
     for key, target in expected.items():
         target.copy_(state_dict[key])
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Inside the block ``model`` is in eval mode (no dropout); its train/eval mode comes back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole-model operations, written once (PEFT's BaseTuner does this for its tuners)
+# ----------------------------------------------------------------------------------------------------------
+
+class LayerMethod:
+    """The whole-model operations of a method whose trainable part is layers of one :class:`AdapterLayer`
+    subclass: find the targets, wrap them, merge, unmerge, switch off, remove, and the state dict with its
+    strict loader. A method module makes one (``lora._LAYERS = LayerMethod(...)``) and its public functions
+    (``merge_lora``, ``disable_ia3``, ...) call it, so each rule lives here once.
+
+    ``suffix``: the public functions' common suffix (``"lora"`` for ``apply_lora``, ``merge_lora``, ...), which
+    messages name; ``supported``: the layer types it may wrap; ``companions``: other module types it puts into
+    the model that remove must unwrap too (bottleneck adapters' ``ResidualTap``).
+    """
+
+    def __init__(self, name: str, layer_class: type, label: str, suffix: str,
+                 supported: tuple[type, ...] = (), companions: tuple[type, ...] = ()):
+        self.name, self.layer_class, self.label, self.suffix = name, layer_class, label, suffix
+        self.supported, self.companions = supported, companions
+
+    def layers(self, model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+        """``(name, layer)`` of every layer of this method, in module order."""
+        return list(find_layers(validate.require_module("model", model), self.layer_class))
+
+    def present(self, model: nn.Module) -> bool:
+        return isinstance(model, nn.Module) and any(True for _ in find_layers(model, self.layer_class))
+
+    def require(self, model: nn.Module, action: str | None = None) -> list[tuple[str, AdapterLayer]]:
+        """The layers, or ``ValueError`` when there are none; with ``action``, refused inside the method's disable
+        block (which restores the layers' merged state when it ends, undoing or doubling the action)."""
+        layers = require_layers(model, self.layer_class, self.label, f"apply_{self.suffix}(model, ...)")
+        if action and any(layer.disabled for _, layer in layers):
+            raise ValueError(f"{action} inside `with disable_{self.suffix}(model):` is not allowed: the block "
+                             f"restores the layers' merged state when it ends. Call {action} after the block")
+        return layers
+
+    def match_targets(self, model: nn.Module, target_modules, defaults: Mapping[str, Sequence[str]]):
+        """``target_modules`` resolved (:func:`resolve_targets`) and the ``(name, module)`` pairs it matches:
+        at least one, each of a supported type, none tied to another module (:func:`require_untied`)."""
+        targets = resolve_targets(model, target_modules, defaults, self.supported)
+        matched = [(n, m) for n, m in model.named_modules() if n and matches_target(n, targets)]
+        if not matched:
+            raise ValueError(no_match_hint(model, targets, self.supported))
+        wrong = [(n, type(m).__name__) for n, m in matched if not isinstance(m, self.supported)]
+        if wrong:
+            listed = ", ".join(f"{n} ({t})" for n, t in wrong[:5]) + (" ..." if len(wrong) > 5 else "")
+            kinds = " and ".join(("nn." if t.__module__.startswith("torch.") else "") + t.__name__
+                                 for t in self.supported)
+            raise TypeError(f"{self.label} here wraps {kinds} layers only, but target_modules {targets!r} "
+                            f"matched {listed}. {describe_layers(model, self.supported)}")
+        require_untied(model, [n for n, _ in matched])
+        return targets, matched
+
+    def install(self, model: nn.Module, wrapped: Iterable[tuple[str, nn.Module]], config) -> nn.Module:
+        """Freeze the base, put each ``(name, layer)`` in place, record ``config``. Build every layer before
+        calling this: then a failure while building leaves the model as it came."""
+        freeze(model)
+        for name, layer in wrapped:
+            replace_module(model, name, layer)
+        record_config(model, self.name, config)
+        return model
+
+    def recorded_config(self, model: nn.Module):
+        """The config recorded at apply time, or ``None`` (layers placed by hand)."""
+        self.require(model)
+        return get_config(model, self.name)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        for _, layer in self.require(model, f"merge_{self.suffix}"):
+            layer.merge()
+        return model
+
+    def unmerge(self, model: nn.Module) -> nn.Module:
+        for _, layer in self.require(model, f"unmerge_{self.suffix}"):
+            layer.unmerge()
+        return model
+
+    @contextmanager
+    def disable(self, model: nn.Module):
+        """Inside the block the model computes its base alone. Unmerged layers skip their update, so the output
+        equals the base model's exactly; merged layers are unmerged on entry and merged again on exit."""
+        layers = [layer for _, layer in self.require(model)]
+        merged = [layer for layer in layers if layer.merged]
+        for layer in merged:
+            layer.unmerge()
+        try:
+            with disabled(layers):
+                yield model
+        finally:
+            for layer in merged:
+                layer.merge()
+
+    def remove(self, model: nn.Module, merge: bool | None) -> nn.Module:
+        """Put the plain layers back. ``merge=True`` keeps the update inside the base weight, ``False`` drops it
+        (unmerging a merged layer), ``None`` for a method that cannot merge. Base parameters stay frozen."""
+        layers = self.require(model, f"remove_{self.suffix}")
+        for name, layer in layers:
+            if merge:
+                layer.merge()
+            elif merge is False and layer.merged:
+                layer.unmerge()
+        for name, module in list(model.named_modules()):
+            if isinstance(module, (self.layer_class, *self.companions)):
+                replace_module(model, name, module.base_layer)
+        clear_config(model, self.name)
+        return model
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return adapter_state_dict(self.require(model))
+
+    def load_state_dict(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Strict, all or nothing (:func:`load_adapter_state_dict`); merged layers are refused (the update would
+        then not be the one inside the weight)."""
+        layers = self.require(model)
+        merged = [layer for _, layer in layers if layer.merged]
+        if merged:
+            raise ValueError(f"cannot load {self.label} weights into merged layers; call {merged[0].merged_fix} "
+                             "first")
+        load_adapter_state_dict(adapter_state_dict(layers), state_dict, what=self.label)
+        return model

@@ -4,21 +4,21 @@ arithmetic of full fine-tuning", equations (1)–(3) and (6); notebook 05, "Memo
 :func:`estimate_memory` gives the same keys as :func:`peft_lab.measure.measure_memory` from sizes alone:
 parameters, gradients and optimizer state from the parameter count and the precision, activations from
 :func:`activation_elements`, which counts what autograd saves tensor by tensor. Each PEFT method is
-described by a :class:`MethodShape` in :data:`METHOD_SHAPES` — where its lowest trainable parameter sits and
-what its own modules keep — so a new method adds an entry and nothing else.
+described by a :class:`MethodShape` that its module registers (:func:`method_shapes`, :mod:`peft_lab.registry`)
+— where its lowest trainable parameter sits and what its own modules keep — so a new method touches nothing here.
 """
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from functools import lru_cache
 
-from . import core, validate
+from . import core, registry, validate
 from .measure import MEMORY_KEYS
+from .registry import STAGES, MethodShape
 
-__all__ = ["PRECISIONS", "QUANTIZED_BASE", "STAGES", "MethodShape", "METHOD_SHAPES", "activation_elements",
-           "estimate_memory", "dropout_of", "METHOD_FIELDS", "method_spec"]
+__all__ = ["PRECISIONS", "QUANTIZED_BASE", "STAGES", "MethodShape", "method_shapes", "activation_elements",
+           "estimate_memory", "dropout_of", "method_spec"]
 
 # Bytes per parameter for AdamW training, by precision (notebook 00, equations (1)–(3)).
 # "bf16-mixed" is the convention of Rajbhandari et al. 2020 (ZeRO, section 3.1): bf16/fp16 weights (2 B) and
@@ -39,12 +39,6 @@ QUANTIZED_BASE = {"4bit-base": dict(PRECISIONS["bf16-mixed"], base_weight=(4 + 0
 # intermediate tensors of it; fused activations (F.gelu, SiLU, ReLU) keep one.
 _ACT_SAVED = {"gelu_new": 4}
 
-#: The stages of a pre-LN block in forward order. Rule 2 of :func:`activation_elements` compares them: in the
-#: first block, a tensor saved at a stage *below* the lowest trainable parameter is not kept (no gradient has
-#: to pass there). Half stages sit between two: the prefix enters at the attention itself (2), after the
-#: q/k/v projection (1), hence 1.5.
-STAGES = {"norm": 0, "qkv": 1, "attention": 2, "out_proj": 3, "attn_adapter": 4, "ffn_norm": 5, "ffn_in": 6,
-          "activation": 7, "ffn_out": 8, "ffn_adapter": 9}
 # The stage of each linear layer LoRA may wrap, by name as PEFT's suffix rule matches it.
 _LINEAR_STAGES = {
     "gpt2": {"attn.c_attn": 1, "attn.c_proj": 3, "mlp.c_fc": 6, "mlp.c_proj": 8},
@@ -53,55 +47,16 @@ _LINEAR_STAGES = {
 }
 
 
-@dataclass(frozen=True)
-class MethodShape:
-    """What one method changes in the count of :func:`activation_elements`.
-
-    ``lowest``: the stage (:data:`STAGES`) of its lowest trainable parameter in a block; ``None`` for LoRA
-    and IA3, where it is the stage of the lowest wrapped layer. ``after_attention(d, m)`` / ``after_ffn(d, m, layer)``:
-    floats per token its own modules keep at stage 4 / 9 (``m`` the bottleneck). ``prefix``: P keys and
-    values enter every attention; ``prompt``: every layer runs on ``T + P`` positions.
-    """
-
-    lowest: float | None
-    after_attention: Callable[[int, int], int] = lambda d, m: 0
-    after_ffn: Callable[[int, int, int], int] = lambda d, m, layer: 0
-    prefix: bool = False
-    prompt: bool = False
+def method_shapes() -> dict[str, MethodShape]:
+    """Calculator kind → :class:`MethodShape`: full fine-tuning, and every registered method's kinds (each method
+    module states its own in its registry entry, :mod:`peft_lab.registry`)."""
+    shapes = {"full": _FULL}
+    for method in registry.methods().values():
+        shapes.update(method.memory)
+    return shapes
 
 
-#: ``method["kind"]`` → its :class:`MethodShape`. A bottleneck adapter keeps its input (d) and what its
-#: nonlinearity saves: m for ReLU (its output, which is also W_up's input), 2m for SiLU (input and output).
-METHOD_SHAPES: dict[str, MethodShape] = {
-    "full": MethodShape(lowest=-1.0),
-    "lora": MethodShape(lowest=None),
-    # IA3 (notebook 06): its product l ⊙ y keeps y, a new tensor — the unscaled output (d_out) of a target,
-    # the unscaled input (d_in) of a feed-forward target; the frozen layer itself keeps nothing (rule 1)
-    "ia3": MethodShape(lowest=None),
-    # Houlsby: SiLU adapters after attention (stage 4) and after the MLP, the lowest at stage 4
-    "houlsby": MethodShape(lowest=STAGES["attn_adapter"], after_attention=lambda d, m: d + 2 * m,
-                           after_ffn=lambda d, m, layer: d + 2 * m),
-    # Pfeiffer: one ReLU adapter after the MLP, fed z = y + x₁ (a new tensor, d)
-    "pfeiffer": MethodShape(lowest=STAGES["ffn_adapter"], after_ffn=lambda d, m, layer: d + m),
-    # parallel: one ReLU adapter beside the MLP, fed x₁, the MLP norm's input. Above the first block that norm
-    # keeps x₁ already (the same storage); in the first block nothing else does. Nothing below it trains.
-    "parallel": MethodShape(lowest=STAGES["ffn_adapter"], after_ffn=lambda d, m, layer: m + (d if layer == 0 else 0)),
-    "prefix": MethodShape(lowest=STAGES["qkv"] + 0.5, prefix=True),
-    "prompt": MethodShape(lowest=-1.0, prompt=True),  # the virtual tokens sit at the input: everything is kept
-}
-
-#: The settings each method kind takes in a ``method`` spec: required fields, then optional ones. A field that is
-#: missing or not listed here is an error that names it (a misspelt ``"rnak"`` must not estimate with rank 0).
-METHOD_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "full": ((), ()),
-    "lora": (("rank", "targets"), ("use_dora",)),
-    "ia3": (("targets", "feedforward"), ()),
-    "houlsby": (("bottleneck_dim",), ()),
-    "pfeiffer": (("bottleneck_dim",), ()),
-    "parallel": (("bottleneck_dim",), ()),
-    "prefix": (("num_virtual_tokens",), ("projection_dim",)),
-    "prompt": (("num_virtual_tokens",), ()),
-}
+_FULL = MethodShape(lowest=-1.0)  # every tensor of every block trains
 
 
 def method_spec(method: Mapping | None) -> dict:
@@ -112,9 +67,10 @@ def method_spec(method: Mapping | None) -> dict:
     validate.require_mapping("method", method)
     spec = dict(method)
     kind = spec.pop("kind", None)
-    if kind not in METHOD_SHAPES:
-        raise ValueError(f"method kind must be one of {sorted(METHOD_SHAPES)}, got {kind!r}")
-    required, optional = METHOD_FIELDS[kind]
+    shapes = method_shapes()
+    if kind not in shapes:
+        raise ValueError(f"method kind must be one of {sorted(shapes)}, got {kind!r}")
+    required, optional = shapes[kind].required, shapes[kind].optional
     unknown = sorted(set(spec) - set(required) - set(optional))
     if unknown:
         close = {u: difflib.get_close_matches(u, required + optional, n=1) for u in unknown}
@@ -167,7 +123,7 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
         floats    = n·(L·per_layer + head) + 2·T·d/h;  int64 = 2n
 
     ``method`` describes a frozen base with a PEFT method (notebook 05, "Memory at real sizes"), as a mapping
-    ``{"kind": ..., settings}`` with a kind of :data:`METHOD_SHAPES`: ``"lora"`` (``rank``, ``targets``: module
+    ``{"kind": ..., settings}`` with a kind of :func:`method_shapes`: ``"lora"`` (``rank``, ``targets``: module
     names; ``use_dora: True`` for DoRA), ``"ia3"`` (``targets``, ``feedforward``: module names, PEFT's suffix
     rules), ``"pfeiffer"``, ``"houlsby"`` and ``"parallel"`` (``bottleneck_dim``), ``"prefix"``
     (``num_virtual_tokens``, optional ``projection_dim``), ``"prompt"`` (``num_virtual_tokens``), or ``"full"``.
@@ -204,7 +160,7 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
                          "this calculator counts dropout 0 and would under-estimate a model that trains with "
                          "dropout (masks, and on CPU the T×T attention probabilities). Set those fields to 0 in "
                          "the config (build_from_config does), or measure the model with measure_memory")
-    shape, full = METHOD_SHAPES[kind], kind == "full"
+    shape, full = method_shapes()[kind], kind == "full"
     B, T = batch_size, seq_len
     P = spec["num_virtual_tokens"] if shape.prefix or shape.prompt else 0
     n = B * (T + P) if shape.prompt else B * T      # positions every layer computes

@@ -32,8 +32,6 @@ Typical use::
 """
 from __future__ import annotations
 
-import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -41,30 +39,43 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import core, validate
+from . import core, registry, validate
 from .arch import DEFAULT_TARGETS
-from .core import AdapterLayer, matches_target
+from .core import AdapterLayer
 
 __all__ = ["IA3Config", "IA3Layer", "apply_ia3", "ia3_config", "ia3_layers", "merge_ia3", "unmerge_ia3",
            "disable_ia3", "remove_ia3", "ia3_state_dict", "load_ia3_state_dict", "is_feedforward",
-           "SUPPORTED_LAYERS", "DEFAULT_TARGET_MODULES", "DEFAULT_FEEDFORWARD_MODULES"]
+           "SUPPORTED_LAYERS"]
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
-#: PEFT's ``TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING`` for the architectures here.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = DEFAULT_TARGETS["ia3"]
-#: PEFT's ``TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING``: the targets scaled on the input side.
-DEFAULT_FEEDFORWARD_MODULES: dict[str, list[str]] = DEFAULT_TARGETS["ia3_feedforward"]
-
-_METHOD = "ia3"
 
 
 @dataclass(frozen=True)
 class IA3Config:
-    """The settings :func:`apply_ia3` used; :func:`ia3_config` returns them, the PEFT export writes them.
-    Each of ``target_modules`` and ``feedforward_modules`` is a tuple of names or one regular expression."""
+    """IA3's settings, checked when made; :func:`apply_ia3` builds one from its keywords, :func:`ia3_config`
+    returns the one applied, the PEFT export writes it. Each of ``target_modules`` and ``feedforward_modules``
+    is a tuple of names, one regular expression, or ``None`` for the architecture's default (PEFT's tables,
+    :data:`peft_lab.arch.DEFAULT_TARGETS`); a listed ``feedforward_modules`` must be a subset of a listed
+    ``target_modules`` (PEFT's rule); ``[]`` scales every target's output."""
 
-    target_modules: tuple[str, ...] | str = ("c_attn", "mlp.c_proj")
-    feedforward_modules: tuple[str, ...] | str = ("mlp.c_proj",)
+    target_modules: tuple[str, ...] | str | None = None
+    feedforward_modules: tuple[str, ...] | str | None = None
+
+    def __post_init__(self):
+        targets, ff = self.target_modules, self.feedforward_modules
+        if targets is not None:
+            targets = core.module_names(targets, "target_modules")
+        if ff is not None:
+            ff = core.module_names(ff, "feedforward_modules", allow_empty=True)
+        if isinstance(ff, tuple) and isinstance(targets, tuple):
+            # PEFT's rule, "a subset of target_modules", read with the suffix rule: the default feed-forward
+            # name "mlp.c_proj" lies inside a target "c_proj" (PEFT fills its default in the same way)
+            outside = [f for f in ff if not core.matches_target(f, targets)]
+            if outside:
+                raise ValueError(f"feedforward_modules must be a subset of target_modules (PEFT's rule): "
+                                 f"{outside} is not in target_modules {list(targets)}")
+        object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "feedforward_modules", ff)
 
 
 def is_feedforward(name: str, feedforward_modules: Sequence[str] | str) -> bool:
@@ -83,6 +94,10 @@ class IA3Layer(AdapterLayer):
     """
 
     merged_fix = "unmerge_ia3(model)"
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The vector, under PEFT's key ``ia3_l``."""
+        return {"ia3_l": self.ia3_l}
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool = False):
         super().__init__()
@@ -145,162 +160,136 @@ class IA3Layer(AdapterLayer):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Whole-model operations
+# Whole-model operations (written once in core.LayerMethod)
 # ----------------------------------------------------------------------------------------------------------
+
+_LAYERS = core.LayerMethod("ia3", IA3Layer, "IA3", "ia3", SUPPORTED_LAYERS)
+
 
 def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Layer]]:
     """``(name, layer)`` for every :class:`IA3Layer` in ``model``, in module order."""
-    return core.find_layers(validate.require_module("model", model), IA3Layer)
+    return iter(_LAYERS.layers(model))
 
 
-def _require_ia3(model: nn.Module, action: str | None = None) -> list[tuple[str, IA3Layer]]:
-    """The IA3 layers; with ``action``, refused inside :func:`disable_ia3` (it restores the merged state)."""
-    layers = core.require_layers(model, IA3Layer, "IA3", "apply_ia3(model, ...)")
-    if action and any(layer.disabled for _, layer in layers):
-        raise ValueError(f"{action} inside `with disable_ia3(model):` is not allowed: the block restores the "
-                         f"layers' merged state when it ends. Call {action} after the block")
-    return layers
-
-
-def _resolve_feedforward(model: nn.Module, feedforward_modules, targets) -> tuple[str, ...] | str:
-    """``feedforward_modules`` checked: ``None`` → the architecture's default (PEFT's table; an unknown
-    architecture must name them, ``[]`` for none); a list must be a subset of a list ``target_modules``."""
-    if feedforward_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_FEEDFORWARD_MODULES:
-            raise ValueError(f"no default feedforward_modules for model type {model_type!r}; pass "
-                             "feedforward_modules=[...] (the targets whose input IA3 scales), or [] for none")
-        return tuple(DEFAULT_FEEDFORWARD_MODULES[model_type])
-    if isinstance(feedforward_modules, str):
-        if not feedforward_modules:
-            raise ValueError("feedforward_modules is an empty string; pass a list of module names such as "
-                             "['mlp.c_proj'], [] for none, or None for the architecture's default")
-        try:
-            re.compile(feedforward_modules)
-        except re.error as err:
-            raise ValueError(f"feedforward_modules={feedforward_modules!r} is one string, read as a regular "
-                             f"expression, and it is not a valid one ({err}); to list names pass a list") from None
-        ff = feedforward_modules
-    elif isinstance(feedforward_modules, (list, tuple, set, frozenset)):
-        ff = tuple(feedforward_modules)
-        if not all(isinstance(f, str) and f for f in ff):
-            raise ValueError(f"feedforward_modules must be a list of non-empty strings, got {feedforward_modules!r}")
-        ff = tuple(sorted(ff)) if isinstance(feedforward_modules, (set, frozenset)) else ff
-    else:
-        raise TypeError(f"feedforward_modules must be None, a list of module names or a regex string, "
-                        f"got {validate.describe(feedforward_modules)}")
-    if isinstance(ff, tuple) and isinstance(targets, tuple) and not set(ff) <= set(targets):
-        extra = sorted(set(ff) - set(targets))
-        raise ValueError(f"feedforward_modules must be a subset of target_modules (PEFT's rule): {extra} "
-                         f"is not in target_modules {list(targets)}")
-    return ff
-
-
-def _check_args(model, target_modules, feedforward_modules):
-    """The arguments of :func:`apply_ia3` checked; returns ``(targets, feedforward, matched)``."""
-    validate.require_module("model", model)
-    if any(True for _ in ia3_layers(model)):
-        raise ValueError("this model already has IA3 layers; applying IA3 twice is not supported. "
-                         "Call remove_ia3(model) first, or use a fresh copy of the base model.")
-    targets = core.resolve_targets(model, target_modules, DEFAULT_TARGET_MODULES, SUPPORTED_LAYERS)
-    feedforward = _resolve_feedforward(model, feedforward_modules, targets)
-    matched = [(n, m) for n, m in model.named_modules() if n and matches_target(n, targets)]
-    if not matched:
-        raise ValueError(core.no_match_hint(model, targets, SUPPORTED_LAYERS))
-    wrong = [(n, type(m).__name__) for n, m in matched if not isinstance(m, SUPPORTED_LAYERS)]
-    if wrong:
-        listed = ", ".join(f"{n} ({t})" for n, t in wrong[:5]) + (" ..." if len(wrong) > 5 else "")
-        raise TypeError(f"IA3 here wraps nn.Linear and Conv1D layers only, but target_modules {targets!r} "
-                        f"matched {listed}. {core.describe_layers(model, SUPPORTED_LAYERS)}")
-    core.require_untied(model, [n for n, _ in matched])
-    return targets, feedforward, matched
+def _default_feedforward(model: nn.Module) -> tuple[str, ...]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS["ia3_feedforward"]:
+        raise ValueError(f"no default feedforward_modules for model type {model_type!r}; pass "
+                         "feedforward_modules=[...] (the targets whose input IA3 scales), or [] for none")
+    return tuple(DEFAULT_TARGETS["ia3_feedforward"][model_type])
 
 
 def apply_ia3(model: nn.Module, target_modules: Sequence[str] | str | None = None,
-              feedforward_modules: Sequence[str] | str | None = None) -> nn.Module:
+              feedforward_modules: Sequence[str] | str | None = None, *, config: IA3Config | None = None
+              ) -> nn.Module:
     """Wrap the target layers of ``model`` in :class:`IA3Layer`, freeze everything else; return ``model``.
 
     ``target_modules=None`` takes the architecture's default (GPT-2 ``["c_attn", "mlp.c_proj"]``, LLaMA
     ``["k_proj", "v_proj", "down_proj"]``); matching follows :func:`peft_lab.core.matches_target`.
     ``feedforward_modules=None`` takes the default feed-forward set (GPT-2 ``["mlp.c_proj"]``, LLaMA
     ``["down_proj"]``), even when ``target_modules`` is given, as PEFT does; ``[]`` scales every target's
-    output. Which targets are feed-forward follows :func:`is_feedforward`. Changed in place; a failed call
-    leaves the model unchanged. Afterwards only the ``ia3_l`` vectors have ``requires_grad=True`` (06.6).
+    output. Which targets are feed-forward follows :func:`is_feedforward`. The keywords build an
+    :class:`IA3Config` (or pass ``config=``). Changed in place; a failed call leaves the model unchanged.
+    Afterwards only the ``ia3_l`` vectors have ``requires_grad=True`` (06.6).
     """
-    targets, feedforward, matched = _check_args(model, target_modules, feedforward_modules)
+    validate.require_module("model", model)
+    if config is None:
+        config = IA3Config(target_modules, feedforward_modules)
+    elif not isinstance(config, IA3Config):
+        raise TypeError(f"config must be an IA3Config, got {validate.describe(config)}")
+    registry.require_no_method(model, "IA3")
+    targets, matched = _LAYERS.match_targets(model, config.target_modules, DEFAULT_TARGETS["ia3"])
+    feedforward = config.feedforward_modules
+    if feedforward is None:
+        feedforward = _default_feedforward(model)
+    config = IA3Config(targets, feedforward)  # checks the subset rule against the resolved targets
     wrapped = [(name, IA3Layer(module, is_feedforward(name, feedforward))) for name, module in matched]
-    core.freeze(model)
-    for name, layer in wrapped:
-        core.replace_module(model, name, layer)
-    core.record_config(model, _METHOD, IA3Config(targets, feedforward))
-    return model
+    return _LAYERS.install(model, wrapped, config)
 
 
 def ia3_config(model: nn.Module) -> IA3Config:
     """The :class:`IA3Config` that :func:`apply_ia3` recorded on ``model`` (or one naming the layers exactly,
     for layers placed by hand)."""
-    layers = _require_ia3(model)
-    config = core.get_config(model, _METHOD)
+    config = _LAYERS.recorded_config(model)
     if config is None:
+        layers = _LAYERS.layers(model)
         config = IA3Config(tuple(n for n, _ in layers), tuple(n for n, layer in layers if layer.is_feedforward))
     return config
 
 
 def merge_ia3(model: nn.Module) -> nn.Module:
     """Equation (06.4) in every IA3 layer. Outputs stay equal up to float rounding."""
-    for _, layer in _require_ia3(model, "merge_ia3"):
-        layer.merge()
-    return model
+    return _LAYERS.merge(model)
 
 
 def unmerge_ia3(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_ia3` (divide by ``l``; restores ``W`` up to float rounding)."""
-    for _, layer in _require_ia3(model, "unmerge_ia3"):
-        layer.unmerge()
-    return model
+    return _LAYERS.unmerge(model)
 
 
-@contextmanager
 def disable_ia3(model: nn.Module):
-    """Context manager: inside it the model computes the base model alone. Unmerged layers skip the scaling,
-    so the output equals the base model's exactly; merged layers are unmerged on entry and merged on exit."""
-    layers = [layer for _, layer in _require_ia3(model)]
-    merged = [layer for layer in layers if layer.merged]
-    for layer in merged:
-        layer.unmerge()
-    try:
-        with core.disabled(layers):
-            yield model
-    finally:
-        for layer in merged:
-            layer.merge()
+    """Context manager: inside it the model computes the base model alone (exactly for unmerged layers; merged
+    ones are unmerged on entry and merged on exit)."""
+    return _LAYERS.disable(model)
 
 
 def remove_ia3(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain layers back. ``merge=True`` keeps the learned scaling inside ``W`` (06.4); ``merge=False``
     drops it (the base model again, up to rounding if it was merged)."""
-    merge = validate.require_bool("merge", merge)
-    for name, layer in _require_ia3(model, "remove_ia3"):
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
-        core.replace_module(model, name, layer.base_layer)
-    core.clear_config(model, _METHOD)
-    return model
+    return _LAYERS.remove(model, validate.require_bool("merge", merge))
 
 
 def ia3_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the IA3 vectors: ``{"<layer>.ia3_l": l, ...}`` — PEFT's file keys without ``base_model.model.``.
     Detached and sharing storage, like ``state_dict``."""
-    return {f"{name}.ia3_l": layer.ia3_l.detach() for name, layer in _require_ia3(model)}
+    return _LAYERS.state_dict(model)
 
 
 def load_ia3_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Copy IA3 vectors (keys as in :func:`ia3_state_dict`) into ``model``; strict, all or nothing
     (:func:`peft_lab.core.load_adapter_state_dict`). Merged layers are refused (unmerge first)."""
-    expected = ia3_state_dict(model)
-    if any(layer.merged for _, layer in ia3_layers(model)):
-        raise ValueError("cannot load IA3 vectors into merged layers; call unmerge_ia3(model) first")
-    core.load_adapter_state_dict(expected, state_dict, what="IA3")
-    return model
+    return _LAYERS.load_state_dict(model, state_dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PEFT's file format and the registry entry
+# ----------------------------------------------------------------------------------------------------------
+
+def _as_json(names):
+    return names if isinstance(names, str) else list(names)
+
+
+def _to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT's ``IA3Config`` fields and the vectors (keys without PEFT's prefix)."""
+    layers = [layer for _, layer in ia3_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("the IA3 layers are merged into W; call unmerge_ia3(model) before exporting, "
+                         "otherwise PEFT would scale the weights a second time")
+    config = ia3_config(model)
+    fields = {"target_modules": _as_json(config.target_modules),
+              "feedforward_modules": _as_json(config.feedforward_modules),
+              "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
+              "init_ia3_weights": True, "modules_to_save": None, "exclude_modules": None}
+    return fields, ia3_state_dict(model)
+
+
+def _from_peft(model: nn.Module, fields: dict) -> nn.Module:
+    """Apply IA3 as PEFT's ``IA3Config`` fields say (the vectors are loaded after)."""
+    for name in ("modules_to_save", "exclude_modules"):
+        if fields.get(name):
+            raise ValueError(f"this IA3 adapter uses {name}={fields[name]!r}, which peft_lab.ia3 does not implement")
+    if "target_modules" not in fields:
+        raise ValueError("the adapter's config lacks the IA3 field 'target_modules'")
+    return apply_ia3(model, fields["target_modules"], fields.get("feedforward_modules"))
+
+
+registry.register(registry.Method(
+    name="ia3", label="IA3", config_class=IA3Config, layer_class=IA3Layer,
+    apply=lambda model, config: apply_ia3(model, config=config), present=_LAYERS.present,
+    disable=disable_ia3, remove=remove_ia3, state_dict=ia3_state_dict, load_state_dict=load_ia3_state_dict,
+    config_of=ia3_config, serve=merge_ia3, served_as="merged",
+    peft_type="IA3", to_peft=_to_peft, from_peft=_from_peft,
+    # its product l ⊙ y keeps y, a new tensor — the unscaled output (d_out) of a target, the unscaled input
+    # (d_in) of a feed-forward target; the lowest trainable parameter is the lowest wrapped layer
+    memory={"ia3": registry.MethodShape(lowest=None, required=("targets", "feedforward"))},
+))

@@ -60,7 +60,7 @@ def _placement_flags(placement: str) -> dict:
             }[placement]
 
 
-def adapterhub_config(config: ad.AdapterConfig) -> dict:
+def adapterhub_config(config: ad.BottleneckConfig) -> dict:
     """The ``"config"`` entry AdapterHub 1.3.0 writes for these settings (all BnConfig fields, sorted)."""
     rf = config.hidden_size / config.bottleneck_dim
     rf = int(rf) if rf == int(rf) else rf
@@ -87,13 +87,13 @@ def export_adapterhub_adapter(model: nn.Module, path, name: str) -> Path:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise ValueError(f"name must be a non-empty adapter name of letters, digits, '_' or '-' (it becomes part "
                          f"of every key), got name={name!r}; pass e.g. name='task'")
-    config = ad.adapter_config(model)
+    config = ad.bottleneck_config(model)
     model_type = model.config.model_type
     if model_type not in _SUPPORTED_TYPES:
         raise ValueError(f"model type {model_type!r}: expected one of {_SUPPORTED_TYPES} for AdapterHub's format "
                          "(its llama-style wiring differs from ours); save with peft_lab.adapters.save_adapters.")
     tensors = {}
-    for key, value in ad.adapters_state_dict(model).items():
+    for key, value in ad.bottleneck_state_dict(model).items():
         m = re.fullmatch(r"(transformer\.h\.\d+)\.(attn|mlp)\.(adapter_down\.0|adapter_up)\.(weight|bias)", key)
         if m is None:
             raise ValueError(f"unexpected adapter tensor {key!r}: not an AdapterHub GPT-2 layout")
@@ -207,5 +207,5 @@ def import_adapterhub_adapter(model: nn.Module, path) -> nn.Module:
         ours[f"{block}.{inverse[sub]}.{part}.{kind}"] = value
     with core.rollback_on_error(model):
         ad.apply_adapters(model, **settings)
-        ad.load_adapters_state_dict(model, ours)
+        ad.load_bottleneck_state_dict(model, ours)
     return model

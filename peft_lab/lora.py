@@ -48,49 +48,54 @@ Typical use::
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import arch, core, validate
+from . import arch, core, registry, validate
 from .arch import DEFAULT_TARGETS
-from .core import AdapterLayer, matches_target
+from .core import AdapterLayer
 
 __all__ = [
-    "DEFAULT_TARGET_MODULES", "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora",
+    "LoRAConfig", "LoRALinear", "DoRALinear", "apply_lora", "merge_lora", "unmerge_lora",
     "disable_lora", "remove_lora", "lora_layers", "lora_state_dict", "load_lora_state_dict", "lora_config",
-    "matches_target", "lora_scaling", "SUPPORTED_LAYERS",
+    "lora_scaling", "SUPPORTED_LAYERS", "magnitude_direction_change", "query_weight_changes",
 ]
 
 #: Layer types LoRA can wrap here.
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
-#: Default ``target_modules`` per ``model.config.model_type``: the LoRA row of the package's one table,
-#: :data:`peft_lab.arch.DEFAULT_TARGETS` (PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``: the
-#: attention query and value projections, as in Hu et al. 2021 §7.1; GPT-2 fuses q, k, v into one ``c_attn``).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = DEFAULT_TARGETS["lora"]
-
-_METHOD = "lora"  # the name under which apply_lora records its settings on the model (core.record_config)
-
-
 @dataclass(frozen=True)
 class LoRAConfig:
-    """The settings :func:`apply_lora` used; :func:`lora_config` returns them, the PEFT export writes them.
+    """LoRA's settings, checked when made (numpy/torch scalars become Python numbers); :func:`apply_lora`
+    builds one from its keywords, :func:`lora_config` returns the one applied, the PEFT export writes it.
 
-    ``target_modules`` is a tuple of names (suffix rule, see :func:`matches_target`) or one regular
-    expression string.
+    ``target_modules`` is a tuple of names (suffix rule, see :func:`peft_lab.core.matches_target`), one
+    regular expression string, or ``None`` for the architecture's default (resolved, and recorded resolved,
+    when applied).
     """
 
     rank: int = 8
     alpha: float = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] | str = ("c_attn",)
+    target_modules: tuple[str, ...] | str | None = None
     use_rslora: bool = False
     use_dora: bool = False
+
+    def __post_init__(self):
+        fix = partial(object.__setattr__, self)  # frozen: normalised values are written once, here
+        fix("rank", validate.require_int("rank", self.rank, min=1))
+        alpha, dropout = validate.as_python_number(self.alpha), validate.as_python_number(self.dropout)
+        fix("alpha", validate.require_real("alpha", alpha, min=0, min_open=True))
+        fix("dropout", validate.require_real("dropout", dropout, min=0, max=1, max_open=True))
+        fix("use_rslora", validate.require_bool("use_rslora", self.use_rslora))
+        fix("use_dora", validate.require_bool("use_dora", self.use_dora))
+        if self.target_modules is not None:
+            fix("target_modules", core.module_names(self.target_modules, "target_modules"))
 
     @property
     def scaling(self) -> float:
@@ -100,8 +105,8 @@ class LoRAConfig:
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     """Equation (02.6): the factor ``s`` in ``h = W x + s · B A x`` — ``α / r``, or ``α / √r`` (rsLoRA)."""
-    rank, alpha, _, use_rslora = _check_hyperparameters(rank, alpha, 0.0, use_rslora)
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    c = LoRAConfig(rank, alpha, use_rslora=use_rslora)
+    return c.alpha / math.sqrt(c.rank) if c.use_rslora else c.alpha / c.rank
 
 
 class LoRALinear(AdapterLayer):
@@ -120,7 +125,8 @@ class LoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False):
         super().__init__()
-        rank, alpha, dropout, use_rslora = _check_hyperparameters(rank, alpha, dropout, use_rslora)
+        c = LoRAConfig(rank, alpha, dropout, use_rslora=use_rslora)
+        rank, alpha, dropout, use_rslora = c.rank, c.alpha, c.dropout, c.use_rslora
         if not isinstance(base_layer, SUPPORTED_LAYERS):
             raise TypeError(f"base_layer must be an nn.Linear or transformers' Conv1D (what LoRALinear wraps), "
                             f"got {validate.describe(base_layer)}")
@@ -200,6 +206,10 @@ class DoRALinear(LoRALinear):
         # (06.8): m = n at the start (B = 0, so n = ‖W₀‖ per row) and m / n = 1 exactly
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.delta_weight()).detach())
 
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """A and B, and ``lora_magnitude_vector`` (m) under PEFT's key."""
+        return {**super().adapter_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
+
     def weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
         """Equation (06.7): ``n = ‖W₀ + ΔW‖`` per output feature (``ΔW`` in the base weight's layout). The
         norm runs over the input dimension: dim 1 of ``nn.Linear``'s ``d_out × d_in``, dim 0 of ``Conv1D``'s."""
@@ -271,88 +281,50 @@ class DoRALinear(LoRALinear):
         return super().extra_repr() + ", dora=True"
 
 
-def _check_hyperparameters(rank, alpha, dropout, use_rslora) -> tuple[int, float, float, bool]:
-    """The four settings checked and made plain Python numbers (numpy/torch scalars accepted), so that the
-    config record and its JSON export hold ints and floats."""
-    rank = validate.require_int("rank", rank, min=1)
-    alpha, dropout = validate.as_python_number(alpha), validate.as_python_number(dropout)
-    validate.require_real("alpha", alpha, min=0, min_open=True)
-    validate.require_real("dropout", dropout, min=0, max=1, max_open=True)
-    return rank, alpha, dropout, validate.require_bool("use_rslora", use_rslora)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Whole-model operations
+# Whole-model operations (written once in core.LayerMethod)
 # ----------------------------------------------------------------------------------------------------------
+
+_LAYERS = core.LayerMethod("lora", LoRALinear, "LoRA", "lora", SUPPORTED_LAYERS)
+
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """``(name, layer)`` for every :class:`LoRALinear` in ``model``, in module order."""
-    return core.find_layers(validate.require_module("model", model), LoRALinear)
-
-
-def _require_lora(model: nn.Module, action: str | None = None) -> list[tuple[str, LoRALinear]]:
-    """The LoRA layers; with ``action``, refused inside :func:`disable_lora` (which unmerges on entry and
-    merges again on exit, so a merge, unmerge or removal inside it would be undone or doubled)."""
-    layers = core.require_layers(model, LoRALinear, "LoRA", "apply_lora(model, ...)")
-    if action and any(layer.disabled for _, layer in layers):
-        raise ValueError(f"{action} inside `with disable_lora(model):` is not allowed: the block restores the "
-                         f"layers' merged state when it ends. Call {action} after the block")
-    return layers
-
-
-def _check_args(model, rank, alpha, dropout, target_modules, use_rslora, use_dora=False):
-    """The arguments of :func:`apply_lora` checked; the targets resolved to the ``(name, module)`` pairs
-    they match (each an ``nn.Linear``/``Conv1D`` whose weight is not tied to another module)."""
-    validate.require_module("model", model)
-    rank, alpha, dropout, use_rslora = _check_hyperparameters(rank, alpha, dropout, use_rslora)
-    validate.require_bool("use_dora", use_dora)
-    if any(True for _ in lora_layers(model)):
-        raise ValueError("this model already has LoRA layers; applying LoRA twice is not supported. "
-                         "Call remove_lora(model) first, or use a fresh copy of the base model.")
-    targets = core.resolve_targets(model, target_modules, DEFAULT_TARGET_MODULES, SUPPORTED_LAYERS)
-    matched = [(n, m) for n, m in model.named_modules() if n and matches_target(n, targets)]
-    if not matched:
-        raise ValueError(core.no_match_hint(model, targets, SUPPORTED_LAYERS))
-    wrong = [(n, type(m).__name__) for n, m in matched if not isinstance(m, SUPPORTED_LAYERS)]
-    if wrong:
-        listed = ", ".join(f"{n} ({t})" for n, t in wrong[:5]) + (" ..." if len(wrong) > 5 else "")
-        raise TypeError(f"LoRA here wraps nn.Linear and Conv1D layers only, but target_modules {targets!r} "
-                        f"matched {listed}. {core.describe_layers(model, SUPPORTED_LAYERS)}")
-    core.require_untied(model, [n for n, _ in matched])
-    return rank, alpha, dropout, use_rslora, targets, matched
+    return iter(_LAYERS.layers(model))
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                target_modules: Sequence[str] | str | None = None, use_rslora: bool = False,
-               use_dora: bool = False) -> nn.Module:
+               use_dora: bool = False, *, config: LoRAConfig | None = None) -> nn.Module:
     """Wrap the target layers of ``model`` in :class:`LoRALinear`, freeze everything else; return ``model``.
 
     The model is changed in place (as PEFT's ``get_peft_model`` does). ``target_modules=None`` takes the
-    default of the architecture (:data:`DEFAULT_TARGET_MODULES`, e.g. GPT-2 → ``["c_attn"]``, LLaMA/OPT →
-    ``["q_proj", "v_proj"]``, BERT → ``["query", "value"]``); matching follows :func:`matches_target`.
+    default of the architecture (:data:`peft_lab.arch.DEFAULT_TARGETS`, e.g. GPT-2 → ``["c_attn"]``,
+    LLaMA/OPT → ``["q_proj", "v_proj"]``); matching follows :func:`peft_lab.core.matches_target`.
     Afterwards only the ``lora_A``/``lora_B`` weights have ``requires_grad=True`` (equation 02.5 counts them).
-    ``use_dora=True`` makes it DoRA (06.7–06.11), which adds the magnitude vector ``m`` per layer.
-
-    numpy/torch scalars are accepted for the numbers and stored as Python ``int``/``float``.
-    A failed call leaves the model unchanged.
+    ``use_dora=True`` makes it DoRA (06.7–06.11), which adds the magnitude vector ``m`` per layer. The keywords
+    build a :class:`LoRAConfig` (which checks them); or pass ``config=`` instead. A model carries one method at
+    a time (:func:`peft_lab.registry.require_no_method`). A failed call leaves the model unchanged.
     """
-    rank, alpha, dropout, use_rslora, targets, matched = _check_args(model, rank, alpha, dropout, target_modules,
-                                                                     use_rslora, use_dora)
-    # Build every wrapper before changing anything: a failure leaves the model as it came.
-    layer_class = DoRALinear if use_dora else LoRALinear
-    wrapped = [(name, layer_class(module, rank, alpha, dropout, use_rslora)) for name, module in matched]
-    core.freeze(model)  # the base: W, biases, embeddings, norms
-    for name, layer in wrapped:
-        core.replace_module(model, name, layer)
-    core.record_config(model, _METHOD, LoRAConfig(rank, alpha, dropout, targets, use_rslora, use_dora))
-    return model
+    validate.require_module("model", model)
+    if config is None:
+        config = LoRAConfig(rank, alpha, dropout, target_modules, use_rslora, use_dora)
+    elif not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {validate.describe(config)}")
+    registry.require_no_method(model, "LoRA")
+    targets, matched = _LAYERS.match_targets(model, config.target_modules, DEFAULT_TARGETS["lora"])
+    layer_class = DoRALinear if config.use_dora else LoRALinear
+    wrapped = [(name, layer_class(module, config.rank, config.alpha, config.dropout, config.use_rslora))
+               for name, module in matched]
+    return _LAYERS.install(model, wrapped, replace(config, target_modules=targets))
 
 
 def lora_config(model: nn.Module) -> LoRAConfig:
-    """The :class:`LoRAConfig` that :func:`apply_lora` recorded on ``model``."""
-    layers = _require_lora(model)
-    config = core.get_config(model, _METHOD)
-    if config is None:  # LoRA layers placed by hand: describe them by their exact names
+    """The :class:`LoRAConfig` that :func:`apply_lora` recorded on ``model`` (for layers placed by hand, one
+    naming them exactly)."""
+    config = _LAYERS.recorded_config(model)
+    if config is None:
+        layers = _LAYERS.layers(model)
         first = layers[0][1]
         p = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
         config = LoRAConfig(first.rank, first.alpha, p, tuple(n for n, _ in layers), first.use_rslora,
@@ -362,49 +334,40 @@ def lora_config(model: nn.Module) -> LoRAConfig:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Equation (02.7) in every LoRA layer: ``W ← W + s · B A``. Outputs stay equal up to float rounding."""
-    for _, layer in _require_lora(model, "merge_lora"):
-        layer.merge()
-    return model
+    return _LAYERS.merge(model)
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_lora`: ``W ← W − s · B A`` (restores ``W`` up to float rounding)."""
-    for _, layer in _require_lora(model, "unmerge_lora"):
-        layer.unmerge()
-    return model
+    return _LAYERS.unmerge(model)
 
 
-@contextmanager
 def disable_lora(model: nn.Module):
-    """Context manager: inside it the model computes the base model alone, ``h = W x``.
-
-    Unmerged layers skip the LoRA branch, so the output equals the base model's *exactly*. Merged layers
-    are unmerged on entry and merged again on exit (then the base output is reproduced up to rounding).
-    """
-    layers = [layer for _, layer in _require_lora(model)]
-    merged = [layer for layer in layers if layer.merged]
-    for layer in merged:
-        layer.unmerge()
-    try:
-        with core.disabled(layers):
-            yield model
-    finally:
-        for layer in merged:
-            layer.merge()
+    """Context manager: inside it the model computes the base model alone, ``h = W x`` — exactly for unmerged
+    layers; merged ones are unmerged on entry and merged again on exit (then up to rounding)."""
+    return _LAYERS.disable(model)
 
 
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain layers back. ``merge=True`` keeps the learned update inside ``W`` (equation 02.7);
     ``merge=False`` drops it (the base model again). Base parameters stay frozen (``requires_grad=False``)."""
-    merge = validate.require_bool("merge", merge)
-    for name, layer in _require_lora(model, "remove_lora"):
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
-        core.replace_module(model, name, layer.base_layer)
-    core.clear_config(model, _METHOD)
-    return model
+    return _LAYERS.remove(model, validate.require_bool("merge", merge))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA weights: ``{"<layer>.lora_A.weight": A, "<layer>.lora_B.weight": B, ...}``, and with
+    DoRA ``"<layer>.lora_magnitude_vector": m`` (PEFT's key).
+
+    Names are the model's own module names (e.g. ``transformer.h.0.attn.c_attn.lora_A.weight``); PEFT's
+    files add the prefix ``base_model.model.``. Tensors are detached and share storage, like ``state_dict``.
+    """
+    return _LAYERS.state_dict(model)
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Copy LoRA weights (keys as in :func:`lora_state_dict`) into ``model``; strict, all or nothing
+    (:func:`peft_lab.core.load_adapter_state_dict`). Merged layers are refused (unmerge first)."""
+    return _LAYERS.load_state_dict(model, state_dict)
 
 
 def magnitude_direction_change(w0: torch.Tensor, w: torch.Tensor, fan_in_fan_out: bool = False
@@ -450,26 +413,63 @@ def query_weight_changes(model: nn.Module, base: nn.Module) -> list[tuple[float,
     return out
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA weights: ``{"<layer>.lora_A.weight": A, "<layer>.lora_B.weight": B, ...}``, and with
-    DoRA ``"<layer>.lora_magnitude_vector": m`` (PEFT's key).
+# ----------------------------------------------------------------------------------------------------------
+# PEFT's file format and the registry entry
+# ----------------------------------------------------------------------------------------------------------
 
-    Names are the model's own module names (e.g. ``transformer.h.0.attn.c_attn.lora_A.weight``); PEFT's
-    files add the prefix ``base_model.model.``. Tensors are detached and share storage, like ``state_dict``.
-    """
-    layers = _require_lora(model)
-    out = core.adapter_state_dict(layers)
-    for name, layer in layers:
-        if layer.use_dora:
-            out[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
-    return out
+# settings a LoRA adapter may carry that this module does not implement (fine while off: None/False/"none"/empty)
+_PEFT_UNSUPPORTED = ("bias", "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern",
+                     "exclude_modules", "lora_bias", "target_parameters", "layer_replication",
+                     "trainable_token_indices")
 
 
-def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Copy LoRA weights (keys as in :func:`lora_state_dict`) into ``model``; strict, all or nothing
-    (:func:`peft_lab.core.load_adapter_state_dict`). Merged layers are refused (unmerge first)."""
-    expected = lora_state_dict(model)
-    if any(layer.merged for _, layer in lora_layers(model)):
-        raise ValueError("cannot load LoRA weights into merged layers; call unmerge_lora(model) first")
-    core.load_adapter_state_dict(expected, state_dict, what="LoRA")
-    return model
+def _to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT's ``LoraConfig`` fields and the weights (keys without PEFT's prefix)."""
+    config = lora_config(model)
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("the LoRA layers are merged into W; call unmerge_lora(model) before exporting, "
+                         "otherwise PEFT would add the update a second time")
+    settings = {(layer.rank, layer.alpha, layer.use_rslora, layer.use_dora) for layer in layers}
+    if len(settings) > 1:
+        raise ValueError(f"LoRA layers with different (rank, alpha, use_rslora, use_dora) {sorted(settings)} "
+                         "cannot be described by one adapter_config.json")
+    targets = config.target_modules
+    fields = {
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": targets if isinstance(targets, str) else list(targets),
+        # PEFT's flag for weights stored d_in × d_out (GPT-2's Conv1D); PEFT corrects it per layer type anyway.
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
+        "use_rslora": config.use_rslora, "bias": "none", "init_lora_weights": True, "use_dora": config.use_dora,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    return fields, lora_state_dict(model)
+
+
+def _from_peft(model: nn.Module, fields: dict) -> nn.Module:
+    """Apply LoRA as PEFT's ``LoraConfig`` fields say (the weights are loaded after)."""
+    for name in _PEFT_UNSUPPORTED:
+        value = fields.get(name)
+        if not (value is None or value is False or value == "none" or value == [] or value == {}):
+            raise ValueError(f"this LoRA adapter uses {name}={value!r}, which peft_lab.lora does not implement")
+    for name in ("r", "lora_alpha", "target_modules"):
+        if name not in fields:
+            raise ValueError(f"the adapter's config lacks the LoRA field {name!r}")
+    if fields["target_modules"] == "all-linear":
+        raise ValueError('target_modules="all-linear" is not supported here; list the module names instead')
+    config = LoRAConfig(fields["r"], fields["lora_alpha"], fields.get("lora_dropout", 0.0) or 0.0,
+                        fields["target_modules"], bool(fields.get("use_rslora", False)),
+                        bool(fields.get("use_dora", False)))
+    return apply_lora(model, config=config)
+
+
+registry.register(registry.Method(
+    name="lora", label="LoRA", config_class=LoRAConfig, layer_class=LoRALinear,
+    apply=lambda model, config: apply_lora(model, config=config), present=_LAYERS.present,
+    disable=disable_lora, remove=remove_lora, state_dict=lora_state_dict, load_state_dict=load_lora_state_dict,
+    config_of=lora_config, serve=merge_lora, served_as="merged",
+    peft_type="LORA", to_peft=_to_peft, from_peft=_from_peft,
+    # LoRA's lowest trainable parameter is its lowest wrapped layer (the calculator finds it from the targets)
+    memory={"lora": registry.MethodShape(lowest=None, required=("rank", "targets"), optional=("use_dora",))},
+))

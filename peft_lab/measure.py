@@ -157,10 +157,10 @@ def measure_memory(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) ->
 
 
 def _quantized_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The buffers that hold quantized layers' weights (NF4 codes and constants, notebook 06): stored weights,
-    counted with the parameters."""
-    from .qlora import nf4_layers
-    return [b for _, layer in nf4_layers(model) for b in layer.buffers(recurse=False)]
+    """The tensors in which layers store their weights outside parameters (NF4 codes and constants, notebook
+    06), as each such layer reports them (:class:`peft_lab.core.StoredWeights`): counted with the parameters."""
+    from .core import StoredWeights
+    return [t for m in model.modules() if isinstance(m, StoredWeights) for t in m.stored_tensors()]
 
 
 def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

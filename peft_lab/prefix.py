@@ -39,7 +39,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import arch, core, validate
+from . import arch, core, registry, validate
 
 __all__ = ["PrefixConfig", "PrefixEncoder", "PromptEmbedding", "PrefixModel", "PrefixTuningModel",
            "PromptTuningModel", "apply_prefix_tuning",
@@ -47,6 +47,7 @@ __all__ = ["PrefixConfig", "PrefixEncoder", "PromptEmbedding", "PrefixModel", "P
            "prefix_state_dict", "load_prefix_state_dict", "prefix_shapes", "is_prefix_model"]
 
 PREFIX_TUNING, PROMPT_TUNING = "prefix_tuning", "prompt_tuning"
+_INITS = {PREFIX_TUNING: ("random", "zero", "text"), PROMPT_TUNING: ("random", "vocab", "text")}
 _METHOD = "prefix"  # the name of the config record (core.record_config) on a base model a PrefixModel holds
 
 
@@ -70,6 +71,17 @@ class PrefixConfig:
     projection_dim: int | None = None
     init: str = "random"
     init_text: str | None = None
+
+    def __post_init__(self):
+        validate.require_str("method", self.method, choices=[PREFIX_TUNING, PROMPT_TUNING])
+        for name in ("num_virtual_tokens", "num_layers", "num_kv_heads", "head_dim", "token_dim"):
+            validate.require_int(name, getattr(self, name), min=1)
+        validate.optional(validate.require_int, "projection_dim", self.projection_dim, min=1)
+        validate.require_str("init", self.init, choices=_INITS[self.method])
+        if self.projection_dim is not None and self.method == PROMPT_TUNING:
+            raise ValueError("projection_dim is prefix tuning's reparameterization; prompt tuning has none")
+        if (self.init == "text") != (self.init_text is not None):
+            raise ValueError("init_text goes with init='text', and only with it")
 
 
 def prefix_shapes(config) -> dict[str, int]:
@@ -370,7 +382,9 @@ def _checkpointing(model: nn.Module) -> bool:
 def _check_args(model, method: str, num_virtual_tokens) -> dict:
     """The model and the prefix length checked; the model's sizes (:func:`prefix_shapes`) returned."""
     validate.require_int("num_virtual_tokens", num_virtual_tokens, min=1)
-    if isinstance(model, PrefixModel) or core.get_config(model, _METHOD) is not None:
+    if isinstance(model, nn.Module):
+        registry.require_no_method(model, method.replace("_", " "))
+    if core.get_config(model, _METHOD) is not None:  # the base inside a wrapper
         raise ValueError(f"this model already has virtual tokens ({method} cannot be applied twice). Call "
                          "remove_prefix(model) first, or start from a fresh copy of the base model")
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -414,7 +428,7 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20, projecti
     if _checkpointing(model):
         raise ValueError(_GRADIENT_CHECKPOINTING)
     validate.optional(validate.require_int, "projection_dim", projection_dim, min=1)
-    ids = _check_init(init, ("random", "zero", "text"), init_text, tokenizer, num_virtual_tokens)
+    ids = _check_init(init, _INITS[PREFIX_TUNING], init_text, tokenizer, num_virtual_tokens)
     if ids is not None and projection_dim is not None:
         raise ValueError("init='text' sets the prefix itself, but with projection_dim the prefix is the output of "
                          "an MLP; drop projection_dim (a plain prefix, as Li & Liang initialise it) or use "
@@ -444,7 +458,7 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20, init: st
     ``prompt_tuning_init_text``; needs ``tokenizer``).
     """
     s = _check_args(model, PROMPT_TUNING, num_virtual_tokens)
-    ids = _check_init(init, ("random", "vocab", "text"), init_text, tokenizer, num_virtual_tokens)
+    ids = _check_init(init, _INITS[PROMPT_TUNING], init_text, tokenizer, num_virtual_tokens)
     words = model.get_input_embeddings()
     encoder = PromptEmbedding(num_virtual_tokens, s["hidden_size"], device=words.weight.device,
                               dtype=core.adapter_dtype(next(model.parameters()).dtype))
@@ -587,3 +601,91 @@ def load_prefix_state_dict(model: PrefixModel, state_dict) -> PrefixModel:
     core.load_adapter_state_dict({"prompt_embeddings": model.prompt_encoder.embedding.weight}, state_dict,
                                  what=c.method.replace("_", " "))
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PEFT's file format and the registry entries: one tensor, "prompt_embeddings", no key prefix
+# ----------------------------------------------------------------------------------------------------------
+
+def _to_peft(model: PrefixModel) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT's fields for ``PrefixTuningConfig``/``PromptTuningConfig``; the tensor is the prefix itself (a
+    reparameterized prefix is saved evaluated, as PEFT saves it: ``prefix_projection`` stays true in the
+    config, and PEFT loads it in inference mode as a plain prefix)."""
+    c = model.prefix_config
+    fields = {"num_virtual_tokens": c.num_virtual_tokens, "token_dim": c.token_dim,
+              "num_transformer_submodules": 1, "num_attention_heads": c.num_kv_heads if
+              c.method == PREFIX_TUNING else model.config.num_attention_heads,
+              "num_layers": c.num_layers, "modules_to_save": None}
+    if c.method == PREFIX_TUNING:
+        fields.update(encoder_hidden_size=c.projection_dim or c.token_dim,
+                      prefix_projection=c.projection_dim is not None,
+                      init_weights="zero" if c.init == "zero" else None)
+    else:
+        init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}[c.init]
+        name = getattr(model.config, "_name_or_path", "") or "tiny"
+        fields.update(prompt_tuning_init=init, prompt_tuning_init_text=c.init_text, tokenizer_kwargs=None,
+                      tokenizer_name_or_path=str(name) if init == "TEXT" else None)
+    return fields, prefix_state_dict(model)
+
+
+def _from_peft(method: str):
+    """Wrap a model as PEFT's prompt-learning fields say (the virtual tokens are loaded after)."""
+    def apply(model: nn.Module, fields: dict) -> PrefixModel:
+        for name in ("num_virtual_tokens", "num_layers", "token_dim"):
+            if name not in fields:
+                raise ValueError(f"the adapter's config lacks the {method} field {name!r}")
+        if (fields.get("num_transformer_submodules") or 1) != 1:
+            raise ValueError(f"this adapter has num_transformer_submodules={fields['num_transformer_submodules']} "
+                             "(an encoder-decoder model); peft_lab supports decoder-only models")
+        if fields.get("modules_to_save"):
+            raise ValueError(f"this adapter also trains modules_to_save={fields['modules_to_save']!r}, which "
+                             "peft_lab.prefix does not implement")
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"expected a transformers causal LM, got {type(model).__name__}")
+        shapes = prefix_shapes(model.config)
+        width = shapes["kv_dim"] if method == PREFIX_TUNING else shapes["hidden_size"]
+        made = {"num_layers": fields["num_layers"], "token_dim": fields["token_dim"]}
+        here = {"num_layers": shapes["num_layers"], "token_dim": width}
+        if made != here:
+            raise ValueError(f"this {method} adapter was made for another architecture: its config says {made} "
+                             f"(base {fields.get('base_model_name_or_path')!r}), this model has {here}")
+        wrap = apply_prefix_tuning if method == PREFIX_TUNING else apply_prompt_tuning
+        return wrap(model, num_virtual_tokens=fields["num_virtual_tokens"])
+    return apply
+
+
+def _apply_config(model: nn.Module, config: PrefixConfig) -> PrefixModel:
+    """Apply the method of ``config`` (its size fields are the model's and are checked against it)."""
+    if not isinstance(config, PrefixConfig):
+        raise TypeError(f"config must be a PrefixConfig, got {validate.describe(config)}")
+    if config.init == "text":
+        raise ValueError("init='text' needs the model's tokenizer: call apply_prefix_tuning/apply_prompt_tuning "
+                         "with init_text= and tokenizer=")
+    if config.method == PREFIX_TUNING:
+        wrapped = apply_prefix_tuning(model, config.num_virtual_tokens, config.projection_dim, config.init)
+    else:
+        wrapped = apply_prompt_tuning(model, config.num_virtual_tokens, config.init)
+    made = {k: getattr(config, k) for k in ("num_layers", "num_kv_heads", "head_dim", "token_dim")}
+    here = {k: getattr(wrapped.prefix_config, k) for k in made}
+    if made != here:
+        remove_prefix(wrapped)
+        raise ValueError(f"this {config.method} config was made for another architecture ({made}; the model "
+                         f"has {here})")
+    return wrapped
+
+
+for _method, _label in ((PREFIX_TUNING, "prefix tuning"), (PROMPT_TUNING, "prompt tuning")):
+    registry.register(registry.Method(
+        name=_method, label=_label, config_class=PrefixConfig, apply=_apply_config,
+        present=lambda model, method=_method: is_prefix_model(model, method),
+        disable=disable_prefix, remove=remove_prefix, state_dict=prefix_state_dict,
+        load_state_dict=load_prefix_state_dict, config_of=lambda model: _require(model).prefix_config,
+        serve=fold_prefix_projection if _method == PREFIX_TUNING else None,
+        served_as="projection folded" if _method == PREFIX_TUNING else "as trained",
+        peft_type=_method.upper(), to_peft=_to_peft, from_peft=_from_peft(_method), peft_key_prefix="",
+        memory={"prefix": registry.MethodShape(lowest=registry.STAGES["qkv"] + 0.5, prefix=True,
+                                               required=("num_virtual_tokens",), optional=("projection_dim",))}
+        if _method == PREFIX_TUNING else
+        # the virtual tokens sit at the input: everything is kept
+        {"prompt": registry.MethodShape(lowest=-1.0, prompt=True, required=("num_virtual_tokens",))},
+    ))

@@ -241,7 +241,7 @@ class _NF4Matmul(torch.autograd.Function):
         return grad @ ctx.layer.weight_out_in().to(grad.dtype), None
 
 
-class _NF4Layer(nn.Module):
+class _NF4Layer(core.StoredWeights, nn.Module):
     """What :class:`LinearNF4` and :class:`Conv1DNF4` share: the NF4 tensors as buffers (so ``.to()``,
     ``state_dict`` and byte counts see them), a float ``bias`` (frozen), and ``weight`` as a read-only
     property that dequantizes — so code that reads ``layer.weight`` (LoRA's wrapper reads its shape, dtype

@@ -15,14 +15,14 @@ from peft_lab import lora
 from peft_lab.adapters import (
     BottleneckAdapter,
     ResidualTap,
-    adapter_config,
-    adapters_state_dict,
     apply_adapters,
+    bottleneck_config,
     bottleneck_layers,
     bottleneck_params,
+    bottleneck_state_dict,
     disable_adapters,
     load_adapters,
-    load_adapters_state_dict,
+    load_bottleneck_state_dict,
     remove_adapters,
     save_adapters,
 )
@@ -41,7 +41,7 @@ def ids(batch=2, length=12, vocab=VOCAB, seed=0):
 
 
 def randomise(model, seed=1, std=0.05):
-    fill_seeded(adapters_state_dict(model), seed, std)
+    fill_seeded(bottleneck_state_dict(model), seed, std)
     return model
 
 
@@ -168,8 +168,8 @@ def test_save_load_bitwise(kind, placement, tmp_path):
     path = save_adapters(model, tmp_path / "a.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"], "no temporary files left behind"
     loaded = load_adapters(copy.deepcopy(base), path)
-    assert adapter_config(loaded) == adapter_config(model)
-    a, b = adapters_state_dict(model), adapters_state_dict(loaded)
+    assert bottleneck_config(loaded) == bottleneck_config(model)
+    a, b = bottleneck_state_dict(model), bottleneck_state_dict(loaded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     x = ids()
     assert torch.equal(model(x).logits, loaded(x).logits)
@@ -181,7 +181,7 @@ def test_equal_to_the_committed_adapterhub_reference(placement):
     `python -m peft_lab.reference_adapterhub` in the floor environment)."""
     ref = load_file(str(REFERENCE / placement / "logits.safetensors"))
     model = import_adapterhub_adapter(peft_lab.load_base_model("tiny", device="cpu")[0], REFERENCE / placement)
-    assert adapter_config(model).placement == placement
+    assert bottleneck_config(model).placement == placement
     assert_close(model(ref["input_ids"]).logits, ref["logits"], COMMITTED, what="logits",
                  reason="AdapterHub's logits were computed on another machine (the floor env compares live)")
 
@@ -228,13 +228,13 @@ def test_bad_models():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         apply_adapters("gpt2")
     model = apply_adapters(small_gpt2())
-    with pytest.raises(ValueError, match="twice.*remove_adapters"):
+    with pytest.raises(ValueError, match="already carries bottleneck adapters.*remove_adapters"):
         apply_adapters(model)
     with_lora = lora.apply_lora(small_gpt2(), rank=2)
     with pytest.raises(ValueError, match="LoRALinear.*remove_lora"):
         apply_adapters(with_lora)
     with pytest.raises(ValueError, match="no bottleneck adapter layers"):
-        adapters_state_dict(small_gpt2())
+        bottleneck_state_dict(small_gpt2())
     bert_like = small_gpt2()
     bert_like.config.model_type = "bert"
     with pytest.raises(ValueError, match="model type 'bert'.*peft_lab.arch.LAYOUTS"):
@@ -243,11 +243,11 @@ def test_bad_models():
 
 def test_strict_loading(tmp_path):
     model = apply_adapters(small_gpt2(), reduction_factor=4)
-    sd = adapters_state_dict(model)
+    sd = bottleneck_state_dict(model)
     with pytest.raises(ValueError, match="missing keys"):
-        load_adapters_state_dict(model, dict(list(sd.items())[1:]))
+        load_bottleneck_state_dict(model, dict(list(sd.items())[1:]))
     with pytest.raises(ValueError, match="shape mismatch"):
-        load_adapters_state_dict(model, {k: torch.zeros(3) for k in sd})
+        load_bottleneck_state_dict(model, {k: torch.zeros(3) for k in sd})
     path = save_adapters(model, tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="width 64, this model has width 32"):
         load_adapters(small_gpt2(width=32), path)

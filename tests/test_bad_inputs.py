@@ -450,15 +450,15 @@ CASES = [
      ["nonlinearity: file 'gelu', model 'relu'", "scaling", "remove_adapters"]),
     ("adapters", "load missing file", lambda c, t: peft_lab.load_adapters(c.small(), t / "no.safetensors"),
      FileNotFoundError, ["path", "save_adapters"]),
-    ("adapters", "config of a plain model", lambda c, t: peft_lab.adapter_config(c.small()), ValueError,
+    ("adapters", "config of a plain model", lambda c, t: peft_lab.bottleneck_config(c.small()), ValueError,
      ["bottleneck adapter", "apply_adapters"]),
-    ("adapters", "state dict of a pair", lambda c, t: peft_lab.adapters_state_dict((c.model, c.tok)), TypeError,
+    ("adapters", "state dict of a pair", lambda c, t: peft_lab.bottleneck_state_dict((c.model, c.tok)), TypeError,
      ["model", "unpack"]),
     ("adapters", "disable a plain model", lambda c, t: peft_lab.disable_adapters(c.small()).__enter__(), ValueError,
      ["bottleneck adapter", "apply_adapters"]),
     ("adapters", "remove from a plain model", lambda c, t: peft_lab.remove_adapters(c.small()), ValueError,
      ["bottleneck adapter", "apply_adapters"]),
-    ("adapters", "load LoRA weights", lambda c, t: peft_lab.load_adapters_state_dict(
+    ("adapters", "load LoRA weights", lambda c, t: peft_lab.load_bottleneck_state_dict(
         peft_lab.apply_adapters(c.small()), peft_lab.lora_state_dict(c.lora())), ValueError,
      ["adapter weights", "missing keys"]),
     ("adapters", "hub export name", lambda c, t: peft_lab.export_adapterhub_adapter(

@@ -234,7 +234,7 @@ def test_bad_arguments(kwargs, error, words):
 
 def test_misuse_is_refused(tmp_path):
     model = apply_ia3(small_gpt2())
-    with pytest.raises(ValueError, match="already has IA3"):
+    with pytest.raises(ValueError, match="already carries IA3"):
         apply_ia3(model)
     with pytest.raises(ValueError, match="no IA3 layers"):
         merge_ia3(small_gpt2())

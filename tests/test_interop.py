@@ -169,7 +169,7 @@ def test_adapter_for_another_size(adapter_dir):
 
 
 def test_import_into_a_model_that_already_has_lora(adapter_dir):
-    with pytest.raises(ValueError, match="already has LoRA"):
+    with pytest.raises(ValueError, match="already carries LoRA"):
         import_peft_adapter(apply_lora(small_gpt2()), adapter_dir)
 
 

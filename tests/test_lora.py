@@ -11,9 +11,9 @@ from transformers.pytorch_utils import Conv1D
 
 import peft_lab
 from builders import MODELS, VOCAB, adamw_losses, small_gpt2, small_llama
-from peft_lab.core import fill_seeded
+from peft_lab.arch import DEFAULT_TARGETS
+from peft_lab.core import fill_seeded, matches_target
 from peft_lab.lora import (
-    DEFAULT_TARGET_MODULES,
     LoRALinear,
     apply_lora,
     disable_lora,
@@ -21,7 +21,6 @@ from peft_lab.lora import (
     lora_config,
     lora_layers,
     lora_state_dict,
-    matches_target,
     merge_lora,
     remove_lora,
     unmerge_lora,
@@ -151,7 +150,7 @@ def test_twenty_training_steps_match_peft(kind):
 
 def test_default_targets_agree_with_peft():
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
-    for model_type, targets in DEFAULT_TARGET_MODULES.items():
+    for model_type, targets in DEFAULT_TARGETS["lora"].items():
         assert sorted(peft_defaults[model_type]) == sorted(targets), model_type
     assert lora_config(apply_lora(small_llama())).target_modules == ("q_proj", "v_proj")
     assert lora_config(apply_lora(small_gpt2())).target_modules == ("c_attn",)
@@ -342,7 +341,7 @@ def test_target_that_is_not_linear():
 
 def test_applying_twice_and_operations_without_lora():
     model = apply_lora(small_gpt2())
-    with pytest.raises(ValueError, match="already has LoRA"):
+    with pytest.raises(ValueError, match="already carries LoRA"):
         apply_lora(model)
     plain = small_gpt2()
     for fn in (merge_lora, unmerge_lora, lora_state_dict, remove_lora):

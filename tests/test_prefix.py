@@ -528,7 +528,7 @@ def test_model_without_a_cache_path():
 def test_applying_twice():
     base = small_gpt2()
     model = apply_prefix_tuning(base, P)
-    with pytest.raises(ValueError, match="applied twice.*remove_prefix"):
+    with pytest.raises(ValueError, match="already carries prefix tuning.*remove_prefix"):
         apply_prefix_tuning(model, P)
     with pytest.raises(ValueError, match="already has virtual tokens"):
         apply_prompt_tuning(base, P)  # the base is held by a wrapper

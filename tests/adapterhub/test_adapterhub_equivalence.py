@@ -14,7 +14,7 @@ import torch
 adapters = pytest.importorskip("adapters", reason="AdapterHub runs in the floor environment (.ci/floor)")
 
 import peft_lab  # noqa: E402
-from peft_lab.adapters import adapters_state_dict, apply_adapters, bottleneck_params  # noqa: E402
+from peft_lab.adapters import apply_adapters, bottleneck_params, bottleneck_state_dict  # noqa: E402
 from peft_lab.core import fill_seeded  # noqa: E402
 from peft_lab.interop_adapterhub import export_adapterhub_adapter, import_adapterhub_adapter  # noqa: E402
 from peft_lab.paths import data_dir  # noqa: E402
@@ -53,7 +53,7 @@ def pair(bases, arch: str, placement: str, direction: str, tmp_path):
         ours = import_adapterhub_adapter(copy.deepcopy(bases[arch]), tmp_path)
     else:
         ours = apply_adapters(copy.deepcopy(bases[arch]), placement=placement, init="bert")
-        fill_seeded(adapters_state_dict(ours), 2, 0.05)
+        fill_seeded(bottleneck_state_dict(ours), 2, 0.05)
         export_adapterhub_adapter(ours, tmp_path, "ours")
         theirs = copy.deepcopy(bases[arch])
         adapters.init(theirs)
