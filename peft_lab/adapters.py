@@ -49,7 +49,6 @@ import torch
 from torch import nn
 
 from . import arch, core, registry, validate
-from .arch import LAYOUTS, Layout
 from .paths import atomic_path
 
 __all__ = ["BottleneckConfig", "BottleneckAdapter", "ResidualTap", "apply_adapters", "bottleneck_layers",
@@ -201,23 +200,6 @@ class ResidualTap(nn.Module):
 # Whole-model operations
 # ----------------------------------------------------------------------------------------------------------
 
-def hidden_size_of(model: nn.Module) -> int:
-    """The model width ``d`` from its config (``hidden_size``; GPT-2's ``n_embd``)."""
-    try:
-        return arch.width(model)
-    except (AttributeError, TypeError):
-        raise ValueError("cannot read the model width: model.config has no hidden_size/n_embd; adapters here "
-                         "need a transformers model") from None
-
-
-def _layout(model: nn.Module) -> Layout:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in LAYOUTS:
-        raise ValueError(f"model type {model_type!r} has no block layout for adapters; known: "
-                         f"{sorted(LAYOUTS)}. Add a Layout entry to peft_lab.arch.LAYOUTS for another architecture")
-    return LAYOUTS[model_type]
-
-
 def resolve_bottleneck_dim(hidden_size: int, reduction_factor=16, bottleneck_dim=None) -> int:
     """``m`` from ``bottleneck_dim`` if given, else ``d / reduction_factor``, which must be a whole number."""
     if bottleneck_dim is not None:
@@ -254,7 +236,7 @@ def apply_adapters(model: nn.Module, placement: str = "pfeiffer", reduction_fact
     :class:`BottleneckConfig` (or pass ``config=``, whose ``hidden_size`` must be the model's width).
     """
     validate.require_module("model", model)
-    layout, d = _layout(model), hidden_size_of(model)
+    layout, d = arch.layout(model), arch.width(model)
     if config is None:
         sublayers, default_act, default_scaling = PLACEMENTS[
             validate.require_str("placement", placement, choices=sorted(PLACEMENTS))]
@@ -339,9 +321,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"path={str(path)!r} was not written by save_adapters (its metadata has no adapter "
                          "settings); for AdapterHub's folders use peft_lab.import_adapterhub_adapter")
     config = BottleneckConfig(**json.loads(meta))
-    if hidden_size_of(model) != config.hidden_size:
+    if arch.width(model) != config.hidden_size:
         raise ValueError(f"the file was saved from a model of width {config.hidden_size}, this model has width "
-                         f"{hidden_size_of(model)}: load it into the architecture it was trained on")
+                         f"{arch.width(model)}: load it into the architecture it was trained on")
     if any(True for _ in bottleneck_layers(model)):
         here = asdict(bottleneck_config(model))
         differ = {k: (val, here[k]) for k, val in asdict(config).items()
@@ -362,9 +344,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 # The registry entry (PEFT has no bottleneck adapters: AdapterHub's format is in peft_lab.interop_adapterhub)
 # ----------------------------------------------------------------------------------------------------------
 
-registry.register(registry.Method(
-    name="bottleneck", label="bottleneck adapters", config_class=BottleneckConfig, layer_class=BottleneckAdapter,
-    apply=lambda model, config: apply_adapters(model, config=config), present=_LAYERS.present,
+_LAYERS.register(
+    label="bottleneck adapters", config_class=BottleneckConfig,
+    apply=lambda model, config: apply_adapters(model, config=config),
     disable=disable_adapters, remove=remove_adapters, state_dict=bottleneck_state_dict,
     load_state_dict=load_bottleneck_state_dict, config_of=bottleneck_config,
     # A bottleneck keeps its input (d) and what its nonlinearity saves: m for ReLU (its output, also W_up's
@@ -383,4 +365,4 @@ registry.register(registry.Method(
                                          after_ffn=lambda d, m, layer: m + (d if layer == 0 else 0),
                                          required=("bottleneck_dim",)),
     },
-))
+)

@@ -39,12 +39,19 @@ class Layout:
     ffn_norm: str
     ffn: str
     attn_norm: str = ""     # the norm before the attention sublayer (its input is the block input x)
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # in the attention; one name: q, k, v fused
+    out_proj: str = "o_proj"                               # the attention's output projection
+
+    @property
+    def fused_qkv(self) -> bool:
+        """Whether one projection computes queries, keys and values (GPT-2's ``c_attn``, queries first)."""
+        return len(self.qkv) == 1
 
 
 _LLAMA = Layout("model.layers", "self_attn", "post_attention_layernorm", "mlp", "input_layernorm")
 #: ``model.config.model_type`` → :class:`Layout`.
 LAYOUTS: dict[str, Layout] = {
-    "gpt2": Layout("transformer.h", "attn", "ln_2", "mlp", "ln_1"),
+    "gpt2": Layout("transformer.h", "attn", "ln_2", "mlp", "ln_1", qkv=("c_attn",), out_proj="c_proj"),
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
 }
 
@@ -151,11 +158,12 @@ def attention_qkv(attn: nn.Module, hidden, position_embeddings=None):
     ``position_embeddings`` = the ``(cos, sin)`` the model passed to this layer (capture it with a forward hook
     registered ``with_kwargs=True``)."""
     B, T, _ = hidden.shape
-    if hasattr(attn, "c_attn"):                                   # GPT-2
+    names = layout(attn.config).qkv
+    if len(names) == 1:                                           # GPT-2: fused, queries first
         d = hidden.shape[-1]
         heads = attn.num_heads
         split = lambda t: t.view(B, T, heads, -1).transpose(1, 2)
-        return tuple(split(t) for t in attn.c_attn(hidden).split(d, dim=-1))
+        return tuple(split(t) for t in getattr(attn, names[0])(hidden).split(d, dim=-1))
     hd = attn.head_dim
     split = lambda t: t.view(B, T, -1, hd).transpose(1, 2)
     q, k, v = split(attn.q_proj(hidden)), split(attn.k_proj(hidden)), split(attn.v_proj(hidden))
@@ -172,7 +180,7 @@ def attention_output(attn: nn.Module, per_head):
     """The attention sublayer's output from the heads' results ``per_head`` (B, heads, T, d_h): heads
     concatenated, then the output projection (GPT-2 ``c_proj``, LLaMA ``o_proj``)."""
     B, _, T, _ = per_head.shape
-    proj = attn.c_proj if hasattr(attn, "c_attn") else attn.o_proj
+    proj = getattr(attn, layout(attn.config).out_proj)
     return proj(per_head.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -22,10 +22,7 @@ __all__ = ["Switchable", "AdapterLayer", "matches_target", "module_names", "ends
            "freeze", "find_layers", "require_layers", "record_config", "get_config", "clear_config",
            "disabled", "adapter_state_dict", "load_adapter_state_dict", "all_adapter_layers",
            "require_adapters_active", "require_untied", "no_match_hint", "rollback_on_error", "adapter_dtype",
-           "fill_seeded", "stored_weight", "StoredWeights", "LayerMethod", "eval_mode", "IGNORE_INDEX"]
-
-#: The label that a loss ignores (PyTorch's ``cross_entropy`` default, transformers' and PEFT's padding label).
-IGNORE_INDEX = -100
+           "fill_seeded", "stored_weight", "StoredWeights", "LayerMethod", "eval_mode"]
 
 
 class Switchable(nn.Module):
@@ -419,6 +416,14 @@ class LayerMethod:
                  supported: tuple[type, ...] = (), companions: tuple[type, ...] = ()):
         self.name, self.layer_class, self.label, self.suffix = name, layer_class, label, suffix
         self.supported, self.companions = supported, companions
+
+    def register(self, **fields):
+        """Register the method (:func:`peft_lab.registry.register`); its name, label, layer class and
+        ``present`` come from here, the rest (``config_class``, ``apply``, ...) from ``fields``."""
+        from . import registry
+        fields = {"name": self.name, "label": self.label, "layer_class": self.layer_class, "present": self.present,
+                  **fields}
+        return registry.register(registry.Method(**fields))
 
     def layers(self, model: nn.Module) -> list[tuple[str, AdapterLayer]]:
         """``(name, layer)`` of every layer of this method, in module order."""

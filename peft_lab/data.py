@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import validate
+from . import core, validate
 from .corpus import VERDICTS, generate_corpus, generate_task
 from .paths import atomic_path, data_dir
 
@@ -77,7 +77,7 @@ def encode_task(examples: list[dict], tokenizer) -> list[dict]:
     for ex in examples:
         p = tokenizer.encode(ex["prompt"])
         a = tokenizer.encode(" " + ex["answer"]) + [tokenizer.eos_token_id]
-        out.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
+        out.append({"input_ids": p + a, "labels": [validate.IGNORE_INDEX] * len(p) + a})
     return out
 
 
@@ -101,7 +101,7 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     pad_id = validate.require_int("pad_id", pad_id, min=0)
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    labels = torch.full((len(examples), width), validate.IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
@@ -142,11 +142,9 @@ def evaluate_task(model, tokenizer, examples: list[dict], batch_size: int = 64,
     encoded = validate.require_encoded_examples(
         "examples", [{"input_ids": tokenizer.encode(e["prompt"])} for e in examples],
         vocab_size=vocab, context=context)
-    was_training = model.training
-    model.eval()
     device = _device_of(model)
     preds: list[str] = []
-    try:
+    with core.eval_mode(model):
         for i in range(0, len(encoded), batch_size):
             batch = collate(encoded[i:i + batch_size], pad_id=tokenizer.eos_token_id)
             logits = model(input_ids=batch["input_ids"].to(device),
@@ -154,8 +152,6 @@ def evaluate_task(model, tokenizer, examples: list[dict], batch_size: int = 64,
             last = batch["attention_mask"].sum(1) - 1
             scores = logits[torch.arange(len(last)), last.to(device)][:, choice_ids.to(device)]
             preds += [choices[j] for j in scores.argmax(-1).tolist()]
-    finally:
-        model.train(was_training)
     correct = sum(p == e["answer"] for p, e in zip(preds, examples))
     return {"accuracy": correct / len(examples), "n": len(examples), "predictions": preds}
 
@@ -173,23 +169,19 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> floa
     enc = validate.require_encoded_examples("texts", encode_texts(texts, tokenizer), vocab_size=vocab, context=context)
     if all(len(e["input_ids"]) < 2 for e in enc):  # the first token of a text is never a target
         raise ValueError("texts hold nothing to score: every text is empty (only its end-of-text token)")
-    was_training = model.training
-    model.eval()
     device = _device_of(model)
     nll, count = 0.0, 0
-    try:
+    with core.eval_mode(model):
         for i in range(0, len(enc), batch_size):
             b = collate(enc[i:i + batch_size], pad_id=tokenizer.eos_token_id)
             logits = model(input_ids=b["input_ids"].to(device),
                            attention_mask=b["attention_mask"].to(device)).logits.float()
             targets = b["labels"][:, 1:].to(device)
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            valid = targets != -100
+            valid = targets != validate.IGNORE_INDEX
             tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             nll -= tok[valid].sum().item()
             count += int(valid.sum())
-    finally:
-        model.train(was_training)
     return math.exp(nll / count)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import validate
+from . import core, validate
 from .data import VERDICTS, collate, encode_task
 
 
@@ -40,17 +40,15 @@ def answer_diagnostics(model, tokenizer, examples: list[dict], batch_size: int =
     good, bad = _verdict_ids(tokenizer)
     enc = encode_task(examples, tokenizer)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     answer_nll, rest_nll, rest_n, spreads, correct, choice = [], 0.0, 0, [], 0, []
-    try:
+    with core.eval_mode(model):
         for i in range(0, len(enc), batch_size):
             b = {k: v.to(device) for k, v in collate(enc[i:i + batch_size], pad_id=tokenizer.eos_token_id).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
             targets = b["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
-                                                    reduction="none")                      # (B, T-1)
-            supervised = targets != -100
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
+                                                    ignore_index=validate.IGNORE_INDEX, reduction="none")  # (B, T-1)
+            supervised = targets != validate.IGNORE_INDEX
             first = supervised.int().argmax(1)            # the answer token: the first supervised target
             rows = torch.arange(len(first), device=device)
             answer_nll.append(nll[rows, first])
@@ -65,8 +63,6 @@ def answer_diagnostics(model, tokenizer, examples: list[dict], batch_size: int =
             truth = torch.tensor([e["answer"] == VERDICTS[0] for e in examples[i:i + batch_size]], device=device)
             correct += int(((spread > 0) == truth).sum())
             choice.append(torch.nn.functional.softplus(torch.where(truth, -spread, spread)))  # -log p(right | 2 words)
-    finally:
-        model.train(was_training)
     spread = torch.cat(spreads)
     return {"accuracy": correct / len(enc), "answer_loss": torch.cat(answer_nll).mean().item(),
             "rest_loss": rest_nll / max(rest_n, 1), "choice_loss": torch.cat(choice).mean().item(),
@@ -83,18 +79,14 @@ def verdict_hidden_states(model, tokenizer, examples: list[dict], batch_size: in
     examples = validate.require_task_rows("examples", examples)
     device = next(model.parameters()).device
     enc = [{"input_ids": tokenizer.encode(e["prompt"])} for e in examples]
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with core.eval_mode(model):
         for i in range(0, len(enc), batch_size):
             b = collate(enc[i:i + batch_size], pad_id=tokenizer.eos_token_id)
             hs = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
                        output_hidden_states=True).hidden_states
             last = (b["attention_mask"].sum(1) - 1).to(device)
             out.append(torch.stack([h[torch.arange(len(last), device=device), last] for h in hs]))
-    finally:
-        model.train(was_training)
     return torch.cat(out, dim=1).float()
 
 

@@ -217,16 +217,6 @@ def ia3_config(model: nn.Module) -> IA3Config:
     return config
 
 
-def merge_ia3(model: nn.Module) -> nn.Module:
-    """Equation (06.4) in every IA3 layer. Outputs stay equal up to float rounding."""
-    return _LAYERS.merge(model)
-
-
-def unmerge_ia3(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge_ia3` (divide by ``l``; restores ``W`` up to float rounding)."""
-    return _LAYERS.unmerge(model)
-
-
 def disable_ia3(model: nn.Module):
     """Context manager: inside it the model computes the base model alone (exactly for unmerged layers; merged
     ones are unmerged on entry and merged on exit)."""
@@ -237,6 +227,16 @@ def remove_ia3(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain layers back. ``merge=True`` keeps the learned scaling inside ``W`` (06.4); ``merge=False``
     drops it (the base model again, up to rounding if it was merged)."""
     return _LAYERS.remove(model, validate.require_bool("merge", merge))
+
+
+def merge_ia3(model: nn.Module) -> nn.Module:
+    """Equation (06.4) in every IA3 layer. Outputs stay equal up to float rounding."""
+    return _LAYERS.merge(model)
+
+
+def unmerge_ia3(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_ia3` (divide by ``l``; restores ``W`` up to float rounding)."""
+    return _LAYERS.unmerge(model)
 
 
 def ia3_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -283,13 +283,20 @@ def _from_peft(model: nn.Module, fields: dict) -> nn.Module:
     return apply_ia3(model, fields["target_modules"], fields.get("feedforward_modules"))
 
 
-registry.register(registry.Method(
-    name="ia3", label="IA3", config_class=IA3Config, layer_class=IA3Layer,
-    apply=lambda model, config: apply_ia3(model, config=config), present=_LAYERS.present,
-    disable=disable_ia3, remove=remove_ia3, state_dict=ia3_state_dict, load_state_dict=load_ia3_state_dict,
-    config_of=ia3_config, serve=merge_ia3, served_as="merged",
-    peft_type="IA3", to_peft=_to_peft, from_peft=_from_peft,
+_LAYERS.register(
+    config_class=IA3Config,
+    apply=lambda model, config: apply_ia3(model, config=config),
+    disable=disable_ia3,
+    remove=remove_ia3,
+    state_dict=ia3_state_dict,
+    load_state_dict=load_ia3_state_dict,
+    config_of=ia3_config,
+    serve=merge_ia3,
+    served_as="merged",
+    peft_type="IA3",
+    to_peft=_to_peft,
+    from_peft=_from_peft,
     # its product l ⊙ y keeps y, a new tensor — the unscaled output (d_out) of a target, the unscaled input
     # (d_in) of a feed-forward target; the lowest trainable parameter is the lowest wrapped layer
     memory={"ia3": registry.MethodShape(lowest=None, required=("targets", "feedforward"))},
-))
+)

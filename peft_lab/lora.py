@@ -401,15 +401,14 @@ def query_weight_changes(model: nn.Module, base: nn.Module) -> list[tuple[float,
     validate.require_module("model", model)
     validate.require_module("base", base)
     out = []
+    fused = arch.layout(base).fused_qkv
     for i in range(len(arch.blocks(base))):
         pair = []
         for m in (model, base):
-            attn = arch.attention(m, i)
-            layer = attn.c_attn if hasattr(attn, "c_attn") else attn.q_proj
+            layer = getattr(arch.attention(m, i), arch.layout(m).qkv[0])
             w = layer.effective_weight() if isinstance(layer, LoRALinear) else layer.weight.detach()
-            pair.append(w[:, :arch.width(m)] if hasattr(attn, "c_attn") else w)  # Conv1D: d_in × 3d, queries first
-        out.append(magnitude_direction_change(pair[1], pair[0], fan_in_fan_out=hasattr(arch.attention(model, i),
-                                                                                       "c_attn")))
+            pair.append(w[:, :arch.width(m)] if fused else w)  # Conv1D: d_in × 3d, queries first
+        out.append(magnitude_direction_change(pair[1], pair[0], fan_in_fan_out=fused))
     return out
 
 
@@ -464,12 +463,10 @@ def _from_peft(model: nn.Module, fields: dict) -> nn.Module:
     return apply_lora(model, config=config)
 
 
-registry.register(registry.Method(
-    name="lora", label="LoRA", config_class=LoRAConfig, layer_class=LoRALinear,
-    apply=lambda model, config: apply_lora(model, config=config), present=_LAYERS.present,
+_LAYERS.register(
+    config_class=LoRAConfig, apply=lambda model, config: apply_lora(model, config=config),
     disable=disable_lora, remove=remove_lora, state_dict=lora_state_dict, load_state_dict=load_lora_state_dict,
-    config_of=lora_config, serve=merge_lora, served_as="merged",
-    peft_type="LORA", to_peft=_to_peft, from_peft=_from_peft,
-    # LoRA's lowest trainable parameter is its lowest wrapped layer (the calculator finds it from the targets)
-    memory={"lora": registry.MethodShape(lowest=None, required=("rank", "targets"), optional=("use_dora",))},
-))
+    config_of=lora_config, serve=merge_lora, served_as="merged", peft_type="LORA", to_peft=_to_peft,
+    from_peft=_from_peft,
+    # the lowest trainable parameter is the lowest wrapped layer (the calculator finds it from the targets)
+    memory={"lora": registry.MethodShape(lowest=None, required=("rank", "targets"), optional=("use_dora",))})

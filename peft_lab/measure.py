@@ -47,8 +47,9 @@ def _check_batch(batch, model: torch.nn.Module | None = None) -> None:
     """A batch as :func:`peft_lab.collate` makes it: integer ``input_ids`` (batch × length) the model can
     embed, and ``attention_mask`` / ``labels``, when present, tensors of exactly that shape."""
     if not isinstance(batch, Mapping) or not batch:
-        raise ValueError(f"batch is empty or not a dict (got {validate.describe(batch)}): pass a dict with at least "
-                         "input_ids (and usually attention_mask, labels), e.g. peft_lab.collate(examples, pad_id)")
+        kind = TypeError if not isinstance(batch, Mapping) else ValueError  # a wrong kind, or an empty dict
+        raise kind(f"batch is empty or not a dict (got {validate.describe(batch)}): pass a dict with at least "
+                   "input_ids (and usually attention_mask, labels), e.g. peft_lab.collate(examples, pad_id)")
     if "input_ids" not in batch:
         raise ValueError(f"batch has no 'input_ids' (keys: {sorted(batch)})")
     ids = batch["input_ids"]

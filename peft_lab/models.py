@@ -82,7 +82,7 @@ def _tiny_dir(name: str = TINY):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"the {name} model is missing from {path}. Rebuild it with "
-            f"`{SHIPPED[name].format(path=path)}` (about 12 minutes on a laptop CPU)."
+            f"`{SHIPPED[name].format(path=path)}` (it takes minutes on a CPU)."
         )
     return path
 
@@ -97,8 +97,9 @@ def load_base_model(name: str = TINY, device: str | torch.device | None = None,
     :func:`peft_lab.arch.model_name`, so ``PEFT_LAB_MODEL`` picks the model of a whole run.
     """
     if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty string (\"tiny\", a hub id such as \"gpt2\", or a folder), "
-                        f"got {validate.describe(name)}")
+        kind = TypeError if not isinstance(name, str) else ValueError  # a wrong kind, or an empty string
+        raise kind(f"name must be a non-empty string (\"tiny\", a hub id such as \"gpt2\", or a folder), "
+                   f"got {validate.describe(name)}")
     target = pick_device(device)
     _check_dtype(dtype)
     shipped = name in SHIPPED

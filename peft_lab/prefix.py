@@ -237,7 +237,8 @@ class PrefixModel(core.Switchable):
             raise ValueError("pass exactly one of input_ids (token ids, batch × length) or inputs_embeds")
         if input_ids is not None:
             if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-                raise ValueError(f"input_ids must be a 2-D tensor of token ids (batch × length), got "
+                kind = TypeError if not isinstance(input_ids, torch.Tensor) else ValueError
+                raise kind(f"input_ids must be a 2-D tensor of token ids (batch × length), got "
                                  f"{validate.describe(input_ids)}; for one sequence use ids.unsqueeze(0)")
             shape = tuple(input_ids.shape)
         else:
@@ -355,7 +356,7 @@ class PromptTuningModel(PrefixModel):
             inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
         inputs_embeds = torch.cat([self.prompt_embeddings(batch_size).to(inputs_embeds.dtype), inputs_embeds], 1)
         if labels is not None:
-            labels = torch.cat([labels.new_full((batch_size, P), -100), labels], dim=1)
+            labels = torch.cat([labels.new_full((batch_size, P), validate.IGNORE_INDEX), labels], dim=1)
         out = self.base_model(inputs_embeds=inputs_embeds, labels=labels, **inputs)
         out["logits"] = out.logits[:, P:]  # one row per input token, as the base model returns
         return out
@@ -496,14 +497,10 @@ def _check_init(init, choices: tuple[str, ...], init_text, tokenizer, num_virtua
 def _text_key_values(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The frozen model's keys and values for the P tokens ``ids`` (at positions 0…P−1), laid out as the
     :class:`PrefixEncoder`'s table (P × 2L·d_kv): the inverse of :meth:`PrefixTuningModel.prefix_key_values`."""
-    was_training = model.training
-    model.eval()  # a model with dropout would otherwise give a random prefix
-    try:
+    with core.eval_mode(model):  # a model with dropout would otherwise give a random prefix
         with torch.no_grad():
             out = model(input_ids=ids[None].to(next(model.parameters()).device), use_cache=True)
         cache = out["cache"] if "cache" in out else out["past_key_values"]  # named `cache` from transformers 5.2x
-    finally:
-        model.train(was_training)
     kv = torch.stack([t[0] for layer in cache.layers for t in (layer.keys, layer.values)])  # 2L × h_kv × P × d_h
     return kv.permute(2, 0, 1, 3).reshape(ids.numel(), -1).float()
 

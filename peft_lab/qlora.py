@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -121,6 +122,13 @@ def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, block_size: int) -
     return (padded * absmax.unsqueeze(1)).reshape(-1)[:n]
 
 
+@lru_cache(maxsize=None)
+def _table(which: str, device: torch.device) -> torch.Tensor:
+    """The NF4 or the dynamic 8-bit code on ``device``, built once (every forward and backward dequantizes with
+    it); a read-only table — the public :func:`nf4_code` and :func:`dynamic_code` build fresh tensors."""
+    return (nf4_code() if which == "nf4" else dynamic_code()).to(device)
+
+
 @dataclass
 class NF4Weight:
     """A weight in NF4 (steps 06.Q2–06.Q3). Tensors:
@@ -180,13 +188,13 @@ class NF4Weight:
         ``dynamic_code[q] · scale + offset``)."""
         if not self.double_quant:
             return self.absmax
-        code8 = dynamic_code().to(self.absmax_scale.device)
+        code8 = _table("dynamic", self.absmax_scale.device)
         values = code8[self.quantized_absmax.long()]
         return _scale_blocks(values, self.absmax_scale, self.absmax_block_size) + self.absmax_offset
 
     def dequantize(self) -> torch.Tensor:
         """Step (06.Q2) undone: ``ŵ = nf4_code[index] · absmax`` per block, in the original shape and dtype."""
-        code = nf4_code().to(self.packed.device)
+        code = _table("nf4", self.packed.device)
         flat = _scale_blocks(code[self.indices().long()], self.block_absmax(), self.block_size)
         return flat.view(self.shape).to(self.dtype)
 
@@ -213,12 +221,12 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool 
     if not torch.isfinite(weight).all():
         raise ValueError("weight holds inf or NaN; absmax quantization needs finite values")
     flat = weight.detach().reshape(-1).float()
-    indices, absmax = _blockwise(flat, nf4_code().to(flat.device), block_size)
+    indices, absmax = _blockwise(flat, _table("nf4", flat.device), block_size)
     packed = (indices[0::2] << 4) | indices[1::2]
     fields = dict(absmax=absmax, quantized_absmax=None, absmax_scale=None, absmax_offset=None)
     if double_quant:
         offset = absmax.mean()
-        q, scale = _blockwise(absmax - offset, dynamic_code().to(flat.device), ABSMAX_BLOCK_SIZE)
+        q, scale = _blockwise(absmax - offset, _table("dynamic", flat.device), ABSMAX_BLOCK_SIZE)
         fields = dict(absmax=None, quantized_absmax=q, absmax_scale=scale, absmax_offset=offset)
     return NF4Weight(packed=packed, shape=tuple(weight.shape), dtype=weight.dtype, block_size=block_size, **fields)
 

@@ -1,12 +1,12 @@
 """Argument checks at the package's boundary: one place, one message style.
 
-Every public function of ``peft_lab`` checks what it receives with the helpers below before doing anything,
-so that a mistake gives one clear error instead of a silent wrong result or a traceback from deep inside
-torch. Each helper takes the argument's ``name`` as the caller writes it (``"lr"``, ``"examples"``,
-``"batch['attention_mask']"``) and the ``value`` received, and either returns the value in a plain form or
-raises ``TypeError`` (wrong kind of thing) / ``ValueError`` (right kind, wrong value) / ``KeyError`` (a row
-lacks a field) whose message names the argument, shows the value received, says what was expected and how
-to fix it.
+Every public function of ``peft_lab`` checks what it receives with the helpers below before doing anything, so
+that a mistake gives one clear error instead of a silent wrong result or a traceback from deep inside torch. Each
+helper takes the argument's ``name`` as the caller writes it (``"lr"``, ``"examples"``,
+``"batch['attention_mask']"``) and the ``value`` received, and either returns the value in a plain form or raises
+``TypeError`` (wrong kind of thing) / ``ValueError`` (right kind, wrong value) / :class:`MissingField` (a row
+lacks a field: a ``ValueError`` that is also a ``KeyError``, printed without quotes) whose message names the
+argument, shows the value received, says what was expected and how to fix it.
 
 Numbers are accepted in every form a notebook produces — Python ``int``/``float``, numpy scalars
 (``np.int64``, ``np.float32``), 0-d numpy arrays and 0-d torch tensors — and returned as Python ``int`` or
@@ -48,6 +48,14 @@ __all__ = ["describe", "as_python_number", "require_int", "require_real", "requi
            "require_callable", "optional", "require_module", "require_tokenizer", "require_path",
            "require_mapping", "require_texts", "require_task_rows", "require_encoded_examples",
            "model_limits", "require_token_ids"]
+
+class MissingField(ValueError, KeyError):
+    """A row lacks a field. A ``ValueError`` like every other wrong value, and a ``KeyError`` for code that
+    catches that; printed as a sentence (``KeyError`` alone would print its message in quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
 
 IGNORE_INDEX = -100  # the label that masks a position out of the loss (transformers' convention)
 
@@ -252,7 +260,7 @@ def require_task_rows(name: str, value: Any, *, nonempty: bool = True) -> list[M
         if missing:
             fix = ("these are encoded examples (token ids); pass the raw rows from load_task(...) instead"
                    if "input_ids" in row else "each row needs 'prompt' and 'answer' (see load_task)")
-            raise KeyError(f"{name}[{i}] has no {missing} field (keys: {sorted(row)}); {fix}")
+            raise MissingField(f"{name}[{i}] has no {missing} field (keys: {sorted(row)}); {fix}")
         for k in ("prompt", "answer"):
             if not isinstance(row[k], str):
                 _fail(TypeError, f"{name}[{i}][{k!r}]", row[k], "a string")
@@ -299,7 +307,7 @@ def require_encoded_examples(name: str, value: Any, *, vocab_size: int | None = 
         if "input_ids" not in row:
             fix = ("these are raw task rows; encode them first: encode_task(rows, tokenizer)"
                    if "prompt" in row else "encode the data with encode_task or encode_texts")
-            raise KeyError(f"{name}[{i}] has no 'input_ids' (keys: {sorted(row)}); {fix}")
+            raise MissingField(f"{name}[{i}] has no 'input_ids' (keys: {sorted(row)}); {fix}")
         ids = _int_list(f"{name}[{i}]['input_ids']", row["input_ids"])
         if not ids:
             raise ValueError(f"{name}[{i}]['input_ids'] is empty: every example needs at least one token")

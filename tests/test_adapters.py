@@ -231,7 +231,7 @@ def test_bad_models():
     with pytest.raises(ValueError, match="already carries bottleneck adapters.*remove_adapters"):
         apply_adapters(model)
     with_lora = lora.apply_lora(small_gpt2(), rank=2)
-    with pytest.raises(ValueError, match="LoRALinear.*remove_lora"):
+    with pytest.raises(ValueError, match="already carries LoRA.*remove_lora"):
         apply_adapters(with_lora)
     with pytest.raises(ValueError, match="no bottleneck adapter layers"):
         bottleneck_state_dict(small_gpt2())

@@ -20,8 +20,8 @@ assert [p.name[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "
 pytestmark = pytest.mark.notebooks
 
 
-# Seconds a cell may take: far above any cell of the course on a 2-core CPU, far below the 600 s that a stalled
-# run used to wait; the error names the cell.
+# Seconds a cell may take: far above any cell of the course on a 2-core CPU, far below nbclient's default of
+# 600 s; a cell that gives no reply within it fails the run with an error naming the cell.
 CELL_TIMEOUT = 120
 
 

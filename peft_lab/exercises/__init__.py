@@ -129,7 +129,7 @@ def check(id: str, answer: Any, verbose: bool = True) -> bool:
         raise TypeError(f"id must be the exercise's id as a string, e.g. check(\"02.ex2\", answer), got {id!r}")
     key = id
     if key not in _REGISTRY:
-        raise KeyError(f"no exercise id={id!r}; known: {sorted(_REGISTRY)}")
+        raise ValueError(f"no exercise id={id!r}; known: {sorted(_REGISTRY)}")
     if answer is None or answer is ...:
         ok, why = False, "no answer yet: replace the placeholder with your answer and run the cell again."
     else:
