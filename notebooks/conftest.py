@@ -8,3 +8,11 @@ the whole repository.
 import os
 
 os.environ["PEFT_LAB_QUIET"] = "1"  # read by peft_lab.train (and run_notebooks): no tqdm bar
+
+
+def pytest_collection_modifyitems(items):
+    """Every nbval item executes a notebook cell: marked ``slow`` (pyproject.toml's markers)."""
+    import pytest
+    for item in items:
+        if type(item).__module__.startswith("nbval"):
+            item.add_marker(pytest.mark.slow)

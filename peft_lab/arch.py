@@ -21,7 +21,7 @@ __all__ = [
     "Layout", "LAYOUTS", "DEFAULT_TARGETS", "MODEL_ENV_VAR", "model_name", "model_type", "layout", "blocks",
     "block_name", "attention", "mlp", "attention_qkv", "attention_output", "width", "num_layers", "num_heads",
     "num_kv_heads", "head_dim",
-    "vocab_size", "context_length", "head_is_tied", "default_targets",
+    "vocab_size", "context_length", "max_positions", "head_is_tied", "default_targets",
 ]
 
 #: Environment variable the notebooks' parameters cell reads for ``MODEL_NAME`` (see :func:`model_name`).
@@ -242,7 +242,18 @@ def vocab_size(model_or_config) -> int:
 
 def context_length(model_or_config) -> int:
     """Longest sequence the model takes (``max_position_embeddings``; GPT-2's ``n_positions``)."""
-    return int(_config(model_or_config).max_position_embeddings)
+    length = max_positions(_config(model_or_config))
+    if length is None:
+        raise ValueError(f"{type(model_or_config).__name__} does not say its context length "
+                         "(config.max_position_embeddings)")
+    return length
+
+
+def max_positions(config) -> int | None:
+    """``config.max_position_embeddings`` (GPT-2's ``n_positions``, which its config maps to that name) as an
+    ``int``, or ``None`` where a config (or a non-config) does not say: the one reading of the context length."""
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def head_is_tied(model: nn.Module) -> bool:

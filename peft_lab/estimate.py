@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from functools import lru_cache
 
-from . import core, registry, validate
+from . import arch, core, registry, validate
 from .measure import MEMORY_KEYS
 from .registry import STAGES, MethodShape
 
@@ -151,9 +150,9 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
     """
     spec = method_spec(method)
     kind = spec["kind"]
-    arch = getattr(config, "model_type", None)
-    if arch not in _LINEAR_STAGES:
-        raise ValueError(f"no activation formula for model_type {arch!r}; known: {sorted(_LINEAR_STAGES)}")
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _LINEAR_STAGES:
+        raise ValueError(f"no activation formula for model_type {model_type!r}; known: {sorted(_LINEAR_STAGES)}")
     if dropout_of(config) > 0:
         fields = ", ".join(f"{k}={getattr(config, k)}" for k in _DROPOUTS if getattr(config, k, 0))
         raise ValueError(f"the config sets dropout ({fields}); "
@@ -166,8 +165,8 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
     n = B * (T + P) if shape.prompt else B * T      # positions every layer computes
     rank, m = spec.get("rank", 0), spec.get("bottleneck_dim", 0)   # 0 where the kind has no such field
     targets = spec.get("targets", ())
-    stages = _LINEAR_STAGES[arch]
-    if arch == "gpt2":
+    stages = _LINEAR_STAGES[model_type]
+    if model_type == "gpt2":
         d, h, L, V = config.n_embd, config.n_head, config.n_layer, config.vocab_size
         f = config.n_inner or 4 * d
         k_act = _ACT_SAVED.get(config.activation_function, 1)
@@ -183,7 +182,7 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
                  "mlp.down_proj": (f, d)}
 
     # the module names of the linear layers of one block, as named_modules() writes them
-    block = "transformer.h.{}." if arch == "gpt2" else "model.layers.{}."
+    block = "transformer.h.{}." if model_type == "gpt2" else "model.layers.{}."
     wraps = [frozenset(x for x in stages if core.matches_target(block.format(i) + x, targets)) for i in range(L)]
     if len(set(wraps)) > 1:
         raise ValueError(f"targets {targets!r} wrap different layers in different blocks; this calculator "
@@ -199,7 +198,7 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
     if lowest is None:  # LoRA, IA3: the stage of the lowest wrapped layer
         hits = [stage for name, stage in stages.items() if wrapped(name)]
         if not hits:
-            raise ValueError(f"{kind} targets {targets!r} name no linear layer of this {arch} block; "
+            raise ValueError(f"{kind} targets {targets!r} name no linear layer of this {model_type} block; "
                              f"known: {sorted(stages)}")
         lowest = float(min(hits))
     dora = kind == "lora" and bool(spec.get("use_dora", False))
@@ -212,7 +211,7 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
     for layer in range(L):
         def kept(stage: str) -> bool:  # rule 2
             return full or layer > 0 or STAGES[stage] > lowest
-        if arch == "gpt2":
+        if model_type == "gpt2":
             norm = d + 2                                   # LayerNorm: input, mean, rstd
             qkv_in = full or lora("attn.c_attn")
             attn = 6 * d + h                               # q, k, v, two copies, output, log-sum-exp
@@ -256,26 +255,15 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
         floats += n * shape.after_ffn(d, m, layer)
     if shape.prefix and spec.get("projection_dim"):
         floats += P * spec["projection_dim"]          # tanh output of the reparameterization
-    floats += n * (d + 2 if arch == "gpt2" else d + 1 + (d if full else 0))  # final norm
+    floats += n * (d + 2 if model_type == "gpt2" else d + 1 + (d if full else 0))  # final norm
     floats += n * d if full else 0                         # lm_head input (lm_head trained with the model)
     floats += n * V                                        # logits, kept for the loss
-    if arch == "llama":
+    if model_type == "llama":
         floats += 2 * (T + P if shape.prompt else T) * hd  # RoPE cos and sin, saved once
     ints = n                                               # targets of the loss
     if full:
-        ints += B * T + (T if arch == "gpt2" else 0)       # token ids (embedding grad), position ids (wpe)
+        ints += B * T + (T if model_type == "gpt2" else 0)       # token ids (embedding grad), position ids (wpe)
     return floats, ints
-
-
-def _count_on_meta(model) -> tuple[object, int]:
-    return model.config, sum(p.numel() for p in model.parameters())
-
-
-@lru_cache(maxsize=None)
-def _meta_size(name: str) -> tuple[object, int]:
-    """``(config, parameter count)`` of a named architecture, built once on the meta device."""
-    from .models import build_from_config
-    return _count_on_meta(build_from_config(name, device="meta"))
 
 
 def estimate_memory(name_or_config, trainable_params: int | None = None, batch_size: int = 1,
@@ -311,7 +299,7 @@ def estimate_memory(name_or_config, trainable_params: int | None = None, batch_s
     them in 16 bits: about a third of gpt2-small's weights, 4% of LLaMA-2 7B's), so this is a lower bound for
     the parameters (notebook 05 §8 prints by how much).
     """
-    from .models import build_from_config
+    from .models import meta_size
 
     validate.require_str("precision", precision, choices=sorted(PRECISIONS) + sorted(QUANTIZED_BASE))
     batch_size = validate.require_int("batch_size", batch_size, min=0)
@@ -321,12 +309,11 @@ def estimate_memory(name_or_config, trainable_params: int | None = None, batch_s
     if peft_method and trainable_params is None:
         raise ValueError("with a PEFT method, trainable_params is the method's own parameter count "
                          "(e.g. from count_parameters after applying it)")
-    config, total = (_meta_size(name_or_config) if isinstance(name_or_config, str)
-                     else _count_on_meta(build_from_config(name_or_config, device="meta")))
+    config, total = meta_size(name_or_config)
     if trainable_params is None:
         trainable_params = total
     trainable_params = validate.require_int("trainable_params", trainable_params, min=0, max=total)
-    context = getattr(config, "n_positions", None) or config.max_position_embeddings
+    context = arch.context_length(config)
     # A sequence longer than the context does not run on the model, so it has no memory figure.
     seq_len = context if seq_len is None else validate.require_int("seq_len", seq_len, min=1, max=context)
     b = PRECISIONS.get(precision) or QUANTIZED_BASE[precision]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager, nullcontext
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -75,6 +76,20 @@ def build_from_config(name, device: str | torch.device = "meta", dtype: torch.dt
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
     _set_loss_type(model)
     return model.eval()
+
+
+def meta_size(name) -> tuple[object, int]:
+    """``(config, parameter count)`` of an architecture (a name of :func:`build_from_config` or a config),
+    built on the meta device: nothing is allocated. Named architectures are built once per session."""
+    return _named_meta_size(name) if isinstance(name, str) else _meta_size(name)
+
+
+def _meta_size(name) -> tuple[object, int]:
+    model = build_from_config(name, device="meta")
+    return model.config, sum(p.numel() for p in model.parameters())
+
+
+_named_meta_size = lru_cache(maxsize=None)(_meta_size)
 
 
 def _tiny_dir(name: str = TINY):

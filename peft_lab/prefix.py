@@ -164,11 +164,7 @@ def cache_argument(model: nn.Module) -> str | None:
 
 
 def _max_positions(config) -> int | None:
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return arch.max_positions(config)
 
 
 class PrefixModel(core.Switchable):

@@ -80,14 +80,17 @@ def _fail(error: type, name: str, value: Any, expected: str, fix: str = "") -> N
     raise error(message + (f". {fix}" if fix else ""))
 
 
-def as_python_number(value: Any) -> Any:
+def as_python_number(value: Any, one_element: bool = False) -> Any:
     """A numpy or torch scalar (or 0-d array/tensor) as a Python ``int``/``float``/``bool``; anything else
-    unchanged. Used where a number is expected, before the ``isinstance`` checks."""
+    unchanged. Used where a number is expected, before the ``isinstance`` checks. ``one_element=True`` also
+    unpacks an array or tensor holding exactly one number (an exercise's answer ``np.array([4.0])``)."""
     if type(value) in (bool, int, float):  # exact types: np.float64 subclasses float and is converted below
         return value
     if isinstance(value, torch.Tensor) or (hasattr(value, "ndim") and hasattr(value, "item")):
-        if getattr(value, "ndim", None) == 0:
-            return value.item()
+        count = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", None)
+        if getattr(value, "ndim", None) == 0 or (one_element and count == 1):
+            item = value.item()
+            return item if isinstance(item, (bool, int, float)) else value
         return value
     if isinstance(value, numbers.Integral):  # numpy integers
         return int(value)
@@ -344,8 +347,8 @@ def model_limits(model: nn.Module) -> tuple[int | None, int | None]:
     config = getattr(model, "config", None)
     if vocab is None:
         vocab = getattr(config, "vocab_size", None)
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    return vocab, (int(context) if context else None)
+    from .arch import max_positions
+    return vocab, max_positions(config)
 
 
 def require_token_ids(name: str, ids: Any, model: nn.Module) -> torch.Tensor:

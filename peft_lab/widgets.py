@@ -4,8 +4,6 @@ Notebook 00, "Explore: memory of full fine-tuning vs a frozen base".
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import matplotlib.pyplot as plt
 
 from .estimate import estimate_memory
@@ -14,11 +12,9 @@ from .plots import memory_unit, plot_memory
 MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "llama-7b")
 
 
-@lru_cache(maxsize=None)
 def _num_parameters(name: str) -> int:
-    from .models import build_from_config
-
-    return sum(p.numel() for p in build_from_config(name, device="meta").parameters())
+    from .models import meta_size
+    return meta_size(name)[1]
 
 
 def show_memory(name: str = "gpt2", precision: str = "fp32", trainable_percent: float = 0.5,

@@ -33,3 +33,10 @@ def small_gpt2():
     cfg = GPT2Config(vocab_size=1024, n_positions=64, n_embd=32, n_layer=2, n_head=2,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return build_from_config(cfg, device="cpu", seed=0)
+
+
+def pytest_collection_modifyitems(items):
+    """The tests that launch CPU ranks (test_scale_out's ``runs`` fixture starts torchrun) are ``slow``."""
+    for item in items:
+        if "runs" in getattr(item, "fixturenames", ()) and item.module.__name__.endswith("test_scale_out"):
+            item.add_marker(pytest.mark.slow)

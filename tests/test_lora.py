@@ -242,10 +242,13 @@ def test_dropout_only_on_the_lora_branch():
     torch.manual_seed(1)
     got = layer(x)
     torch.manual_seed(1)
-    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
-    assert torch.equal(got, base_out + layer.lora_B(layer.lora_A(dropped)) * layer.scaling)
+    kept = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True) != 0  # the same draw: the mask
+    delta = layer.scaling * layer.lora_B.weight @ layer.lora_A.weight             # ΔW = s·BA (02.1)
+    # the base path undropped, the branch fed the kept inputs scaled by 1/(1−p) = 2 (PEFT's placement)
+    assert_close(got - base_out, (x * kept * 2) @ delta.T, reason="Wx + sB(Ax̃) − Wx vs x̃(sBA)ᵀ", what="branch")
+    assert not torch.allclose(got - base_out, x @ delta.T, atol=1e-3)             # dropout did act on it
     layer.eval()
-    assert torch.equal(layer(x), base_out + layer.lora_B(layer.lora_A(x)) * layer.scaling)
+    assert_close(layer(x) - base_out, x @ delta.T, reason="Wx + sB(Ax) − Wx vs x(sBA)ᵀ", what="eval branch")
 
 
 def test_state_dict_round_trip_and_remove():

@@ -17,7 +17,7 @@ from peft_lab.run_notebooks import ROOT, execute
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if "arch.model_name(" in p.read_text())
 assert [p.name[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06", "07"], NOTEBOOKS
 
-pytestmark = pytest.mark.notebooks
+pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
 
 
 # Seconds a cell may take: far above any cell of the course on a 2-core CPU, far below nbclient's default of

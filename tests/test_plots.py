@@ -22,6 +22,16 @@ def test_plot_history():
     assert len(axes[0].get_lines()) == 4 and len(axes[1].get_lines()) == 2
     assert axes[0].get_yscale() == "linear"  # 2.1 -> 1.0 is not a 10x fall
     assert axes[1].get_title() == "Validation accuracy"
+    # each run's own numbers under its own name (swapped or shifted curves fail)
+    for name, run in (("full FT", h), ("LoRA", g)):
+        [smoothed] = [ln for ln in axes[0].get_lines() if ln.get_label() == name]
+        assert list(smoothed.get_xdata()) == run.step[1:]
+        assert list(smoothed.get_ydata()) == pytest.approx([(a + b) / 2 for a, b in zip(run.loss, run.loss[1:])])
+        assert any(list(ln.get_ydata()) == run.loss and ln.get_color() == smoothed.get_color()
+                   for ln in axes[0].get_lines())          # the raw curve beside it, in its colour
+        [metric] = [ln for ln in axes[1].get_lines() if ln.get_label() == name]
+        assert (list(metric.get_xdata()), list(metric.get_ydata())) == (run.eval_step, run.metric)
+        assert metric.get_color() == smoothed.get_color()
     plt.close("all")
 
 
@@ -41,6 +51,12 @@ def test_plot_memory_units_and_labels():
     ax = plot_memory({"full": mib, "frozen": {**mib, "gradients": 0, "optimizer": 0}})
     assert _labelled(ax) and "MiB" in ax.get_ylabel()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["full", "frozen"]
+    # the bars carry the numbers, in MiB, each configuration's at its own tick
+    stacks = {}
+    for bar in ax.patches:
+        stacks.setdefault(round(bar.get_x() + bar.get_width() / 2), []).append(bar.get_height())
+    assert {x: sum(hs) for x, hs in stacks.items()} == pytest.approx({0: 13.0, 1: 4.0})
+    assert sorted(stacks[0]) == pytest.approx([1, 3, 3, 6]) and sorted(h for h in stacks[1] if h) == [1, 3]
     gib = {k: v * 1024 for k, v in mib.items()}
     ax = plot_memory({"big": {**gib, "cuda_peak": 12 * 2**30}})
     assert "GiB" in ax.get_ylabel()

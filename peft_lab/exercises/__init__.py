@@ -78,17 +78,10 @@ def exercises(notebook: str | None = None) -> list[Exercise]:
 
 
 def as_number(answer: Any) -> Any:
-    """A NumPy scalar, a one-element array or a 0-d torch tensor as a Python number; anything else unchanged."""
-    if isinstance(answer, (bool, int, float)) or not hasattr(answer, "item"):
-        return answer
-    size = getattr(answer, "size", None)
-    size = size() if callable(size) else size  # torch: .size() is a method; numpy: .size an int
-    numel = getattr(answer, "numel", None)
-    one = (numel() == 1) if callable(numel) else (size == 1 or getattr(answer, "ndim", None) == 0)
-    if not one:
-        return answer
-    value = answer.item()
-    return value if isinstance(value, (bool, int, float)) else answer
+    """A NumPy scalar, a one-element array or a 0-d torch tensor as a Python number; anything else unchanged
+    (:func:`peft_lab.validate.as_python_number`, which the package's own arguments go through)."""
+    from ..validate import as_python_number
+    return as_python_number(answer, one_element=True)
 
 
 def run_student(fn: Callable, *args, **kwargs):
