@@ -365,4 +365,5 @@ _LAYERS.register(
                                          after_ffn=lambda d, m, layer: m + (d if layer == 0 else 0),
                                          required=("bottleneck_dim",)),
     },
+    memory_spec=lambda c, model_config: {"kind": c.placement, "bottleneck_dim": c.bottleneck_dim},
 )

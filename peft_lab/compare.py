@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from . import registry
-from .arch import default_targets
 from .data import evaluate_task, perplexity
 from .estimate import estimate_memory
 from .measure import count_parameters, measure_memory
@@ -35,14 +34,15 @@ BOTTLENECK, PREFIX_TOKENS, PROMPT_TOKENS, PROJECTION = 16, 10, 10, 64  # sizes u
 @dataclass(frozen=True)
 class MethodSpec:
     """One method: ``apply(model, tokenizer) -> model`` on a fresh copy of the base (it may return a wrapper),
-    the learning rates of the grid, where it comes from, and its shape for :func:`estimate_memory`
-    (``memory(config) -> dict`` or ``None`` when the calculator has no formula for it)."""
+    the learning rates of the grid, where it comes from, and what :func:`estimate_memory` is told about it
+    (``memory``: the method's config, e.g. ``LoRAConfig(8, 16)``, or a calculator spec; ``None`` when the
+    calculator has no formula for it)."""
 
     label: str
     apply: Callable[[nn.Module, object], nn.Module]
     lr_grid: tuple[float, ...]
     source: str                                   # "peft_lab" or "PEFT"
-    memory: Callable[[object], dict] | None = None
+    memory: object = None
     method: str | None = None                      # its registry name (peft_lab.registry); None: full FT
     precisions: tuple[str, ...] | None = None     # the calculator's precisions it exists at (None: all)
     quantized_base: bool = False                   # QLoRA: switched off, it is the NF4 base, not the base
@@ -52,8 +52,10 @@ class MethodSpec:
         """Whether the trained model can give its base model back (full fine-tuning changed the base itself)."""
         return self.method is not None
 
-def _lora_targets(config) -> list[str]:
-    return default_targets(config, "lora")
+def _lora_config(rank: int, use_dora: bool = False):
+    """LoRA (or DoRA) of rank r with α = 2r on the architecture's default targets (PEFT's table)."""
+    from .lora import LoRAConfig
+    return LoRAConfig(rank, 2 * rank, use_dora=use_dora)
 
 
 def _lora(rank: int, use_dora: bool = False, nf4_base: bool = False):
@@ -64,8 +66,7 @@ def _lora(rank: int, use_dora: bool = False, nf4_base: bool = False):
         if nf4_base and next(model.parameters()).device.type != "meta":
             from .qlora import quantize_model
             quantize_model(model)
-        return apply_lora(model, rank=rank, alpha=2 * rank, target_modules=_lora_targets(model.config),
-                          use_dora=use_dora)
+        return apply_lora(model, config=_lora_config(rank, use_dora))
     return apply
 
 
@@ -100,40 +101,35 @@ def _peft(kind: str):
     return apply
 
 
-def _lora_memory(rank, use_dora: bool = False):
-    return lambda config: {"kind": "lora", "rank": rank, "targets": _lora_targets(config), "use_dora": use_dora}
-
-
-def _ia3_memory(config):
-    return {"kind": "ia3", "targets": default_targets(config, "ia3"),
-            "feedforward": default_targets(config, "ia3_feedforward")}
+def _ia3_config():
+    from .ia3 import IA3Config
+    return IA3Config()  # PEFT's default targets and feed-forward modules for the architecture
 
 
 #: Name → spec, in the order of the course. Learning-rate grids are a factor ~3 apart around what notebooks
 #: 01–04 and short probes on notebook 05's task found (prompt tuning needs the largest rates, as in Lester et
 #: al. 2021); the notebook reports the grid and flags a best rate at an edge of it.
 METHODS: dict[str, MethodSpec] = {
-    "full FT": MethodSpec("full FT", lambda m, t: m, (1e-4, 3e-4, 1e-3), "peft_lab",
-                          lambda c: {"kind": "full"}),
-    "LoRA r=1": MethodSpec("LoRA r=1", _lora(1), (3e-3, 1e-2, 3e-2), "peft_lab", _lora_memory(1), "lora"),
-    "LoRA r=8": MethodSpec("LoRA r=8", _lora(8), (3e-3, 1e-2, 3e-2), "peft_lab", _lora_memory(8), "lora"),
+    "full FT": MethodSpec("full FT", lambda m, t: m, (1e-4, 3e-4, 1e-3), "peft_lab", {"kind": "full"}),
+    "LoRA r=1": MethodSpec("LoRA r=1", _lora(1), (3e-3, 1e-2, 3e-2), "peft_lab", _lora_config(1), "lora"),
+    "LoRA r=8": MethodSpec("LoRA r=8", _lora(8), (3e-3, 1e-2, 3e-2), "peft_lab", _lora_config(8), "lora"),
     "Houlsby": MethodSpec("Houlsby", _adapters("houlsby"), (3e-3, 1e-2, 3e-2), "peft_lab",
-                          lambda c: {"kind": "houlsby", "bottleneck_dim": BOTTLENECK}, "bottleneck"),
+                          {"kind": "houlsby", "bottleneck_dim": BOTTLENECK}, "bottleneck"),
     "Pfeiffer": MethodSpec("Pfeiffer", _adapters("pfeiffer"), (3e-3, 1e-2, 3e-2), "peft_lab",
-                           lambda c: {"kind": "pfeiffer", "bottleneck_dim": BOTTLENECK}, "bottleneck"),
+                           {"kind": "pfeiffer", "bottleneck_dim": BOTTLENECK}, "bottleneck"),
     "prefix": MethodSpec("prefix", _prefix, (3e-3, 1e-2, 3e-2), "peft_lab",
-                         lambda c: {"kind": "prefix", "num_virtual_tokens": PREFIX_TOKENS,
-                                    "projection_dim": PROJECTION}, "prefix_tuning"),
+                         {"kind": "prefix", "num_virtual_tokens": PREFIX_TOKENS, "projection_dim": PROJECTION},
+                         "prefix_tuning"),
     "prompt": MethodSpec("prompt", _prompt, (3e-2, 1e-1, 3e-1), "peft_lab",
-                         lambda c: {"kind": "prompt", "num_virtual_tokens": PROMPT_TOKENS}, "prompt_tuning"),
-    "IA3": MethodSpec("IA3", _ia3, (3e-2, 1e-1, 3e-1), "peft_lab", _ia3_memory, "ia3"),
+                         {"kind": "prompt", "num_virtual_tokens": PROMPT_TOKENS}, "prompt_tuning"),
+    "IA3": MethodSpec("IA3", _ia3, (3e-2, 1e-1, 3e-1), "peft_lab", _ia3_config(), "ia3"),
     "DoRA r=8": MethodSpec("DoRA r=8", _lora(8, use_dora=True), (3e-3, 1e-2, 3e-2), "peft_lab",
-                           _lora_memory(8, use_dora=True), "lora"),
+                           _lora_config(8, use_dora=True), "lora"),
     "QLoRA r=8": MethodSpec("QLoRA r=8", _lora(8, nf4_base=True), (3e-3, 1e-2, 3e-2), "peft_lab",
-                            _lora_memory(8), "lora", precisions=("4bit-base",), quantized_base=True),
-    "PEFT LoRA r=8": MethodSpec("PEFT LoRA r=8", _peft("lora"), (3e-3, 1e-2, 3e-2), "PEFT", _lora_memory(8),
+                            _lora_config(8), "lora", precisions=("4bit-base",), quantized_base=True),
+    "PEFT LoRA r=8": MethodSpec("PEFT LoRA r=8", _peft("lora"), (3e-3, 1e-2, 3e-2), "PEFT", _lora_config(8),
                                 "lora"),
-    "PEFT IA3": MethodSpec("PEFT IA3", _peft("ia3"), (3e-2, 1e-1, 3e-1), "PEFT", _ia3_memory, "ia3"),
+    "PEFT IA3": MethodSpec("PEFT IA3", _peft("ia3"), (3e-2, 1e-1, 3e-1), "PEFT", _ia3_config(), "ia3"),
 }
 #: The methods the analytic calculator describes (ours; PEFT's rows are the same computations).
 CALCULATOR_METHODS = [name for name, spec in METHODS.items() if spec.memory is not None
@@ -248,7 +244,6 @@ def stored_count(name: str, arch) -> int:
 def calculator(name: str, arch, batch_size: int = 1, seq_len: int = 128, precision: str = "fp32") -> dict:
     """:func:`estimate_memory` for method ``name`` on ``arch``: bytes of parameters, gradients, optimizer
     state and activations of one AdamW step."""
-    from .models import architecture_config
     spec = METHODS[name]
     if spec.memory is None:
         raise ValueError(f"the calculator has no formula for {name!r}; known: {CALCULATOR_METHODS}")
@@ -256,10 +251,9 @@ def calculator(name: str, arch, batch_size: int = 1, seq_len: int = 128, precisi
         why = (f"it exists only at precision {' or '.join(map(repr, spec.precisions))} (its frozen base is "
                "stored that way)" if spec.precisions else "there is no frozen base to store in 4 bits")
         raise ValueError(f"no {precision!r} figure for {name}: {why}")
-    config = architecture_config(arch) if isinstance(arch, str) else arch
     trainable = None if name == "full FT" else trainable_count(name, arch)
     return estimate_memory(arch, trainable_params=trainable, batch_size=batch_size, seq_len=seq_len,
-                           precision=precision, method=spec.memory(config))
+                           precision=precision, method=spec.memory)
 
 
 def has_precision(name: str, precision: str) -> bool:

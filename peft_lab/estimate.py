@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from . import arch, core, registry, validate
 from .measure import MEMORY_KEYS
@@ -58,11 +59,20 @@ def method_shapes() -> dict[str, MethodShape]:
 _FULL = MethodShape(lowest=-1.0)  # every tensor of every block trains
 
 
-def method_spec(method: Mapping | None) -> dict:
+def method_spec(method, model_config=None) -> dict:
     """``method`` checked: a known ``kind``, its required fields present, no unknown field, counts positive
-    integers, module names normalised by :func:`peft_lab.core.module_names` (one string is a regex)."""
+    integers, module names normalised by :func:`peft_lab.core.module_names` (one string is a regex). A method's
+    own config (``LoRAConfig(rank=8)``, ``BottleneckConfig(...)``, ...) is turned into that mapping by its
+    registry entry; its default targets need ``model_config``."""
     if method is None:
         return {"kind": "full"}
+    entry = registry.config_method(method)
+    if entry is not None:
+        if entry.memory_spec is None:
+            raise ValueError(f"the calculator has no formula for {entry.label}")
+        if model_config is None:
+            raise ValueError(f"a {type(method).__name__} needs the model's config to resolve its targets")
+        method = entry.memory_spec(method, model_config)
     validate.require_mapping("method", method)
     spec = dict(method)
     kind = spec.pop("kind", None)
@@ -148,122 +158,170 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
     attention probabilities per token per layer; CUDA SDPA kernels may keep q, k, v without the two CPU
     copies (2d less per token per layer).
     """
-    spec = method_spec(method)
-    kind = spec["kind"]
+    spec = method_spec(method, config)
     model_type = getattr(config, "model_type", None)
-    if model_type not in _LINEAR_STAGES:
-        raise ValueError(f"no activation formula for model_type {model_type!r}; known: {sorted(_LINEAR_STAGES)}")
+    if model_type not in _BLOCKS:
+        raise ValueError(f"no activation formula for model_type {model_type!r}; known: {sorted(_BLOCKS)}")
     if dropout_of(config) > 0:
         fields = ", ".join(f"{k}={getattr(config, k)}" for k in _DROPOUTS if getattr(config, k, 0))
         raise ValueError(f"the config sets dropout ({fields}); "
                          "this calculator counts dropout 0 and would under-estimate a model that trains with "
                          "dropout (masks, and on CPU the T×T attention probabilities). Set those fields to 0 in "
                          "the config (build_from_config does), or measure the model with measure_memory")
-    shape, full = method_shapes()[kind], kind == "full"
-    B, T = batch_size, seq_len
-    P = spec["num_virtual_tokens"] if shape.prefix or shape.prompt else 0
-    n = B * (T + P) if shape.prompt else B * T      # positions every layer computes
-    rank, m = spec.get("rank", 0), spec.get("bottleneck_dim", 0)   # 0 where the kind has no such field
-    targets = spec.get("targets", ())
-    stages = _LINEAR_STAGES[model_type]
-    if model_type == "gpt2":
-        d, h, L, V = config.n_embd, config.n_head, config.n_layer, config.vocab_size
-        f = config.n_inner or 4 * d
-        k_act = _ACT_SAVED.get(config.activation_function, 1)
-        hd, d_kv = d // h, d
-        sizes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, f), "mlp.c_proj": (f, d)}
-    else:
-        d, h, L, V = config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.vocab_size
-        hd = getattr(config, "head_dim", None) or d // h
-        d_kv = (config.num_key_value_heads or h) * hd
-        f = config.intermediate_size
-        sizes = {"self_attn.q_proj": (d, h * hd), "self_attn.k_proj": (d, d_kv), "self_attn.v_proj": (d, d_kv),
-                 "self_attn.o_proj": (h * hd, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f),
-                 "mlp.down_proj": (f, d)}
-
-    # the module names of the linear layers of one block, as named_modules() writes them
-    block = "transformer.h.{}." if model_type == "gpt2" else "model.layers.{}."
-    wraps = [frozenset(x for x in stages if core.matches_target(block.format(i) + x, targets)) for i in range(L)]
-    if len(set(wraps)) > 1:
-        raise ValueError(f"targets {targets!r} wrap different layers in different blocks; this calculator "
-                         "counts a method applied alike in every block: name the layers, e.g. ['c_attn']")
-
-    def wrapped(x):  # whether the method wraps the linear layer x (PEFT's rules, core.matches_target)
-        return x in wraps[0]
-
-    def lora(*names):  # how many of these linear layers LoRA wraps
-        return sum(kind == "lora" and wrapped(x) for x in names)
-
-    lowest = shape.lowest
-    if lowest is None:  # LoRA, IA3: the stage of the lowest wrapped layer
-        hits = [stage for name, stage in stages.items() if wrapped(name)]
-        if not hits:
-            raise ValueError(f"{kind} targets {targets!r} name no linear layer of this {model_type} block; "
-                             f"known: {sorted(stages)}")
-        lowest = float(min(hits))
-    dora = kind == "lora" and bool(spec.get("use_dora", False))
-    # IA3: per token and layer, the unscaled tensor each product keeps (input side: PEFT's endswith rule)
-    feedforward = spec.get("feedforward", ())
-    ia3_kept = sum(sizes[x][0] if core.ends_with_module(block.format(0) + x, feedforward) else sizes[x][1]
-                   for x in stages if kind == "ia3" and wrapped(x))
-
-    floats = 0
-    for layer in range(L):
-        def kept(stage: str) -> bool:  # rule 2
-            return full or layer > 0 or STAGES[stage] > lowest
-        if model_type == "gpt2":
-            norm = d + 2                                   # LayerNorm: input, mean, rstd
-            qkv_in = full or lora("attn.c_attn")
-            attn = 6 * d + h                               # q, k, v, two copies, output, log-sum-exp
-            o_lora, up_in, down_in = lora("attn.c_proj"), full or lora("mlp.c_fc"), full or lora("mlp.c_proj")
-            mlp = k_act * f
-            rank_total = rank * (lora("attn.c_attn") + o_lora + lora("mlp.c_fc") + lora("mlp.c_proj"))
-            kv_prefix = 2 * d_kv
-        else:
-            norm = d + 1 + (d if full else 0)              # RMSNorm: x, rstd (+ normalised x for its weight)
-            q_lora = lora("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-            qkv_in = full or q_lora
-            attn = 2 * d + 2 * d_kv + h                    # rotated q, k, v, output, log-sum-exp
-            o_lora = lora("self_attn.o_proj")
-            gu_lora = lora("mlp.gate_proj", "mlp.up_proj")
-            up_in, down_in = full or gu_lora, full or lora("mlp.down_proj")
-            mlp = 3 * f                                    # gate out, SiLU out, up out
-            if not (full or layer > 0 or lowest < STAGES["ffn_in"] or wrapped("mlp.gate_proj")):
-                mlp = f  # layer 0, up_proj the lowest trained: SiLU(gate) is a constant, kept for up's gradient
-            rank_total = rank * (q_lora + o_lora + gu_lora + lora("mlp.down_proj"))
-            kv_prefix = 2 * (d if d_kv < d else d_kv)     # with a mask, SDPA gets k, v repeated to all heads
-            if shape.prefix and d_kv < d:
-                attn += 2 * (d - d_kv)
-        floats += n * rank_total                           # rule 1: B's input, r per wrapped layer
-        floats += n * ia3_kept
-        if dora:  # (06.10): W₀x̃ and B A x̃ per token (2·d_out); n and m/n per layer, and m/n − 1 where W₀x̃ needs
-            for x in (x for x in stages if wrapped(x)):  # a gradient (above the lowest trained stage)
-                floats += 2 * n * sizes[x][1] + sizes[x][1] * (3 if layer > 0 or stages[x] > lowest else 2)
-        floats += n * norm if kept("norm") else 0
-        floats += n * d if qkv_in else 0
-        if kept("attention"):
-            floats += n * attn
-            if shape.prefix:
-                floats += B * P * kv_prefix + B * T * (T + P)
-        elif o_lora:
-            floats += n * d                                # o_proj's input, not kept by the attention
-        floats += n * shape.after_attention(d, m)
-        floats += n * norm if kept("ffn_norm") else 0
-        floats += n * d if up_in else 0
-        floats += n * mlp if kept("activation") else 0
-        floats += n * f if down_in else 0
-        floats += n * shape.after_ffn(d, m, layer)
-    if shape.prefix and spec.get("projection_dim"):
+    block = _BLOCKS[model_type](config)
+    on = _Trained(spec, block)
+    P = spec["num_virtual_tokens"] if on.shape.prefix or on.shape.prompt else 0
+    n = batch_size * (seq_len + P) if on.shape.prompt else batch_size * seq_len  # positions every layer computes
+    floats = sum(_layer_floats(block, on, layer, n, batch_size, seq_len, P) for layer in range(block.L))
+    if on.shape.prefix and spec.get("projection_dim"):
         floats += P * spec["projection_dim"]          # tanh output of the reparameterization
-    floats += n * (d + 2 if model_type == "gpt2" else d + 1 + (d if full else 0))  # final norm
-    floats += n * d if full else 0                         # lm_head input (lm_head trained with the model)
-    floats += n * V                                        # logits, kept for the loss
-    if model_type == "llama":
-        floats += 2 * (T + P if shape.prompt else T) * hd  # RoPE cos and sin, saved once
+    floats += n * block.norm(on.full)                      # final norm
+    floats += n * block.d if on.full else 0                # lm_head input (lm_head trained with the model)
+    floats += n * block.V                                  # logits, kept for the loss
+    floats += block.rope * (seq_len + P if on.shape.prompt else seq_len)  # RoPE cos and sin, saved once
     ints = n                                               # targets of the loss
-    if full:
-        ints += B * T + (T if model_type == "gpt2" else 0)       # token ids (embedding grad), position ids (wpe)
+    if on.full:
+        ints += batch_size * seq_len + block.position_ids * seq_len  # token ids (embedding grad), position ids
     return floats, ints
+
+
+# ----------------------------------------------------------------------------------------------------------
+# activation_elements, in parts: one block counter per architecture, the method's changes carried by _Trained
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Block:
+    """One architecture's sizes and the floats per token its parts keep (notebook 00 §5's count).
+
+    ``sizes``: (d_in, d_out) of each linear layer by name; ``stages``: each layer's stage (:data:`STAGES`);
+    ``names``: the block's module-name prefix; ``attn(prefix)``: what attention keeps; ``mlp``: the activation's
+    tensors; ``kv_prefix``: floats per virtual token of a prefix; ``rope``: RoPE's cos and sin (2·d_h per
+    position, saved once); ``position_ids``: 1 where a learned position embedding needs the ids.
+    """
+
+    model_type: str
+    d: int
+    h: int
+    L: int
+    V: int
+    f: int
+    hd: int
+    d_kv: int
+    sizes: dict
+    stages: dict
+    names: str
+    mlp: int
+    rope: int
+    position_ids: int
+
+    def norm(self, full: bool) -> int:
+        """LayerNorm keeps its input, mean and rstd; RMSNorm x and rstd (+ the normalised x for its weight)."""
+        if self.model_type == "gpt2":
+            return self.d + 2
+        return self.d + 1 + (self.d if full else 0)
+
+
+def _gpt2_block(config) -> _Block:
+    d, f = config.n_embd, config.n_inner or 4 * config.n_embd
+    return _Block("gpt2", d, config.n_head, config.n_layer, config.vocab_size, f, d // config.n_head, d,
+                  {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, f), "mlp.c_proj": (f, d)},
+                  _LINEAR_STAGES["gpt2"], "transformer.h.{}.", _ACT_SAVED.get(config.activation_function, 1) * f,
+                  rope=0, position_ids=1)
+
+
+def _llama_block(config) -> _Block:
+    d, h = config.hidden_size, config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or d // h
+    d_kv, f = (config.num_key_value_heads or h) * hd, config.intermediate_size
+    sizes = {"self_attn.q_proj": (d, h * hd), "self_attn.k_proj": (d, d_kv), "self_attn.v_proj": (d, d_kv),
+             "self_attn.o_proj": (h * hd, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
+    return _Block("llama", d, h, config.num_hidden_layers, config.vocab_size, f, hd, d_kv, sizes,
+                  _LINEAR_STAGES["llama"], "model.layers.{}.", 3 * f,  # gate out, SiLU out, up out
+                  rope=2 * hd, position_ids=0)
+
+
+_BLOCKS = {"gpt2": _gpt2_block, "llama": _llama_block}
+
+
+class _Trained:
+    """What the method trains in a block, read from its spec: which linear layers it wraps (PEFT's rules,
+    :func:`peft_lab.core.matches_target`), the stage of its lowest trainable parameter (rule 2), and the
+    per-token tensors of LoRA's ``B`` inputs, IA3's products and DoRA's terms."""
+
+    def __init__(self, spec: dict, block: _Block):
+        self.kind, self.full = spec["kind"], spec["kind"] == "full"
+        self.shape = method_shapes()[self.kind]
+        self.rank, self.m = spec.get("rank", 0), spec.get("bottleneck_dim", 0)  # 0 where the kind has none
+        targets = spec.get("targets", ())
+        wraps = {frozenset(x for x in block.stages if core.matches_target(block.names.format(i) + x, targets))
+                 for i in range(block.L)}
+        if len(wraps) > 1:
+            raise ValueError(f"targets {targets!r} wrap different layers in different blocks; this calculator "
+                             "counts a method applied alike in every block: name the layers, e.g. ['c_attn']")
+        self.wrapped = next(iter(wraps))
+        lowest = self.shape.lowest
+        if lowest is None:  # LoRA, IA3: the stage of the lowest wrapped layer
+            hits = [block.stages[x] for x in self.wrapped]
+            if not hits:
+                raise ValueError(f"{self.kind} targets {targets!r} name no linear layer of this {block.model_type} "
+                                 f"block; known: {sorted(block.stages)}")
+            lowest = float(min(hits))
+        self.lowest = lowest
+        self.dora = self.kind == "lora" and bool(spec.get("use_dora", False))
+        # IA3: per token and layer, the unscaled tensor each product keeps (input side: PEFT's endswith rule)
+        feedforward = spec.get("feedforward", ())
+        self.ia3_kept = sum(block.sizes[x][0] if core.ends_with_module(block.names.format(0) + x, feedforward)
+                            else block.sizes[x][1] for x in self.wrapped if self.kind == "ia3")
+
+    def lora(self, *names: str) -> int:
+        """How many of these linear layers LoRA wraps."""
+        return sum(self.kind == "lora" and x in self.wrapped for x in names)
+
+    def kept(self, stage: str, layer: int) -> bool:
+        """Rule 2: a tensor at ``stage`` is kept unless, in the first block, it sits below the lowest trained."""
+        return self.full or layer > 0 or STAGES[stage] > self.lowest
+
+
+def _layer_floats(b: _Block, on: _Trained, layer: int, n: int, B: int, T: int, P: int) -> int:
+    """Floats one block keeps for backward: the architecture's parts, rule 1 (a frozen linear layer keeps its
+    input only when LoRA wraps it) and rule 2 (:meth:`_Trained.kept`), plus the method's own tensors."""
+    full, d = on.full, b.d
+    if b.model_type == "gpt2":
+        q_lora = on.lora("attn.c_attn")
+        attn = 6 * d + b.h                                 # q, k, v, two copies, output, log-sum-exp
+        o_lora, gu_lora, down_lora = on.lora("attn.c_proj"), on.lora("mlp.c_fc"), on.lora("mlp.c_proj")
+        mlp, kv_prefix = b.mlp, 2 * b.d_kv
+    else:
+        q_lora = on.lora("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        attn = 2 * d + 2 * b.d_kv + b.h                    # rotated q, k, v, output, log-sum-exp
+        o_lora, gu_lora = on.lora("self_attn.o_proj"), on.lora("mlp.gate_proj", "mlp.up_proj")
+        down_lora, mlp = on.lora("mlp.down_proj"), b.mlp
+        if not (full or layer > 0 or on.lowest < STAGES["ffn_in"] or "mlp.gate_proj" in on.wrapped):
+            mlp = b.f  # layer 0, up_proj the lowest trained: SiLU(gate) is a constant, kept for up's gradient
+        kv_prefix = 2 * (d if b.d_kv < d else b.d_kv)      # with a mask, SDPA gets k, v repeated to all heads
+        if on.shape.prefix and b.d_kv < d:
+            attn += 2 * (d - b.d_kv)
+    floats = n * on.rank * (q_lora + o_lora + gu_lora + down_lora)  # rule 1: B's input, r per wrapped layer
+    floats += n * on.ia3_kept
+    if on.dora:  # (06.10): W₀x̃ and B A x̃ per token (2·d_out); n and m/n per layer, and m/n − 1 where W₀x̃ needs
+        for x in on.wrapped:                                # a gradient (above the lowest trained stage)
+            d_out = b.sizes[x][1]
+            floats += 2 * n * d_out + d_out * (3 if layer > 0 or b.stages[x] > on.lowest else 2)
+    floats += n * b.norm(full) if on.kept("norm", layer) else 0
+    floats += n * d if full or q_lora else 0
+    if on.kept("attention", layer):
+        floats += n * attn
+        if on.shape.prefix:
+            floats += B * P * kv_prefix + B * T * (T + P)
+    elif o_lora:
+        floats += n * d                                    # o_proj's input, not kept by the attention
+    floats += n * on.shape.after_attention(d, on.m)
+    floats += n * b.norm(full) if on.kept("ffn_norm", layer) else 0
+    floats += n * d if full or gu_lora else 0
+    floats += n * mlp if on.kept("activation", layer) else 0
+    floats += n * b.f if full or down_lora else 0
+    floats += n * on.shape.after_ffn(d, on.m, layer)
+    return floats
 
 
 def estimate_memory(name_or_config, trainable_params: int | None = None, batch_size: int = 1,
@@ -303,13 +361,13 @@ def estimate_memory(name_or_config, trainable_params: int | None = None, batch_s
 
     validate.require_str("precision", precision, choices=sorted(PRECISIONS) + sorted(QUANTIZED_BASE))
     batch_size = validate.require_int("batch_size", batch_size, min=0)
+    config, total = meta_size(name_or_config)
     if method is not None:
-        method = method_spec(method)
+        method = method_spec(method, config)
     peft_method = method is not None and method["kind"] != "full"
     if peft_method and trainable_params is None:
         raise ValueError("with a PEFT method, trainable_params is the method's own parameter count "
                          "(e.g. from count_parameters after applying it)")
-    config, total = meta_size(name_or_config)
     if trainable_params is None:
         trainable_params = total
     trainable_params = validate.require_int("trainable_params", trainable_params, min=0, max=total)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import core, registry, validate
+from . import arch, core, registry, validate
 from .arch import DEFAULT_TARGETS
 from .core import AdapterLayer
 
@@ -299,4 +299,9 @@ _LAYERS.register(
     # its product l ⊙ y keeps y, a new tensor — the unscaled output (d_out) of a target, the unscaled input
     # (d_in) of a feed-forward target; the lowest trainable parameter is the lowest wrapped layer
     memory={"ia3": registry.MethodShape(lowest=None, required=("targets", "feedforward"))},
+    memory_spec=lambda c, model_config: {
+        "kind": "ia3",
+        "targets": arch.default_targets(model_config, "ia3") if c.target_modules is None else c.target_modules,
+        "feedforward": (arch.default_targets(model_config, "ia3_feedforward") if c.feedforward_modules is None
+                        else c.feedforward_modules)},
 )

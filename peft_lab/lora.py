@@ -469,4 +469,7 @@ _LAYERS.register(
     config_of=lora_config, serve=merge_lora, served_as="merged", peft_type="LORA", to_peft=_to_peft,
     from_peft=_from_peft,
     # the lowest trainable parameter is the lowest wrapped layer (the calculator finds it from the targets)
-    memory={"lora": registry.MethodShape(lowest=None, required=("rank", "targets"), optional=("use_dora",))})
+    memory={"lora": registry.MethodShape(lowest=None, required=("rank", "targets"), optional=("use_dora",))},
+    memory_spec=lambda c, model_config: {
+        "kind": "lora", "rank": c.rank, "use_dora": c.use_dora,
+        "targets": arch.default_targets(model_config, "lora") if c.target_modules is None else c.target_modules})

@@ -647,6 +647,14 @@ def _from_peft(method: str):
     return apply
 
 
+def _memory_spec(config: PrefixConfig, model_config) -> dict:
+    """The calculator's spec (``estimate``) for a prefix or prompt of this config."""
+    if config.method == PROMPT_TUNING:
+        return {"kind": "prompt", "num_virtual_tokens": config.num_virtual_tokens}
+    return {"kind": "prefix", "num_virtual_tokens": config.num_virtual_tokens,
+            "projection_dim": config.projection_dim}
+
+
 def _apply_config(model: nn.Module, config: PrefixConfig) -> PrefixModel:
     """Apply the method of ``config`` (its size fields are the model's and are checked against it)."""
     if not isinstance(config, PrefixConfig):
@@ -681,4 +689,5 @@ for _method, _label in ((PREFIX_TUNING, "prefix tuning"), (PROMPT_TUNING, "promp
         if _method == PREFIX_TUNING else
         # the virtual tokens sit at the input: everything is kept
         {"prompt": registry.MethodShape(lowest=-1.0, prompt=True, required=("num_virtual_tokens",))},
+        memory_spec=_memory_spec,
     ))

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 __all__ = ["Method", "MethodShape", "STAGES", "register", "unregister", "methods", "get", "methods_on",
-           "method_on", "require_no_method"]
+           "method_on", "require_no_method", "config_method"]
 
 #: The stages of a pre-LN block in forward order (the memory calculator's rule 2, ``estimate``): in the first
 #: block a tensor saved at a stage *below* the lowest trainable parameter is not kept. Half stages sit between
@@ -70,6 +70,8 @@ class Method:
       says; the weights are loaded after) translate PEFT's format; ``peft_key_prefix`` goes before each
       saved key;
     * ``memory``: calculator kind → :class:`MethodShape` (bottleneck adapters have one per placement);
+      ``memory_spec(config, model_config) -> dict``: the calculator's spec for one of its configs (targets left
+      ``None`` resolved for that architecture), so ``estimate_memory(..., method=LoRAConfig(rank=8))`` works;
     * ``layer_class``: the layer it puts into the model, if it works by wrapping layers.
     """
 
@@ -90,6 +92,7 @@ class Method:
     from_peft: Callable[[nn.Module, dict], nn.Module] | None = None
     peft_key_prefix: str = "base_model.model."
     memory: Mapping[str, MethodShape] = field(default_factory=dict)
+    memory_spec: Callable[[Any, Any], dict] | None = None
     layer_class: type | None = None
 
 
@@ -140,6 +143,11 @@ def method_on(model: nn.Module) -> Method:
         what = "no method of peft_lab" if not found else f"several methods ({', '.join(m.label for m in found)})"
         raise ValueError(f"this model carries {what}; expected exactly one")
     return found[0]
+
+
+def config_method(config: Any) -> Method | None:
+    """The registered method whose config class ``config`` is an instance of, or ``None``."""
+    return next((m for m in methods().values() if isinstance(config, m.config_class)), None)
 
 
 def require_no_method(model: nn.Module, applying: str) -> None:

@@ -85,10 +85,11 @@ def test_default_targets_equal_peft_table(method, mapping):
 
 def test_one_table_for_the_package():
     """lora.py and compare.py read the table of peft_lab.arch rather than their own copies."""
-    from peft_lab import compare
+    from peft_lab import compare, lora
     for make in (small_gpt2, small_llama):
-        config = make().config
-        assert compare._lora_targets(config) == arch.default_targets(config)
+        model = make()
+        lora_on = lora.lora_config(compare.METHODS["LoRA r=8"].apply(model, None)).target_modules
+        assert list(lora_on) == arch.default_targets(model.config)
     assert arch.default_targets(small_llama(), "ia3") == ["k_proj", "v_proj", "down_proj"]
     with pytest.raises(ValueError, match="no default lora target_modules for model type 'bert-ish'"):
         cfg = small_gpt2().config
