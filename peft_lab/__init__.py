@@ -7,7 +7,10 @@ from . import offline_imports
 
 offline_imports.install()  # first: before anything imports peft, and through it bitsandbytes (see the module)
 
-from . import arch
+from . import (
+    arch,
+    multi_lora,  # noqa: E402  (registers the method)
+)
 from .adapters import (
     BottleneckAdapter,
     BottleneckConfig,
