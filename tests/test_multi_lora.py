@@ -10,8 +10,8 @@ import torch
 
 import peft_lab
 from builders import small_gpt2, small_llama
-from peft_lab import multi_lora as ml
 from peft_lab import compare, registry
+from peft_lab import multi_lora as ml
 from peft_lab.core import fill_seeded
 from peft_lab.lora import LoRAConfig
 from peft_lab.tolerance import assert_close
