@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -215,6 +216,23 @@ def test_discovers_every_notebook_and_solution(notebooks):
         assert n.title != n.path.stem, f"{n.path}: no '# title' heading found"
 
 
+def test_executed_copies_replace_committed_ones(notebooks, tmp_path):
+    """--executed: a fresh executed copy replaces the committed notebook; an older one (left from an earlier
+    build) and one whose name the course no longer has do not."""
+    executed = tmp_path / "executed"
+    (executed / "solutions").mkdir(parents=True)
+    fresh, stale = notebooks[0].path, next(n.path for n in notebooks if n.section == "solutions")
+    (executed / fresh).write_text('{"fresh": 1}')
+    (executed / stale).write_text('{"stale": 1}')
+    (executed / "99_renamed.ipynb").write_text('{"gone": 1}')
+    old = (NOTEBOOKS / stale).stat().st_mtime - 3600
+    os.utime(executed / stale, (old, old))
+    staged = course_site.stage(tmp_path / "staged", executed)
+    assert (staged / fresh).read_text() == '{"fresh": 1}'
+    assert (staged / stale).read_bytes() == (NOTEBOOKS / stale).read_bytes()
+    assert not (staged / "99_renamed.ipynb").exists()
+
+
 def test_every_notebook_has_a_page_with_colab_and_download(site, notebooks):
     out, info = site
     for nb in notebooks:
@@ -296,12 +314,16 @@ def test_checks_catch_a_broken_page(site, notebooks, tmp_path):
     victim = next(n for n in notebooks if figure_digests(NOTEBOOKS / n.path))
     path = page_of(broken, victim)
     html = path.read_text(encoding="utf-8")
-    first_img = re.search(r'<img[^>]*src="([^"]*_images/[^"]+)"[^>]*>', html)
-    html = html.replace(first_img.group(0), "", 1)
+    first = figure_digests(NOTEBOOKS / victim.path)[0][1]
+    for tag in re.findall(r"<img[^>]*>", html):   # drop the <img> that shows the notebook's first figure
+        src = re.search(r'src="([^"]+)"', tag).group(1)
+        target = local_target(path, src)
+        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == first:
+            html = html.replace(tag, "")
     html = html.replace("</head>", '<script src="https://cdn.example.org/x.js"></script>'
                         '<link rel="stylesheet" href="//cdn.example.org/x.css"></head>', 1)
-    html = html.replace("</article>", '<p>raw $\\alpha/r$ math and $$W_0 + BA$$ too, '
-                        '<a href="nowhere.html">a dead link</a>, <a href="#no-such-anchor">and one</a></p></article>', 1)
+    html = html.replace("</article>", '<p>raw $\\alpha/r$ math and $$W_0 + BA$$ too, <a href="nowhere.html">'
+                        'a dead link</a>, <a href="#no-such-anchor">and one</a></p></article>', 1)
     path.write_text(html, encoding="utf-8")
     with (broken / "_static" / "site.css").open("a", encoding="utf-8") as f:
         f.write('\n@import url("https://fonts.example.org/css?family=X");\n'

@@ -1,7 +1,7 @@
 """The course as a static website that works with no network.
 
     python -m peft_lab.site --out build/site                         # from the committed executed notebooks
-    python -m peft_lab.site --out build/site --notebooks build/notebooks   # from freshly executed copies
+    python -m peft_lab.site --out build/site --executed build/notebooks    # with freshly executed copies
 
 Sphinx with MyST-NB and the book theme turns the executed notebooks into one page each (outputs and figures
 as saved, nothing re-executed), under a landing page made here from the notebooks' own headers: their titles,
@@ -175,14 +175,16 @@ def landing_page(notebooks: list[Notebook]) -> str:
         "memory, time and forgetting;",
         "- how training is sharded over several processes (ZeRO, FSDP) when one machine is not enough.", "",
         "## The notebooks", "",
-        "| | notebook | prerequisites | time | solutions |",
-        "|---|---|---|---|---|",
     ]
+    timed = any(n.time for n in course)
+    out += ["| | notebook | prerequisites |" + (" estimated time |" if timed else "") + " solutions |",
+            "|---|---|---|" + ("---|" if timed else "") + "---|"]
     for n in course:
         sol = solutions.get(n.number)
         sol_cell = f"[worked solutions]({_link(sol)})" if sol else ""
-        out.append(f"| {n.number} | [{_strip_number(n.title)}]({_link(n)}) | {_cell(n.prerequisites)} | "
-                   f"{_cell(n.time) or '–'} | {sol_cell} |")
+        time_cell = f" {_cell(n.time) or '–'} |" if timed else ""
+        out.append(f"| {n.number} | [{_strip_number(n.title)}]({_link(n)}) | {_cell(n.prerequisites)} |"
+                   f"{time_cell} {sol_cell} |")
     out += ["", "## Learning objectives", ""]
     for n in course:
         out += [f"### [{n.title}]({_link(n)})", ""]
@@ -275,12 +277,26 @@ def conf_py(title: str) -> str:
     return "".join(f"{k} = {v!r}\n" for k, v in settings.items())
 
 
-def prepare(src: Path, notebooks_dir: Path = NOTEBOOKS, notebooks: list[Notebook] | None = None) -> list[Notebook]:
-    """Write the Sphinx source tree into ``src``: conf.py, index.md, the notebooks (and their folders' other
-    files, e.g. figures they link to), the static files."""
-    notebooks = discover(notebooks_dir) if notebooks is None else notebooks
-    shutil.copytree(notebooks_dir, src / "notebooks",
-                    ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "*.py"))
+def stage(dest: Path, executed: Path | None = None, notebooks_dir: Path = NOTEBOOKS) -> Path:
+    """The notebooks the site shows, in ``dest``: the committed ones, each replaced by its executed copy in
+    ``executed`` (same relative path) where there is one that is not older than the committed notebook (an older
+    one is left from an earlier build)."""
+    shutil.copytree(notebooks_dir, dest, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "*.py"))
+    if executed is not None:
+        for nb in Path(executed).rglob("*.ipynb"):
+            rel = nb.relative_to(executed)
+            committed = notebooks_dir / rel
+            if committed.is_file() and ".ipynb_checkpoints" not in rel.parts \
+                    and nb.stat().st_mtime >= committed.stat().st_mtime:
+                shutil.copy2(nb, dest / rel)
+    return dest
+
+
+def prepare(src: Path, staged: Path) -> list[Notebook]:
+    """Write the Sphinx source tree into ``src``: conf.py, index.md, the notebooks of ``staged`` (and their
+    folders' other files, e.g. figures they link to), the static files."""
+    notebooks = discover(staged)
+    shutil.copytree(staged, src / "notebooks")
     for n in notebooks:
         dest = src / "notebooks" / n.path
         nb = json.loads(dest.read_text(encoding="utf-8"))
@@ -321,8 +337,9 @@ def _copy_mathjax(dest: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- build
-def build(out: Path, notebooks_dir: Path = NOTEBOOKS, quiet: bool = True) -> dict:
-    """Build the site into ``out`` (replaced). Returns the pages built, the seconds taken and Sphinx's warnings."""
+def build(out: Path, executed: Path | None = None, quiet: bool = True) -> dict:
+    """Build the site into ``out`` (replaced) from the committed notebooks, or from their executed copies in
+    ``executed`` where it has them. Returns the pages built, the seconds taken and Sphinx's warnings."""
     import io
 
     from sphinx.application import Sphinx
@@ -332,7 +349,8 @@ def build(out: Path, notebooks_dir: Path = NOTEBOOKS, quiet: bool = True) -> dic
     out = Path(out).resolve()
     with tempfile.TemporaryDirectory(prefix="peft-lab-site-") as tmp:
         src, html, doctrees = Path(tmp, "src"), Path(tmp, "html"), Path(tmp, "doctrees")
-        notebooks = prepare(src, Path(notebooks_dir))
+        staged = stage(Path(tmp, "notebooks"), executed)
+        notebooks = prepare(src, staged)
         warnings = io.StringIO()
         with patch_docutils(src), docutils_namespace():
             app = Sphinx(str(src), str(src), str(html), str(doctrees), "html", freshenv=True,
@@ -342,7 +360,7 @@ def build(out: Path, notebooks_dir: Path = NOTEBOOKS, quiet: bool = True) -> dic
             raise RuntimeError(f"the site build failed:\n{warnings.getvalue()}")
         (html / ".buildinfo").unlink(missing_ok=True)
         for n in notebooks:   # the download is the notebook itself, not the copy the pages were made from
-            shutil.copy2(Path(notebooks_dir) / n.path, html / "_sources" / "notebooks" / n.path)
+            shutil.copy2(staged / n.path, html / "_sources" / "notebooks" / n.path)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)

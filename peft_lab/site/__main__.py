@@ -5,19 +5,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import NOTEBOOKS, build
+from . import build
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Build the course website from the executed notebooks")
     ap.add_argument("--out", type=Path, required=True, help="folder to write the site into (replaced)")
-    ap.add_argument("--notebooks", type=Path, default=NOTEBOOKS,
-                    help="folder of executed notebooks (default: the committed ones in notebooks/)")
+    ap.add_argument("--executed", type=Path, default=None,
+                    help="folder of freshly executed notebooks (e.g. build/notebooks): each replaces the committed "
+                         "notebook of the same name; the others come from notebooks/")
     ap.add_argument("--verbose", action="store_true", help="print Sphinx's progress")
     args = ap.parse_args(argv)
-    if not args.notebooks.is_dir():
-        ap.error(f"no such folder: {args.notebooks}")
-    info = build(args.out, args.notebooks, quiet=not args.verbose)
+    if args.executed is not None and not args.executed.is_dir():
+        ap.error(f"no such folder: {args.executed}")
+    info = build(args.out, args.executed, quiet=not args.verbose)
     for line in info["warnings"]:
         print(line, file=sys.stderr)
     print(f"wrote {len(info['pages'])} notebook pages and the landing page to {args.out} in {info['seconds']} s "
