@@ -256,6 +256,7 @@ def conf_py(title: str) -> str:
         "nb_execution_mode": "off",
         "nb_ipywidgets_js": {},
         "nb_merge_streams": True,
+        "nb_render_markdown_format": "myst",   # Markdown outputs (tables, $math$) rendered like the notebook's text
         "myst_enable_extensions": ["dollarmath", "amsmath"],
         "myst_dmath_double_inline": True,
         "myst_heading_anchors": 3,
@@ -337,7 +338,7 @@ def _copy_mathjax(dest: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- build
-def build(out: Path, executed: Path | None = None, quiet: bool = True) -> dict:
+def build(out: Path, executed: Path | None = None, quiet: bool = True, notebooks_dir: Path = NOTEBOOKS) -> dict:
     """Build the site into ``out`` (replaced) from the committed notebooks, or from their executed copies in
     ``executed`` where it has them. Returns the pages built, the seconds taken and Sphinx's warnings."""
     import io
@@ -349,7 +350,7 @@ def build(out: Path, executed: Path | None = None, quiet: bool = True) -> dict:
     out = Path(out).resolve()
     with tempfile.TemporaryDirectory(prefix="peft-lab-site-") as tmp:
         src, html, doctrees = Path(tmp, "src"), Path(tmp, "html"), Path(tmp, "doctrees")
-        staged = stage(Path(tmp, "notebooks"), executed)
+        staged = stage(Path(tmp, "notebooks"), executed, Path(notebooks_dir))
         notebooks = prepare(src, staged)
         warnings = io.StringIO()
         with patch_docutils(src), docutils_namespace():
