@@ -7,10 +7,12 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import html as html_lib
 import json
 import os
 import re
 import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -207,6 +209,51 @@ def missing_figures(out: Path, notebooks: list[course_site.Notebook]) -> list[st
     return problems
 
 
+TYPESET_JS = r"""
+// Typeset each TeX expression (a JSON list on stdin) with the MathJax build the site ships, configured as the
+// site configures it; print the ones that fail, with MathJax's message. Undefined macros count as failures
+// (noundefined off: in a browser they would show in red); bussproofs needs a browser's layout, so it is off here.
+const [dir, config] = [process.argv[1], JSON.parse(process.argv[2])];
+const exprs = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+config.tex.packages['[-]'] = [...(config.tex.packages['[-]'] || []), 'bussproofs', 'noundefined'];
+require(require('path').join(dir, 'node-main.js')).init({
+  loader: {paths: {mathjax: dir}, load: ['input/tex-full', 'adaptors/liteDOM']}, ...config,
+}).then((MathJax) => {
+  const bad = [];
+  for (const e of exprs) {
+    let mml;
+    try { mml = MathJax.tex2mml(e, {display: true}); }
+    catch (err) { bad.push([e, String(err.message || err)]); continue; }
+    const m = mml.match(/data-mjx-error="([^"]*)"/) || (mml.includes('<merror') ? [null, 'error'] : null);
+    if (m) bad.push([e, m[1]]);
+  }
+  console.log(JSON.stringify(bad));
+}).catch((err) => { console.error(err); process.exit(2); });
+"""
+
+
+def page_math(out: Path) -> list[tuple[str, str]]:
+    """(page, TeX) of every math node of every page, without its \\( \\) or \\[ \\] delimiters."""
+    found = []
+    for path in html_pages(out):
+        for m in re.finditer(r'<(span|div) class="math notranslate nohighlight">(.*?)</\1>',
+                             path.read_text(encoding="utf-8"), re.S):
+            tex = html_lib.unescape(m.group(2)).strip()
+            if tex[:2] in ("\\(", "\\[") and tex[-2:] in ("\\)", "\\]"):
+                tex = tex[2:-2]
+            found.append((path.relative_to(out).as_posix(), tex))
+    return found
+
+
+def typeset_failures(expressions: list[str]) -> list[tuple[str, str]]:
+    """Expressions the site's MathJax cannot typeset, with its message (runs MathJax's node build)."""
+    es5 = course_site.mathjax_dir() / "es5"
+    run = subprocess.run(["node", "-e", TYPESET_JS, str(es5), json.dumps(course_site.MATHJAX_CONFIG)],
+                         input=json.dumps(expressions), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return [tuple(x) for x in json.loads(run.stdout.strip().splitlines()[-1])]
+
+
 # -------------------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def notebooks():
@@ -307,6 +354,19 @@ def test_no_raw_math_left(site, notebooks):
         source = (NOTEBOOKS / nb.path).read_text(encoding="utf-8")
         if re.search(r"\$[^$\s][^$]*\$", source):
             assert 'class="math' in page_of(out, nb).read_text(encoding="utf-8"), f"{nb.path}: no math nodes"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="typesetting outside a browser needs Node.js")
+def test_math_typesets_with_the_shipped_mathjax(site):
+    """Every equation of every page typesets without an error in the MathJax the site ships (a browser would
+    show a failing one as red source text); a broken and an unknown-macro expression show the check can fail."""
+    out, _ = site
+    math = page_math(out)
+    assert len(math) > 100
+    broken = ["\\frac{a}{", "\\nosuchmacro x"]
+    failures = typeset_failures([tex for _, tex in math] + broken)
+    assert [tex for tex, _ in failures] == broken, [(page, tex, msg) for page, tex in math
+                                                    for t, msg in failures if t == tex]
 
 
 def test_internal_links_resolve(site):

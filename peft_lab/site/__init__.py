@@ -34,6 +34,9 @@ WIDGET_NOTE = ("(An interactive widget is displayed here when the notebook runs 
                "the static result of the explorer is shown beside it.)")
 SECTIONS = {"": "Notebooks", "solutions": "Solutions"}   # sub-folder of notebooks/ -> sidebar caption
 MATHJAX_PARTS = ["tex-svg-full.js", "a11y", "ui", "sre", "LICENSE"]   # what the page may load lazily, too
+# MathJax's TeX input as the notebooks are written for (Jupyter's): \text{...} is plain text, so `_` may appear in
+# it; the "full" build would otherwise turn on textmacros, under which `\text{use_rslora}` is an error.
+MATHJAX_CONFIG = {"tex": {"packages": {"[-]": ["textmacros"]}}}
 
 
 @dataclass
@@ -261,6 +264,7 @@ def conf_py(title: str) -> str:
         "myst_dmath_double_inline": True,
         "myst_heading_anchors": 3,
         "mathjax_path": "mathjax/tex-svg-full.js",
+        "mathjax3_config": MATHJAX_CONFIG,
         "suppress_warnings": ["mystnb.unknown_mime_type", "myst.header", "misc.highlighting_failure"],
         "html_theme_options": {
             "repository_url": REPO_URL,
