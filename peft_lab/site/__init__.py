@@ -185,7 +185,7 @@ def landing_page(notebooks: list[Notebook]) -> str:
     for n in course:
         sol = solutions.get(n.number)
         sol_cell = f"[worked solutions]({_link(sol)})" if sol else ""
-        time_cell = f" {_cell(n.time) or '–'} |" if timed else ""
+        time_cell = f" {_cell(re.split(r'[;(,]', n.time)[0].strip()) or '–'} |" if timed else ""
         out.append(f"| {n.number} | [{_strip_number(n.title)}]({_link(n)}) | {_cell(n.prerequisites)} |"
                    f"{time_cell} {sol_cell} |")
     out += ["", "## Learning objectives", ""]
@@ -194,7 +194,7 @@ def landing_page(notebooks: list[Notebook]) -> str:
         if n.time:
             out += [f"*Estimated time:* {n.time}", ""]
         if n.objectives:
-            out += [f"- {item}" for item in n.objectives] + [""]
+            out += ["After this notebook you can", ""] + [f"- {item}" for item in n.objectives] + [""]
         elif n.learn:
             out += [f"You will learn {n.learn}", ""]
     out += [
