@@ -236,7 +236,7 @@ def page_math(out: Path) -> list[tuple[str, str]]:
     """(page, TeX) of every math node of every page, without its \\( \\) or \\[ \\] delimiters."""
     found = []
     for path in html_pages(out):
-        for m in re.finditer(r'<(span|div) class="math notranslate nohighlight">(.*?)</\1>',
+        for m in re.finditer(r'<(span|div) class="math notranslate nohighlight"[^>]*>(.*?)</\1>',
                              path.read_text(encoding="utf-8"), re.S):
             tex = html_lib.unescape(m.group(2)).strip()
             if tex[:2] in ("\\(", "\\[") and tex[-2:] in ("\\)", "\\]"):
