@@ -293,6 +293,13 @@ def test_executed_copies_replace_committed_ones(notebooks, tmp_path):
     assert not (staged / "99_renamed.ipynb").exists()
 
 
+def test_build_refuses_to_replace_a_folder_that_is_not_a_site(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="other than a site"):
+        course_site.build(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_every_notebook_has_a_page_with_colab_and_download(site, notebooks):
     out, info = site
     for nb in notebooks:

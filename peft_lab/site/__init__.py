@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,8 +31,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 COLAB = "https://colab.research.google.com"
 BADGE_URL = "https://colab.research.google.com/assets/colab-badge.svg"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
-WIDGET_NOTE = ("(An interactive widget is displayed here when the notebook runs in Jupyter or Colab; "
-               "the static result of the explorer is shown beside it.)")
+WIDGET_NOTE = ("(An interactive widget appears here when the notebook runs in Jupyter or Colab; "
+               "this cell's printed or plotted result is shown on the page as well.)")
 SECTIONS = {"": "Notebooks", "solutions": "Solutions"}   # sub-folder of notebooks/ -> sidebar caption
 MATHJAX_PARTS = ["tex-svg-full.js", "a11y", "ui", "sre", "LICENSE"]   # what the page may load lazily, too
 # MathJax's TeX input as the notebooks are written for (Jupyter's): \text{...} is plain text, so `_` may appear in
@@ -352,6 +353,8 @@ def build(out: Path, executed: Path | None = None, quiet: bool = True, notebooks
 
     start = time.perf_counter()
     out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()) and not (out / "searchindex.js").is_file():
+        raise FileExistsError(f"{out} is a folder that holds something other than a site: give a new or empty one")
     with tempfile.TemporaryDirectory(prefix="peft-lab-site-") as tmp:
         src, html, doctrees = Path(tmp, "src"), Path(tmp, "html"), Path(tmp, "doctrees")
         staged = stage(Path(tmp, "notebooks"), executed, Path(notebooks_dir))
@@ -359,7 +362,7 @@ def build(out: Path, executed: Path | None = None, quiet: bool = True, notebooks
         warnings = io.StringIO()
         with patch_docutils(src), docutils_namespace():
             app = Sphinx(str(src), str(src), str(html), str(doctrees), "html", freshenv=True,
-                         status=None if quiet else io.StringIO(), warning=warnings, parallel=0)
+                         status=None if quiet else sys.stdout, warning=warnings, parallel=0)
             app.build(force_all=True)
         if app.statuscode:
             raise RuntimeError(f"the site build failed:\n{warnings.getvalue()}")
