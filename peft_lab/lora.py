@@ -63,7 +63,8 @@ from .core import AdapterLayer
 __all__ = [
     "LoRAConfig", "LoRALinear", "DoRALinear", "apply_lora", "merge_lora", "unmerge_lora",
     "disable_lora", "remove_lora", "lora_layers", "lora_state_dict", "load_lora_state_dict", "lora_config",
-    "lora_scaling", "SUPPORTED_LAYERS", "magnitude_direction_change", "query_weight_changes",
+    "lora_scaling", "SUPPORTED_LAYERS", "INITS", "lora_plus_optimizer", "magnitude_direction_change",
+    "query_weight_changes",
 ]
 
 #: Layer types LoRA can wrap here.
@@ -85,6 +86,7 @@ class LoRAConfig:
     target_modules: tuple[str, ...] | str | None = None
     use_rslora: bool = False
     use_dora: bool = False
+    init: str = "default"
 
     def __post_init__(self):
         fix = partial(object.__setattr__, self)  # frozen: normalised values are written once, here
@@ -94,6 +96,9 @@ class LoRAConfig:
         fix("dropout", validate.require_real("dropout", dropout, min=0, max=1, max_open=True))
         fix("use_rslora", validate.require_bool("use_rslora", self.use_rslora))
         fix("use_dora", validate.require_bool("use_dora", self.use_dora))
+        validate.require_str("init", self.init, choices=INITS)
+        if self.use_dora and self.init != "default":
+            raise ValueError(f"init={self.init!r} with use_dora=True is not supported here; use one of them")
         if self.target_modules is not None:
             fix("target_modules", core.module_names(self.target_modules, "target_modules"))
 
@@ -101,6 +106,11 @@ class LoRAConfig:
     def scaling(self) -> float:
         """Equation (02.6): ``α / r``, or ``α / √r`` with rsLoRA."""
         return lora_scaling(self.rank, self.alpha, self.use_rslora)
+
+
+#: LoRA's initialisations (notebook 08): ``"default"`` (02.3), ``"pissa"`` (Meng et al. 2024) and ``"olora"``
+#: (Büyükakyüz 2024), PEFT's ``init_lora_weights=True | "pissa" | "olora"``.
+INITS = ("default", "pissa", "olora")
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
@@ -123,9 +133,9 @@ class LoRALinear(AdapterLayer):
     use_dora = False  # DoRALinear says True
 
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 use_rslora: bool = False):
+                 use_rslora: bool = False, init: str = "default"):
         super().__init__()
-        c = LoRAConfig(rank, alpha, dropout, use_rslora=use_rslora)
+        c = LoRAConfig(rank, alpha, dropout, use_rslora=use_rslora, init=init)
         rank, alpha, dropout, use_rslora = c.rank, c.alpha, c.dropout, c.use_rslora
         if not isinstance(base_layer, SUPPORTED_LAYERS):
             raise TypeError(f"base_layer must be an nn.Linear or transformers' Conv1D (what LoRALinear wraps), "
@@ -142,12 +152,36 @@ class LoRALinear(AdapterLayer):
         dtype = core.adapter_dtype(weight.dtype)
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=weight.device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
-        self.reset_lora_parameters()
+        self.reset_lora_parameters(c.init)
 
-    def reset_lora_parameters(self) -> None:
-        """Equation (02.3): ``A`` kaiming-uniform (a = √5, PEFT's choice), ``B = 0`` — so ``ΔW = 0`` at start."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+    def reset_lora_parameters(self, init: str = "default") -> None:
+        """Equation (02.3): ``A`` kaiming-uniform (a = √5, PEFT's choice), ``B = 0`` — so ``ΔW = 0`` at start.
+
+        ``"pissa"`` and ``"olora"`` start ``B A`` on a rank-r piece of ``W`` itself and leave the residual in the
+        base, ``W_res = W − s·B A``, so the layer still computes ``W x`` at step 0 (up to rounding) but the base
+        weight is changed: switching LoRA off then gives the residual model, as in PEFT. PiSSA: ``W = V S Uᵀ``,
+        ``B = V_r √(S_r/s)``, ``A = √(S_r/s) U_rᵀ`` (the r largest singular triplets); OLoRA: ``W = Q R``,
+        ``B = Q_r``, ``A = R_r`` (the first r columns of Q, rows of R). Both run in float32 on the ``d_out × d_in``
+        weight (``Conv1D``'s transposed first; PEFT's OLoRA skips that transpose, and fails on GPT-2)."""
+        if init == "default":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+            return
+        w = core.stored_weight(self.base_layer)
+        dtype, r = w.dtype, self.rank
+        weight = (w.T if self.fan_in_fan_out else w).detach().to(torch.float32)
+        if init == "pissa":
+            V, S, Uh = torch.linalg.svd(weight, full_matrices=False)
+            root = torch.sqrt(S[:r] / self.scaling)
+            a, b = torch.diag(root) @ Uh[:r], V[:, :r] @ torch.diag(root)
+        else:
+            Q, R = torch.linalg.qr(weight)
+            a, b = R[:r], Q[:, :r]
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
+            residual = weight - self.scaling * b @ a
+            w.copy_((residual.T if self.fan_in_fan_out else residual).to(dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """Equations (02.1) and (02.7): ``ΔW = s · B A`` in the base weight's layout (transposed for ``Conv1D``)."""
@@ -200,8 +234,8 @@ class DoRALinear(LoRALinear):
     use_dora = True
 
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 use_rslora: bool = False):
-        super().__init__(base_layer, rank, alpha, dropout, use_rslora)
+                 use_rslora: bool = False, init: str = "default"):
+        super().__init__(base_layer, rank, alpha, dropout, use_rslora, init)
         self._merged_norm: torch.Tensor | None = None  # n at merge time, for unmerge (06.11)
         # (06.8): m = n at the start (B = 0, so n = ‖W₀‖ per row) and m / n = 1 exactly
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.delta_weight()).detach())
@@ -295,26 +329,27 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                target_modules: Sequence[str] | str | None = None, use_rslora: bool = False,
-               use_dora: bool = False, *, config: LoRAConfig | None = None) -> nn.Module:
+               use_dora: bool = False, init: str = "default", *, config: LoRAConfig | None = None) -> nn.Module:
     """Wrap the target layers of ``model`` in :class:`LoRALinear`, freeze everything else; return ``model``.
 
     The model is changed in place (as PEFT's ``get_peft_model`` does). ``target_modules=None`` takes the
     default of the architecture (:data:`peft_lab.arch.DEFAULT_TARGETS`, e.g. GPT-2 → ``["c_attn"]``,
     LLaMA/OPT → ``["q_proj", "v_proj"]``); matching follows :func:`peft_lab.core.matches_target`.
     Afterwards only the ``lora_A``/``lora_B`` weights have ``requires_grad=True`` (equation 02.5 counts them).
-    ``use_dora=True`` makes it DoRA (06.7–06.11), which adds the magnitude vector ``m`` per layer. The keywords
+    ``use_dora=True`` makes it DoRA (06.7–06.11), which adds the magnitude vector ``m`` per layer; ``init``
+    chooses the initialisation (:meth:`LoRALinear.reset_lora_parameters`: PiSSA and OLoRA change the base). The keywords
     build a :class:`LoRAConfig` (which checks them); or pass ``config=`` instead. A model carries one method at
     a time (:func:`peft_lab.registry.require_no_method`). A failed call leaves the model unchanged.
     """
     validate.require_module("model", model)
     if config is None:
-        config = LoRAConfig(rank, alpha, dropout, target_modules, use_rslora, use_dora)
+        config = LoRAConfig(rank, alpha, dropout, target_modules, use_rslora, use_dora, init)
     elif not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {validate.describe(config)}")
     registry.require_no_method(model, "LoRA")
     targets, matched = _LAYERS.match_targets(model, config.target_modules, DEFAULT_TARGETS["lora"])
     layer_class = DoRALinear if config.use_dora else LoRALinear
-    wrapped = [(name, layer_class(module, config.rank, config.alpha, config.dropout, config.use_rslora))
+    wrapped = [(name, layer_class(module, config.rank, config.alpha, config.dropout, config.use_rslora, config.init))
                for name, module in matched]
     return _LAYERS.install(model, wrapped, replace(config, target_modules=targets))
 
@@ -412,6 +447,23 @@ def query_weight_changes(model: nn.Module, base: nn.Module) -> list[tuple[float,
     return out
 
 
+def lora_plus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0,
+                        optimizer_cls: type = torch.optim.AdamW, **kwargs) -> torch.optim.Optimizer:
+    """LoRA+ (Hayou et al. 2024): the same optimizer with two learning rates, ``lr`` for every ``A`` and
+    ``lr · ratio`` for every ``B`` (and DoRA's magnitude vectors, as PEFT groups them), PEFT's
+    ``create_loraplus_optimizer`` (its docs use ``loraplus_lr_ratio=16``). ``kwargs`` go to ``optimizer_cls``."""
+    lr = validate.require_real("lr", lr, min=0, min_open=True)
+    ratio = validate.require_real("ratio", ratio, min=0, min_open=True)
+    groups: dict[str, list] = {"A": [], "B": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups["B" if "lora_B" in name or p.ndim == 1 else "A"].append(p)
+    if not groups["A"] and not groups["B"]:
+        raise ValueError("the model has no trainable parameters; apply_lora(model, ...) first")
+    return optimizer_cls([{"params": groups["A"], "lr": lr, "weight_decay": weight_decay},
+                          {"params": groups["B"], "lr": lr * ratio, "weight_decay": weight_decay}], lr=lr, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # PEFT's file format and the registry entry
 # ----------------------------------------------------------------------------------------------------------
@@ -433,6 +485,10 @@ def _to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     if len(settings) > 1:
         raise ValueError(f"LoRA layers with different (rank, alpha, use_rslora, use_dora) {sorted(settings)} "
                          "cannot be described by one adapter_config.json")
+    if config.init != "default":
+        raise ValueError(f"a LoRA adapter initialised with init={config.init!r} changed the base weights (W − s·BA); "
+                         "PEFT's file pairs it with the original base, so exporting it alone would not reproduce "
+                         "this model. Export adapters trained from the default initialisation")
     targets = config.target_modules
     fields = {
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
@@ -457,9 +513,13 @@ def _from_peft(model: nn.Module, fields: dict) -> nn.Module:
             raise ValueError(f"the adapter's config lacks the LoRA field {name!r}")
     if fields["target_modules"] == "all-linear":
         raise ValueError('target_modules="all-linear" is not supported here; list the module names instead')
+    init = fields.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian", *INITS[1:]):
+        raise ValueError(f"this LoRA adapter uses init_lora_weights={init!r}; peft_lab.lora has {list(INITS)}")
+    # the weights are loaded next, so only an init that changes the base (PiSSA, OLoRA) matters here
     config = LoRAConfig(fields["r"], fields["lora_alpha"], fields.get("lora_dropout", 0.0) or 0.0,
                         fields["target_modules"], bool(fields.get("use_rslora", False)),
-                        bool(fields.get("use_dora", False)))
+                        bool(fields.get("use_dora", False)), init if init in INITS[1:] else "default")
     return apply_lora(model, config=config)
 
 
