@@ -349,8 +349,17 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
     registry.require_no_method(model, "LoRA")
     targets, matched = _LAYERS.match_targets(model, config.target_modules, DEFAULT_TARGETS["lora"])
     layer_class = DoRALinear if config.use_dora else LoRALinear
-    wrapped = [(name, layer_class(module, config.rank, config.alpha, config.dropout, config.use_rslora, config.init))
-               for name, module in matched]
+    # PiSSA and OLoRA write the residual into the base while a layer is built: keep the old weights until all
+    # are built, so that a failed call still leaves the model as it came
+    saved = [(m.weight, m.weight.detach().clone()) for _, m in matched] if config.init != "default" else []
+    try:
+        wrapped = [(name, layer_class(module, config.rank, config.alpha, config.dropout, config.use_rslora,
+                                      config.init)) for name, module in matched]
+    except BaseException:
+        with torch.no_grad():
+            for weight, old in saved:
+                weight.copy_(old)
+        raise
     return _LAYERS.install(model, wrapped, replace(config, target_modules=targets))
 
 
