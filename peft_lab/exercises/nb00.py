@@ -207,7 +207,7 @@ def _model_state_bytes(answer):
             hint = ""
             if math.isclose(got, 16 * n, rel_tol=1e-9) and n_t < n:
                 hint = " A frozen parameter has no gradient and no optimizer state: only its weight bytes count."
-            elif precision == "bf16-mixed" and math.isclose(got, 2 * n + 12 * n_t, rel_tol=1e-9):
+            elif precision == "bf16-mixed" and n_t and math.isclose(expected - got, 4 * n_t, rel_tol=1e-9):
                 hint = " Mixed precision also keeps an fp32 master copy (4 B) per trained parameter."
             return False, (f"with optimizer='adamw', n_params={n:,}, n_trainable={n_t:,}, precision={precision!r} "
                            f"your function gives {got:,.0f}, estimate_memory gives {expected:,} B.{hint}")
