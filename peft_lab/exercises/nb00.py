@@ -5,6 +5,8 @@ count), so the answer cannot be read off the screen.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import math
 
 from . import as_number, exercise, run_student
@@ -51,6 +53,7 @@ def _real_state_bytes(optimizer: str = "adamw", freeze_first: bool = True, n_in:
     return sum(p.numel() for p in net.parameters()), sum(p.numel() for p in trainable), total
 
 
+@lru_cache(maxsize=None)
 def _sgd_momentum_bytes_per_param() -> float:
     n, n_t, total = _real_state_bytes("sgd_momentum", freeze_first=False)
     return total / n
@@ -88,6 +91,7 @@ def _bytes_per_param(answer):
 BIG_GPT2 = dict(n_layer=32, n_embd=2560, vocab_size=50257, n_positions=2048)
 
 
+@lru_cache(maxsize=None)
 def _big_gpt2_params() -> int:
     from transformers import GPT2Config
     cfg = GPT2Config(n_head=32, **BIG_GPT2)
@@ -120,6 +124,7 @@ def _gpt2_big(answer):
                           "GPU before a single activation is stored.")
 
 
+@lru_cache(maxsize=None)
 def _lora_qv(name: str, rank: int) -> tuple[int, int]:
     from ..lora import apply_lora
     from ..measure import count_parameters
@@ -156,6 +161,7 @@ def _lora_percent(answer):
                           f"{expected:.4f}% (Hu et al. 2021 report 10,000x fewer trainable parameters on GPT-3).")
 
 
+@lru_cache(maxsize=None)
 def _activations_mib() -> float:
     from ..estimate import estimate_memory
     return estimate_memory("gpt2", batch_size=8, seq_len=512)["activations"] / MIB

@@ -5,6 +5,8 @@ another model in another precision with another method, an encoder run on exampl
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from ..corpus import review_verdict
 from . import exercise, run_student
 from .hinted import hinted
@@ -15,6 +17,7 @@ def _first_clause_verdict(prompt: str) -> str:
     return review_verdict(f"review: {first} . verdict:")
 
 
+@lru_cache(maxsize=None)
 def _first_clause_accuracy(n: int | None = None) -> float:
     from ..data import load_task
     rows = load_task("test")[:n]
@@ -73,6 +76,7 @@ def _verdicts(answer):
                    "adjective, flip it if 'not' or 'never' is in the clause, then take the majority.")
 
 
+@lru_cache(maxsize=None)
 def _tiny_llama_lora_bytes() -> tuple[int, int, int]:
     """``(bytes, trainable, all)`` of tiny-llama's model states in bf16-mixed with LoRA r=8 on its defaults."""
     from ..estimate import PRECISIONS

@@ -4,6 +4,8 @@ Ids are ``"02.exN"`` so that they cannot be mistaken for the notebook's equation
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import copy
 import math
 
@@ -23,6 +25,7 @@ GQA_CONFIG = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+@lru_cache(maxsize=None)
 def _gqa_lora_count(rank: int = 16, targets=tuple(ATTENTION)) -> int:
     from transformers import LlamaConfig
 
@@ -57,6 +60,7 @@ def _params(answer):
                           f"= {expected:,} (counted with apply_lora on the meta device).")
 
 
+@lru_cache(maxsize=None)
 def _batch64_memory() -> dict:
     from ..data import collate, encode_task, load_task
     from ..lora import apply_lora

@@ -2,6 +2,8 @@
 running ``peft_lab.adapters`` itself, not from stored numbers."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 from ..tolerance import is_close  # student's order of operations vs ours: float32 reordering
 from . import exercise, first_failure
 from .hinted import hinted
@@ -11,6 +13,7 @@ from .hinted import hinted
 SMALL_GPT2 = dict(n_layer=6, n_embd=64, n_head=4, vocab_size=1024, n_positions=64)
 
 
+@lru_cache(maxsize=None)
 def _first_step_gradients() -> tuple[int, int]:
     """(adapter tensors with a non-zero gradient after the first backward pass, all adapter tensors) for Houlsby
     adapters with init="zero" on :data:`SMALL_GPT2` (random weights, a random batch)."""
@@ -55,6 +58,7 @@ def _predict_gradients(answer):
     return False, f"your prediction {answer:g}. " + why
 
 
+@lru_cache(maxsize=None)
 def _llama_pfeiffer() -> int:
     from ..adapters import apply_adapters
     from ..measure import count_parameters
