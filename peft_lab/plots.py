@@ -43,13 +43,13 @@ def _loss_falls_tenfold(histories: Mapping) -> bool:
 
 
 def plot_history(histories: Mapping, metric_name: str = "accuracy", axes=None, smooth: int = 1,
-                 log_loss: bool | None = None):
+                 log_loss: bool | None = None, percent: bool = False):
     """Loss vs step (left) and ``metric_name`` vs step (right) for each labelled :class:`~peft_lab.train.History`.
 
     ``smooth`` > 1 overlays a running mean over that many steps on the (noisy) per-batch loss. ``log_loss``:
     draw the loss on a log axis; ``None`` (default) chooses it when a curve falls by 10x or more. The metric
     panel's title is ``metric_name`` as given, prefixed with "Validation" unless the name already says so.
-    Returns the two Axes.
+    ``percent``: the metric is a fraction, drawn as a percentage (0-100). Returns the two Axes.
     """
     _nonempty(histories, "histories")
     for label, h in histories.items():
@@ -71,7 +71,8 @@ def plot_history(histories: Mapping, metric_name: str = "accuracy", axes=None, s
         else:
             ax_loss.plot(steps, loss, color=color, label=label)
         if h.metric:
-            ax_metric.plot(h.eval_step, h.metric, "o-", color=color, ms=3, label=label)
+            ax_metric.plot(h.eval_step, [100 * m if percent else m for m in h.metric], "o-", color=color, ms=3,
+                           label=label)
     if log_loss is None:
         log_loss = _loss_falls_tenfold(histories)
     if log_loss:
@@ -80,7 +81,7 @@ def plot_history(histories: Mapping, metric_name: str = "accuracy", axes=None, s
     ax_loss.set(xlabel="training step", ylabel=loss_label, title="Training loss")
     metric_label = metric_name
     if "accuracy" in metric_name and "(" not in metric_name:
-        metric_label = f"{metric_name} (fraction correct)"
+        metric_label = f"{metric_name} ({'%' if percent else 'fraction correct'})"
     title = metric_name if metric_name.lower().startswith("validation") else f"Validation {metric_name}"
     ax_metric.set(xlabel="training step", ylabel=metric_label, title=title[0].upper() + title[1:])
     for ax in axes:

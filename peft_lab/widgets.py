@@ -17,7 +17,7 @@ def _num_parameters(name: str) -> int:
     return meta_size(name)[1]
 
 
-def show_memory(name: str = "gpt2", precision: str = "fp32", trainable_percent: float = 0.5,
+def show_memory(name: str = "gpt2", precision: str = "fp32", trainable_percent: float = 1.0,
                 batch_size: int = 1, seq_len: int = 512):
     """Plot the estimated memory of full fine-tuning vs a frozen base with ``trainable_percent`` % trained.
 
@@ -38,14 +38,18 @@ def show_memory(name: str = "gpt2", precision: str = "fp32", trainable_percent: 
 
 
 def memory_explorer(names=MODEL_NAMES):
-    """An ``ipywidgets.interactive`` around :func:`show_memory`: model, precision, trained %, batch, length."""
+    """An ``ipywidgets.interactive`` around :func:`show_memory`: model, precision, trained %, batch, length.
+
+    Its controls start at :func:`show_memory`'s defaults, so ``show_memory()`` draws its first state statically."""
     import ipywidgets as w
 
     return w.interactive(
         show_memory,
         name=w.Dropdown(options=list(names), value=names[0], description="model"),
         precision=w.ToggleButtons(options=["fp32", "bf16-mixed"], value="fp32", description="precision"),
-        trainable_percent=w.FloatLogSlider(value=0.5, base=10, min=-2, max=1, step=0.25,
+        # the start value must lie on the slider's grid 10**(-2 + 0.25k): a value off the grid is snapped by the
+        # browser right after display, and that second render came out blank in JupyterLab
+        trainable_percent=w.FloatLogSlider(value=1.0, base=10, min=-2, max=1, step=0.25,
                                            description="trained %"),
         batch_size=w.IntSlider(value=1, min=1, max=32, description="batch"),
         seq_len=w.Dropdown(options=[128, 256, 512, 1024], value=512, description="seq len"),

@@ -95,3 +95,40 @@ def test_not_a_class_and_a_crash_are_readable_wrong_answers(capsys):
             raise RuntimeError("boom")
     assert peft_lab.check("03.ex4", Crashes) is False
     assert "RuntimeError: boom" in capsys.readouterr().out
+
+
+def test_gradient_prediction_is_checked_exactly_and_explained():
+    ok, why = verdict_of("03.ex1", 24)
+    assert ok and "W_upᵀ = 0" in why, why
+    for wrong, words in ((48, "not every tensor"), (12, "two adapters per block"), (6, "measured")):
+        ok, why = verdict_of("03.ex1", wrong)
+        assert not ok and words in why, why
+    assert peft_lab.check("03.ex1", "24", verbose=False) is False
+
+
+def test_pfeiffer_count_on_llama_and_its_mistakes():
+    assert verdict_of("03.ex2", 16_910_336)[0]
+    for wrong, words in ((2 * 16_910_336, "Houlsby"), (32 * 2 * 64 * 4096, "biases"), (528_448, "one block"),
+                         (1_000_000, "2md + m + d")):
+        ok, why = verdict_of("03.ex2", wrong)
+        assert not ok and words in why, why
+        assert "16,910,336" not in why
+
+
+def test_debug_checkpoint_keeps_the_adapter_only(tmp_path):
+    from peft_lab.adapters import adapters_state_dict
+
+    ok, why = verdict_of("03.ex3", lambda model, path: torch.save(model.state_dict(), path))
+    assert not ok and "not the adapter's" in why and "frozen base" in why, why
+    ok, why = verdict_of("03.ex3", lambda model, path: torch.save(
+        {k: v for k, v in list(adapters_state_dict(model).items())[:-1]}, path))
+    assert not ok and "missing" in why, why
+    ok, why = verdict_of("03.ex3", lambda model, path: None)
+    assert not ok and "write a file" in why, why
+    ok, why = verdict_of("03.ex3", lambda model, path: torch.save(
+        {k: v.clone() for k, v in adapters_state_dict(model).items()}, path))
+    assert ok, why
+
+
+def verdict_of(exercise_id, answer):
+    return builders.verdict(exercise_id, answer)

@@ -34,25 +34,27 @@ def test_exercise_ids_cannot_be_read_as_equation_tags():
 def test_check_accepts_numpy_and_torch_scalars(capsys):
     import numpy as np
     import torch
-    for answer in (16, 16.0, np.int64(16), np.float32(16), torch.tensor(16), torch.tensor(16.0)):
+    for answer in (12, 12.0, np.int64(12), np.float32(12), torch.tensor(12), torch.tensor(12.0)):
         assert check("00.ex1", answer, verbose=False) is True, type(answer)
-    assert check("00.ex1", np.int64(12)) is False
-    assert "keeps two" in capsys.readouterr().out  # the known mistake is named
-    assert check("00.ex1", np.array([16, 16]), verbose=False) is False  # not a scalar
+    assert check("00.ex1", np.int64(16)) is False
+    assert "two moments" in capsys.readouterr().out  # the known mistake is named
+    assert check("00.ex1", np.array([12, 12]), verbose=False) is False  # not a scalar
     assert check("00.ex1", np.bool_(True), verbose=False) is False
-    assert check("00.ex1", np.int64(16)) is True
+    assert check("00.ex1", np.int64(12)) is True
     assert "Right [00.ex1]" in capsys.readouterr().out
 
 
 def test_coding_exercise_runs_the_students_function(capsys):
-    def right(n_params, n_trainable, precision):
-        return (4 * n_params + 12 * n_trainable if precision == "fp32"
-                else 2 * n_params + 14 * n_trainable)
+    state = {"adamw": 8, "sgd_momentum": 4, "sgd": 0}
 
-    def wrong(n_params, n_trainable, precision):
+    def right(n_params, n_trainable, precision, optimizer):
+        return (4 * n_params + (4 + state[optimizer]) * n_trainable if precision == "fp32"
+                else 2 * n_params + (6 + state[optimizer]) * n_trainable)
+
+    def wrong(n_params, n_trainable, precision, optimizer):
         return 16 * n_params  # ignores the frozen part
 
-    def broken(n_params, n_trainable, precision):
+    def broken(n_params, n_trainable, precision, optimizer):
         return n_params / 0
 
     assert check("00.ex5", right) is True

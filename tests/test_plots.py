@@ -95,6 +95,35 @@ def test_memory_explorer_static_and_widget():
     plt.close("all")
 
 
+def test_memory_explorer_first_render_is_its_static_figure():
+    """Every control starts on a value it can show, so the browser sends no update right after display (an
+    off-grid start, 0.5 on a 10**(-2 + 0.25k) slider, was snapped to 0.5623 and that re-render came out blank);
+    and the first render, the controls' values passed to show_memory, draws bars — the figure show_memory()
+    draws with its defaults, which the notebook shows beside the widget."""
+    import inspect
+    import math
+
+    from peft_lab.widgets import memory_explorer, show_memory
+
+    ex = memory_explorer()
+    controls = {c.description: c for c in ex.children if hasattr(c, "description") and hasattr(c, "value")}
+    slider = controls["trained %"]
+    k = (math.log10(slider.value) - slider.min) / slider.step
+    assert math.isclose(k, round(k), abs_tol=1e-9), f"trained % starts off its grid at {slider.value}"
+    for c in controls.values():
+        if hasattr(c, "options"):
+            assert c.value in [o[1] if isinstance(o, tuple) else o for o in c.options]
+        elif hasattr(c, "max"):
+            assert c.min <= c.value <= c.max
+    defaults = {k: v.default for k, v in inspect.signature(show_memory).parameters.items()}
+    assert ex.kwargs == defaults, "the widget starts where the static figure beside it is drawn"
+    ax = show_memory(**ex.kwargs)
+    heights = [p.get_height() for p in ax.patches]
+    assert heights and all(h >= 0 for h in heights) and sum(heights) > 0, "the first render draws the bars"
+    assert not any("0.562" in t.get_text() for t in ax.get_xticklabels())
+    plt.close("all")
+
+
 def test_plot_memory_totals_share_one_format():
     """Totals are written without exponents, so a 2,059 MiB bar does not read "2.06e+03" beside "616"."""
     mib = lambda total: {"parameters": total * 2**20, "gradients": 0, "optimizer": 0, "activations": 0}  # noqa: E731

@@ -2,72 +2,144 @@
 running ``peft_lab.adapters`` itself, not from stored numbers."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 from ..tolerance import is_close  # student's order of operations vs ours: float32 reordering
-from . import exercise, first_failure, number
+from . import exercise, first_failure
+from .hinted import hinted
 
 
-@exercise("03.ex1", "Write bottleneck(h, down, up): the adapter function f(h) = W_up · relu(W_down · h + b_down) "
-                    "+ b_up of equation (03.1), where down and up are nn.Linear layers. Pass the function itself.")
-def _bottleneck(answer):
+#: the small random GPT-2 of 03.ex1 (a depth and width the notebook never builds)
+SMALL_GPT2 = dict(n_layer=6, n_embd=64, n_head=4, vocab_size=1024, n_positions=64)
+
+
+@lru_cache(maxsize=None)
+def _first_step_gradients() -> tuple[int, int]:
+    """(adapter tensors with a non-zero gradient after the first backward pass, all adapter tensors) for Houlsby
+    adapters with init="zero" on :data:`SMALL_GPT2` (random weights, a random batch)."""
     import torch
-    from torch import nn
+    from transformers import GPT2Config
 
-    from ..adapters import BottleneckAdapter
-    if not callable(answer):
-        raise TypeError(f"expected a function bottleneck(h, down, up), got {type(answer).__name__}")
-    g = torch.Generator().manual_seed(3)
-    for d, m, shape in ((16, 4, (3,)), (32, 8, (2, 5)), (24, 3, (1, 7))):
-        layer = BottleneckAdapter(nn.Identity(), d, m, "relu", init="bert")
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        h = torch.randn(*shape, d, generator=g)
-        got = answer(h, layer.adapter_down[0], layer.adapter_up)
-        if not isinstance(got, torch.Tensor):
-            return False, f"your function returned {type(got).__name__}, not a tensor"
-        if got.shape != h.shape:
-            return False, f"for h of shape {tuple(h.shape)} you returned shape {tuple(got.shape)}; f maps d → d"
-        want = layer.bottleneck(h)
-        if is_close(got, want + h):
-            return False, "that is f(h) + h, the adapter with its residual; f alone has no '+ h'"
-        if is_close(got, layer.adapter_up(layer.adapter_down[0](h))):
-            return False, "the nonlinearity is missing: relu between the two projections"
-        if not is_close(got, want):
-            return False, (f"differs from BottleneckAdapter.bottleneck by up to {(got - want).abs().max():.3g} "
-                           f"(d={d}, m={m}); check the order down → relu → up and both biases")
-    return True, "equal to peft_lab's BottleneckAdapter on three random shapes, biases included."
+    from ..adapters import apply_adapters
+    from ..models import build_from_config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = GPT2Config(**SMALL_GPT2, bos_token_id=0, eos_token_id=0, loss_type="ForCausalLM")
+        model = apply_adapters(build_from_config(cfg, device="cpu", seed=0), placement="houlsby", init="zero")
+        ids = torch.randint(0, cfg.vocab_size, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.grad is not None and bool((p.grad != 0).any()) for p in trainable), len(trainable)
 
 
-@exercise("03.ex2", "Houlsby adapters (two per block) with reduction factor 16 on GPT-2 large (d = 1280, 36 "
-                    "blocks): how many trainable parameters in total?")
-def _houlsby_large(answer):
+@exercise("03.ex1", "Predict, then measure: Houlsby adapters (two per block, init='zero', so W_up = 0 and b_up = 0) "
+                    "on a random 6-block GPT-2. Each adapter has four tensors (W_down, b_down, W_up, b_up). After "
+                    "the FIRST backward pass, how many of the model's adapter tensors hold a non-zero gradient? "
+                    "check() builds the model, runs the backward pass and explains the count; exact.",
+          kind="predict", hidden=lambda: ["{} of {}".format(*_first_step_gradients()),
+                                          "{} / {}".format(*_first_step_gradients())])
+def _predict_gradients(answer):
+    from numbers import Real
+
+    from . import as_number
+    answer = as_number(answer)
+    if isinstance(answer, bool) or not isinstance(answer, Real):
+        raise TypeError("predict one number: how many adapter tensors get a non-zero gradient")
+    moving, total = _first_step_gradients()
+    why = (f"measured: {moving} of {total} adapter tensors. In every adapter W_up and b_up get a gradient (the "
+           "bottleneck's hidden units are not zero), while the gradient reaching W_down and b_down passes through "
+           "W_upᵀ = 0 — the same as in section 3's Pfeiffer step, now 2 adapters x 6 blocks.")
+    if answer == moving:
+        return True, why
+    if answer == total:
+        return False, f"your prediction {answer:g}: not every tensor can move in the first step. " + why
+    if answer == moving / 2:
+        return False, f"your prediction {answer:g}: Houlsby has two adapters per block. " + why
+    return False, f"your prediction {answer:g}. " + why
+
+
+@lru_cache(maxsize=None)
+def _llama_pfeiffer() -> int:
     from ..adapters import apply_adapters
     from ..measure import count_parameters
     from ..models import build_from_config
-    model = apply_adapters(build_from_config("gpt2-large", device="meta"), placement="houlsby")
-    expected = count_parameters(model)[0]
-    d, m, layers = 1280, 80, 36
-    return number(answer, expected, rel_tol=1e-9,
-                  mistakes={layers * (2 * m * d + m + d): "that is one adapter per block (Pfeiffer); Houlsby has "
-                                                          "two: after attention and after the MLP.",
-                            2 * layers * 2 * m * d: "the biases are missing: each adapter adds m + d of them.",
-                            2 * (2 * m * d + m + d): "that is one block; GPT-2 large has 36."},
-                  explain=f"2 adapters × 36 blocks × (2·80·1280 + 80 + 1280) = {expected:,} (counted on the "
+    return count_parameters(apply_adapters(build_from_config("llama-7b", device="meta"), placement="pfeiffer",
+                                           bottleneck_dim=64))[0]
+
+
+@exercise("03.ex2", "A Pfeiffer adapter (one per block) with a fixed bottleneck m = 64 on llama-7b (d = 4096, "
+                    "32 blocks): how many trainable parameters in total? Exact.",
+          kind="compute", hidden=lambda: [f"{_llama_pfeiffer():,}", str(_llama_pfeiffer())])
+def _pfeiffer_llama(answer):
+    expected = _llama_pfeiffer()
+    d, m, layers = 4096, 64, 32
+    assert expected == layers * (2 * m * d + m + d)   # (03.2) against the meta-device count
+    return hinted(answer, expected, rel_tol=1e-9,
+                  mistakes={2 * expected: "that is two adapters per block (Houlsby); Pfeiffer has one, after the MLP.",
+                            layers * 2 * m * d: "the biases are missing: each adapter adds m + d of them.",
+                            2 * m * d + m + d: "that is one block; llama-7b has 32.",
+                            layers * (2 * 256 * d + 256 + d): "that is reduction factor 16 (m = 256); the question "
+                                                                "fixes m = 64."},
+                  hint="Equation (03.2) per adapter, 2md + m + d; one adapter in each of the 32 blocks.",
+                  explain=f"32 x (2·64·4096 + 64 + 4096) = {expected:,} — 0.25% of the 6.7B base (counted on the "
                           "meta device by apply_adapters).")
 
 
-@exercise("03.ex3", "A Pfeiffer adapter at d = 768, m = 48 (GPT-2 small, reduction factor 16): how many "
-                    "multiply-adds per token does it add at inference (weights only, ignore biases and relu)?")
-def _flops(answer):
-    d, m = 768, 48
-    expected = 2 * m * d
-    return number(answer, expected, rel_tol=1e-9,
-                  mistakes={0: "adapters cannot be merged into a weight (a nonlinearity sits between W_down and "
-                               "W_up), so the cost stays.",
-                            m * d: "that is one projection; there are two (down and up).",
-                            2 * m * d + m + d: "that is the parameter count; biases and relu are to be ignored."},
-                  explain=f"W_down (m×d) and W_up (d×m): 2·m·d = {expected:,} per token, about "
-                          f"{expected / (12 * d * d):.1%} of a block's 12·d² multiply-adds.")
+# ----------------------------------------------------------------------------------------------------------
+# 03.ex3 (debug): a checkpoint of the whole model where the adapter alone was meant
+# ----------------------------------------------------------------------------------------------------------
+
+@exercise("03.ex3", "Debug: save_adapter(model, path) in section 12 writes a file far larger than the adapter it "
+                    "should hold. Fix it so that the file (torch.save of a dict of tensors) holds the adapter's "
+                    "tensors only, with the keys of peft_lab.adapters_state_dict, and pass the fixed function to "
+                    "check(); it is run on adapters the notebook never trains.",
+          kind="debug", hidden=lambda: [])
+def _debug_checkpoint(answer):
+    import os
+    import tempfile
+
+    import torch
+
+    from ..adapters import adapters_state_dict, apply_adapters
+    from ..models import load_base_model
+    from . import run_student
+    if not callable(answer):
+        raise TypeError("pass your fixed function itself, e.g. check('03.ex3', save_adapter)")
+    with torch.random.fork_rng(devices=[]):
+        for placement, seed in (("houlsby", 5), ("parallel", 6)):
+            torch.manual_seed(seed)
+            model = apply_adapters(load_base_model("tiny", device="cpu")[0], placement=placement, init="bert")
+            want = adapters_state_dict(model)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "adapter.pt")
+                run_student(answer, model, path)
+                if not os.path.isfile(path):
+                    return False, "save_adapter(model, path) should write a file at path"
+                size = os.path.getsize(path)
+                saved = torch.load(path, weights_only=True)
+            adapter_bytes = sum(t.numel() * t.element_size() for t in want.values())
+            if not isinstance(saved, dict):
+                return False, f"the file should hold a dict of tensors, it holds {type(saved).__name__}"
+            extra = sorted(set(saved) - set(want))
+            if extra:
+                base_bytes = sum({saved[k].untyped_storage().data_ptr(): saved[k].untyped_storage().nbytes()
+                                  for k in extra}.values())          # a tied embedding is stored once
+                return False, (f"the file holds {len(extra)} tensors that are not the adapter's (e.g. {extra[0]!r}), "
+                               f"{base_bytes:,} B of frozen base weights next to the adapter's {adapter_bytes:,} B. "
+                               "The frozen base is the same for every adapter and ships once; an adapter file keeps "
+                               "the trained tensors only.")
+            missing = sorted(set(want) - set(saved))
+            if missing:
+                return False, (f"{len(missing)} adapter tensors are missing (e.g. {missing[0]!r}); "
+                               f"use the keys of adapters_state_dict ({placement} adapters)")
+            if any(not torch.equal(saved[k].cpu(), want[k].cpu()) for k in want):
+                return False, "the saved tensors differ from the adapter's current values"
+            if size > adapter_bytes + 64_000:
+                return False, (f"the file is {size:,} B for {adapter_bytes:,} B of adapter tensors: are views of "
+                               "larger tensors being saved whole? (.clone() them)")
+    return True, (f"the file holds the adapter only (Houlsby and parallel adapters on tiny, {adapter_bytes:,} B "
+                  "of tensors for the last one) and not the 3.6 MiB base with its tied embedding; loading it needs "
+                  "the same base and apply_adapters first.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,7 +253,8 @@ def _check_parallel_case(cls, case, seed: int) -> str | None:
 @exercise("03.ex4", "Write class MyParallelAdapter(nn.Module) with __init__(self, sublayer, d, m, s): keep the "
                     "sublayer frozen, add trainable self.down = nn.Linear(d, m) and self.up = nn.Linear(m, d) with "
                     "up starting at zero; forward(x) = sublayer(x) + s·up(relu(down(x))), the adapter beside the "
-                    "sublayer reading its input. Pass the class itself.")
+                    "sublayer reading its input. Pass the class itself.",
+          kind="build", hidden=lambda: [])
 def _parallel(answer):
     if not isinstance(answer, type):
         raise TypeError(f"pass the class itself (check('03.ex4', MyParallelAdapter)), got {type(answer).__name__}")
