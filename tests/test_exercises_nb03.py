@@ -116,17 +116,17 @@ def test_pfeiffer_count_on_llama_and_its_mistakes():
 
 
 def test_debug_checkpoint_keeps_the_adapter_only(tmp_path):
-    from peft_lab.adapters import adapters_state_dict
+    from peft_lab.adapters import bottleneck_state_dict
 
     ok, why = verdict_of("03.ex3", lambda model, path: torch.save(model.state_dict(), path))
     assert not ok and "not the adapter's" in why and "frozen base" in why, why
     ok, why = verdict_of("03.ex3", lambda model, path: torch.save(
-        {k: v for k, v in list(adapters_state_dict(model).items())[:-1]}, path))
+        {k: v for k, v in list(bottleneck_state_dict(model).items())[:-1]}, path))
     assert not ok and "missing" in why, why
     ok, why = verdict_of("03.ex3", lambda model, path: None)
     assert not ok and "write a file" in why, why
     ok, why = verdict_of("03.ex3", lambda model, path: torch.save(
-        {k: v.clone() for k, v in adapters_state_dict(model).items()}, path))
+        {k: v.clone() for k, v in bottleneck_state_dict(model).items()}, path))
     assert ok, why
 
 

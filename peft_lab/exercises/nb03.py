@@ -91,7 +91,7 @@ def _pfeiffer_llama(answer):
 
 @exercise("03.ex3", "Debug: save_adapter(model, path) in section 12 writes a file far larger than the adapter it "
                     "should hold. Fix it so that the file (torch.save of a dict of tensors) holds the adapter's "
-                    "tensors only, with the keys of peft_lab.adapters_state_dict, and pass the fixed function to "
+                    "tensors only, with the keys of peft_lab.bottleneck_state_dict, and pass the fixed function to "
                     "check(); it is run on adapters the notebook never trains.",
           kind="debug", hidden=lambda: [])
 def _debug_checkpoint(answer):
@@ -100,7 +100,7 @@ def _debug_checkpoint(answer):
 
     import torch
 
-    from ..adapters import adapters_state_dict, apply_adapters
+    from ..adapters import bottleneck_state_dict, apply_adapters
     from ..models import load_base_model
     from . import run_student
     if not callable(answer):
@@ -109,7 +109,7 @@ def _debug_checkpoint(answer):
         for placement, seed in (("houlsby", 5), ("parallel", 6)):
             torch.manual_seed(seed)
             model = apply_adapters(load_base_model("tiny", device="cpu")[0], placement=placement, init="bert")
-            want = adapters_state_dict(model)
+            want = bottleneck_state_dict(model)
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "adapter.pt")
                 run_student(answer, model, path)
@@ -131,7 +131,7 @@ def _debug_checkpoint(answer):
             missing = sorted(set(want) - set(saved))
             if missing:
                 return False, (f"{len(missing)} adapter tensors are missing (e.g. {missing[0]!r}); "
-                               f"use the keys of adapters_state_dict ({placement} adapters)")
+                               f"use the keys of bottleneck_state_dict ({placement} adapters)")
             if any(not torch.equal(saved[k].cpu(), want[k].cpu()) for k in want):
                 return False, "the saved tensors differ from the adapter's current values"
             if size > adapter_bytes + 64_000:
