@@ -58,5 +58,6 @@ def test_model_state_bytes_for_three_optimizers():
     assert not ok and "sgd_momentum" in why, why
     ok, why = verdict("00.ex5", lambda n, t, p, o: 16 * n)
     assert not ok and "frozen parameter" in why, why
-    ok, why = verdict("00.ex5", lambda n, t, p, o: right(n, t, "fp32", o) if p == "fp32" else 2 * n + (2 + STATE[o]) * t)
+    ok, why = verdict("00.ex5",
+                      lambda n, t, p, o: right(n, t, "fp32", o) if p == "fp32" else 2 * n + (2 + STATE[o]) * t)
     assert not ok and "master" in why, why

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-
 from transformers.pytorch_utils import Conv1D
 
 import builders
@@ -184,7 +183,9 @@ def _train_lora(order_bug=False, mutate_base=False):
         if not order_bug:
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         for b in batches:
-            opt.zero_grad(); model(**b).loss.backward(); opt.step()
+            opt.zero_grad()
+            model(**b).loss.backward()
+            opt.step()
         return model
     return train_lora
 

@@ -5,9 +5,8 @@ count), so the answer cannot be read off the screen.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import math
+from functools import lru_cache
 
 from . import as_number, exercise, run_student
 from .hinted import hinted, numbers_in, unit_slips
@@ -120,7 +119,8 @@ def _gpt2_big(answer):
                             16 * (n + V * d) / GIB: "the head is tied to the token embedding: count V·d once.",
                             16 * (n - P * d) / GIB: "GPT-2 learns its position embeddings: P·d parameters."},
                   hint="N from eq. (4) with these L, d, V, P; then eq. (2)'s bytes per parameter; 1 GiB = 2**30 B.",
-                  explain=f"eq. (4) gives {n:,} parameters; x 16 B = {16 * n:,} B = {expected:.2f} GiB — beyond a 24 or 32 GiB "
+                  explain=f"eq. (4) gives {n:,} parameters; x 16 B = {16 * n:,} B = {expected:.2f} GiB — beyond a 24 "
+                          "or 32 GiB "
                           "GPU before a single activation is stored.")
 
 

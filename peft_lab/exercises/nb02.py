@@ -4,10 +4,9 @@ Ids are ``"02.exN"`` so that they cannot be mistaken for the notebook's equation
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import copy
 import math
+from functools import lru_cache
 
 from . import exercise, first_failure, run_student
 from .hinted import hinted
@@ -62,11 +61,12 @@ def _params(answer):
 
 @lru_cache(maxsize=None)
 def _batch64_memory() -> dict:
+    import torch
+
     from ..data import collate, encode_task, load_task
     from ..lora import apply_lora
     from ..measure import measure_memory
     from ..models import load_base_model
-    import torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -83,8 +83,9 @@ def _batch64_memory() -> dict:
                     "measure_memory and explains the gap; within ±5% counts as right.",
           kind="predict", hidden=lambda: [f"{_batch64_memory()['mem'][64]['total'] / 2**20:.2f}"])
 def _predict_memory(answer):
-    from . import as_number
     from numbers import Real
+
+    from . import as_number
     answer = as_number(answer)
     if isinstance(answer, bool) or not isinstance(answer, Real):
         raise TypeError("predict one number, the total in MiB")
@@ -119,7 +120,8 @@ def _rslora(answer):
     return hinted(answer, expected, rel_tol=1e-3,
                   mistakes={target * 32: "that keeps s with plain LoRA's α/r; rsLoRA divides by √r.",
                             16: "with the same α, rsLoRA's s = 16/√32 ≈ 2.83 differs from the 2 you had.",
-                            2 * math.sqrt(8): "that is the α that gives s = 2 at r = 8 under rsLoRA; the new rank is 32.",
+                            2 * math.sqrt(8): "that is the α that gives s = 2 at r = 8 under rsLoRA; the new rank "
+                                              "is 32.",
                             target / math.sqrt(32): "upside down: s = α/√r, so α = s·√r."},
                   hint="First the old s = α/r; then solve s = α/√r for α at r = 32 (equation 02.6).",
                   explain=f"s = 16/8 = 2 before; rsLoRA needs α = s·√32 = {expected:.2f}. PEFT's lora_alpha is "
@@ -170,7 +172,8 @@ def _debug_optimizer(answer):
         if any(p.requires_grad for p in base_params.values()):
             return False, "some base weights still require gradients: LoRA trains the factors only"
         with torch.no_grad():
-            model.eval(); base.eval()
+            model.eval()
+            base.eval()
             b = batches[0]
             loss_model, loss_base = model(**b).loss.item(), base(**b).loss.item()
     if not loss_model < loss_base:

@@ -8,7 +8,6 @@ from ..tolerance import is_close  # student's order of operations vs ours: float
 from . import exercise, first_failure
 from .hinted import hinted
 
-
 #: the small random GPT-2 of 03.ex1 (a depth and width the notebook never builds)
 SMALL_GPT2 = dict(n_layer=6, n_embd=64, n_head=4, vocab_size=1024, n_positions=64)
 
@@ -100,7 +99,7 @@ def _debug_checkpoint(answer):
 
     import torch
 
-    from ..adapters import bottleneck_state_dict, apply_adapters
+    from ..adapters import apply_adapters, bottleneck_state_dict
     from ..models import load_base_model
     from . import run_student
     if not callable(answer):
