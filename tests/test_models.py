@@ -63,9 +63,9 @@ def test_cpu_build_is_seeded():
     assert all(v.device.type == "cpu" for v in a.values())
 
 
-@pytest.mark.parametrize("bad", [None, 123, "", ["gpt2"]])
-def test_load_base_model_rejects_non_strings(bad):
-    with pytest.raises(TypeError):
+@pytest.mark.parametrize("bad, error", [(None, TypeError), (123, TypeError), (["gpt2"], TypeError), ("", ValueError)])
+def test_load_base_model_rejects_non_strings(bad, error):
+    with pytest.raises(error, match="name must be a non-empty string"):
         load_base_model(bad)
 
 
