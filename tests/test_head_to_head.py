@@ -1,4 +1,4 @@
-"""The committed full profile (notebook 05's head-to-head): its file, the README text made from it, and the
+"""The committed full profile (notebook 06's head-to-head): its file, the README text made from it, and the
 learning-rate criterion it uses. Fast: reads JSON and runs the tiny model on six reviews."""
 import math
 
@@ -52,7 +52,7 @@ def test_results_have_what_the_notebook_and_readme_read(results):
         assert "source" in ea
         if "seeds" in ea and compare.METHODS[name].can_switch_off:
             off, base = ea["seeds"][0]["ppl_off"], results["base"]["heldout_ppl"]
-            if compare.METHODS[name].quantized_base:   # the NF4 base: close to the base, not equal (notebook 06)
+            if compare.METHODS[name].quantized_base:   # the NF4 base: close to the base, not equal (notebook 05)
                 assert off != base and math.isclose(off, base, rel_tol=0.05)
             else:
                 assert math.isclose(off, base, rel_tol=1e-6)
@@ -125,12 +125,12 @@ def test_peft_ia3_learns_what_our_ia3_learns(results):
 
 
 def test_notebook_05_argument_is_generated_from_the_committed_results(results):
-    """05 §10 quotes no hand-copied number: its argument cell is what the generator makes of the file."""
+    """06 §10 quotes no hand-copied number: its argument cell is what the generator makes of the file."""
     import nbformat
     nb = nbformat.read(report.NOTEBOOK, as_version=4)
     cell = next(c for c in nb.cells if c.cell_type == "markdown" and c.source.startswith(report.ARGUMENT_START))
     assert cell.source == report.argument(results), (
-        "notebook 05's §10 argument differs from the committed results: run "
+        "notebook 06's §10 argument differs from the committed results: run "
         "`python -m peft_lab.benchmarks.head_to_head --readme`")
 
 

@@ -1,7 +1,7 @@
-"""Notebook 05's full profile, run headless: every method at an equal budget and at an equal accuracy.
+"""Notebook 06's full profile, run headless: every method at an equal budget and at an equal accuracy.
 
-``python -m peft_lab.benchmarks.head_to_head --out notebooks/results/05_full_profile.json`` trains every
-method of :data:`peft_lab.compare.METHODS` on notebook 05's setting and writes one JSON file that notebook 05
+``python -m peft_lab.benchmarks.head_to_head --out notebooks/results/06_full_profile.json`` trains every
+method of :data:`peft_lab.compare.METHODS` on notebook 06's setting and writes one JSON file that notebook 06
 (every profile) and the README draw their head-to-head from. Two views:
 
 * **equal budget** — 300 cosine steps for everyone (the cost of being slow is part of the truth). Each
@@ -23,7 +23,7 @@ that median (labelled so), because wall time of a run on a shared CPU measures t
 method.
 
 ``--smoke`` runs a few steps of three methods (seconds); ``--readme`` regenerates the README section, its
-figure and notebook 05's §10 argument from the committed file (:mod:`peft_lab.benchmarks.head_to_head_report`).
+figure and notebook 06's §10 argument from the committed file (:mod:`peft_lab.benchmarks.head_to_head_report`).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ from ..models import load_base_model
 from ..paths import write_text_atomic
 from ..qlora import nf4_layers
 
-RESULTS = Path("notebooks") / "results" / "05_full_profile.json"
+RESULTS = Path("notebooks") / "results" / "06_full_profile.json"
 MiB = 2 ** 20
 
 
@@ -158,7 +158,7 @@ def environment(argv: list[str]) -> dict:
 
 
 class _Setting:
-    """Notebook 05's data and base model, loaded once."""
+    """Notebook 06's data and base model, loaded once."""
 
     def __init__(self, p: Profile):
         self.base, self.tok = load_base_model("tiny", device="cpu")
