@@ -1,150 +1,123 @@
-"""Notebook 05's code exercises: a right answer passes, and each typical mistake is caught with its reason."""
+"""Notebook 05's exercises (beyond LoRA): a right answer passes, and each plausible wrong one is refused with a
+reason that helps — never with the worked answer."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
-from torch import nn
 
+import peft_lab
 from builders import verdict
+from peft_lab import qlora
+from peft_lab.exercises import exercises
+from peft_lab.exercises.nb05 import BUGGY_DEPLOY, qlora_base_ratio
+from peft_lab.lora import magnitude_direction_change
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 05.ex1: IA3 for a feed-forward module (input side, 05.2)
-# ---------------------------------------------------------------------------------------------------------
-
-class GoodIA3(nn.Module):
-    def __init__(self, base):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.l = nn.Parameter(torch.ones(base.in_features))
-
-    def forward(self, x):
-        return self.base(x * self.l)
+def test_every_exercise_says_its_kind_and_hidden_forms():
+    kinds = {e.id: e.kind for e in exercises("05")}
+    assert kinds == {"05.ex1": "predict", "05.ex2": "build", "05.ex3": "debug", "05.ex4": "compute"}
+    assert all(e.hidden is not None for e in exercises("05"))
 
 
-class OutputSide(GoodIA3):           # scales the output: (05.1), not (05.2)
-    def __init__(self, base):
-        super().__init__(base)
-        self.l = nn.Parameter(torch.ones(base.out_features))
+# 05.ex1 (predict): the QLoRA base of gpt2-small against fp32 -------------------------------------------------
 
-    def forward(self, x):
-        return self.base(x) * self.l
+def test_predict_ratio_is_the_stored_bytes_of_section_3():
+    ratio, share = qlora_base_ratio("gpt2")
+    assert 3.9 < ratio < 4.3 and 0.6 < share < 0.75     # §3 measures 4.1x from the stored tensors
 
 
-class NotFrozen(GoodIA3):
-    def __init__(self, base):
-        super().__init__(base)
-        self.base.requires_grad_(True)
+@pytest.mark.parametrize("answer", [4.1, 4.0, 3.8])
+def test_predict_ratio_accepts_a_prediction_within_ten_percent(answer):
+    ok, why = verdict("05.ex1", answer)
+    assert ok and "measures" in why
 
 
-class ZeroInit(GoodIA3):
-    def __init__(self, base):
-        super().__init__(base)
-        self.l = nn.Parameter(torch.zeros(base.in_features))
+@pytest.mark.parametrize("answer, words", [(7.75, "every"), (8, "4-bit indices"), (2, "bf16"), (0.25, "smaller"),
+                                           (3.0, "too low"), (6.0, "too high")])
+def test_predict_ratio_refuses_with_a_hint_not_the_answer(answer, words):
+    ok, why = verdict("05.ex1", answer)
+    assert not ok and words in why
+    assert f"{qlora_base_ratio('gpt2')[0]:.2f}" not in why
 
 
-class Detached(GoodIA3):
-    def forward(self, x):
-        return self.base(x * self.l.detach())
+# 05.ex2 (build): ΔM, ΔD -----------------------------------------------------------------------------------------
+
+def _layout(w0, w, fan_in_fan_out):
+    return (w0.T, w.T) if fan_in_fan_out else (w0, w)
 
 
-class ScalesAfterBias(GoodIA3):      # right size when square, but l multiplies W x + b, not x
-    def forward(self, x):
-        w = self.base.weight
-        return nn.functional.linear(x, w * self.l, self.base.bias * self.l[: w.shape[0]].mean())
+def signed_m(w0, w, fan_in_fan_out=False):
+    a, b = _layout(w0, w, fan_in_fan_out)
+    return (b.norm(dim=1) - a.norm(dim=1)).mean().item(), magnitude_direction_change(w0, w, fan_in_fan_out)[1]
 
 
-def test_ia3_feedforward_right_and_wrong():
-    assert verdict("05.ex1", GoodIA3)[0]
-    for cls, words in ((OutputSide, "output"), (NotFrozen, "freeze"), (ZeroInit, "ones"), (Detached, "gradient"),
-                       (ScalesAfterBias, "W(l ⊙ x) + b")):
-        ok, why = verdict("05.ex1", cls)
-        assert not ok and words in why, (cls.__name__, why)
+def cosine_not_distance(w0, w, fan_in_fan_out=False):
+    a, b = _layout(w0, w, fan_in_fan_out)
+    return (magnitude_direction_change(w0, w, fan_in_fan_out)[0],
+            torch.nn.functional.cosine_similarity(b, a, dim=1).mean().item())
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 05.ex2: DoRA's forward (05.7, 05.9)
-# ---------------------------------------------------------------------------------------------------------
-
-def good_dora(x, W0, bias, A, B, m, s):
-    V = W0 + s * B @ A
-    return nn.functional.linear(x, m.view(-1, 1) * V / V.norm(dim=1, keepdim=True).detach(), bias)
+def ignores_layout(w0, w, fan_in_fan_out=False):
+    return magnitude_direction_change(w0, w, False)
 
 
-def column_norm(x, W0, bias, A, B, m, s):
-    V = W0 + s * B @ A
-    return nn.functional.linear(x, m.view(-1, 1) * V / V.norm(dim=0, keepdim=True).detach(), bias)
+def columns(w0, w, fan_in_fan_out=False):
+    return magnitude_direction_change(w0, w, not fan_in_fan_out)
 
 
-def norm_in_graph(x, W0, bias, A, B, m, s):
-    V = W0 + s * B @ A
-    return nn.functional.linear(x, m.view(-1, 1) * V / V.norm(dim=1, keepdim=True), bias)
+def test_build_accepts_the_definition():
+    assert verdict("05.ex2", magnitude_direction_change)[0]
 
 
-def no_scaling(x, W0, bias, A, B, m, s):
-    return good_dora(x, W0, bias, A, B, m, 1.0)
+@pytest.mark.parametrize("fn, words", [(signed_m, "absolute"), (cosine_not_distance, "1 − cos"),
+                                       (ignores_layout, "wrong dimension"), (columns, "wrong dimension"),
+                                       (lambda w0, w, fan_in_fan_out=False: 1.0, "two numbers")])
+def test_build_names_the_mistake(fn, words):
+    ok, why = verdict("05.ex2", fn)
+    assert not ok and words in why
 
 
-def plain_lora(x, W0, bias, A, B, m, s):
-    return nn.functional.linear(x, W0 + s * B @ A, bias)
+# 05.ex3 (debug): merge, then quantize again -----------------------------------------------------------------------
+
+def _deploy(source):
+    namespace = {"peft_lab": peft_lab, "copy": copy, "qlora": qlora}
+    exec(source, namespace)
+    return namespace["deploy"]
 
 
-def test_dora_forward_right_and_wrong():
-    assert verdict("05.ex2", good_dora)[0]
-    for fn, words in ((column_norm, "wrong dimension"), (norm_in_graph, "detach"), (no_scaling, "(05.7)"),
-                      (plain_lora, "(05.7)")):
-        ok, why = verdict("05.ex2", fn)
-        assert not ok and words in why, (fn.__name__, why)
+def test_debug_refuses_the_buggy_snippet_and_says_why():
+    ok, why = verdict("05.ex3", _deploy(BUGGY_DEPLOY))
+    assert not ok and "NF4 again" in why
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 05.ex3: the NF4 code (05.Q1); 05.ex4: bits per weight (05.Q4)
-# ---------------------------------------------------------------------------------------------------------
-
-def _halves(delta=0.5 * (1 / 32 + 1 / 30)):
-    pos = torch.special.ndtri(torch.linspace(1 - delta, 0.5, 9)[:-1].double())
-    neg = -torch.special.ndtri(torch.linspace(1 - delta, 0.5, 8)[:-1].double())
-    return pos, neg
+def test_debug_accepts_the_float_merge():
+    fixed = BUGGY_DEPLOY.replace("return qlora.quantize_model(model)", "return model")
+    ok, why = verdict("05.ex3", _deploy(fixed))
+    assert ok and "float" in why
 
 
-def good_code():
-    pos, neg = _halves()
-    v = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
-    return (v / v.max()).float()
+def test_debug_refuses_an_unmerged_adapter_and_a_lost_update():
+    ok, why = verdict("05.ex3", lambda m: m)
+    assert not ok and "LoRA layers still compute" in why
+    dropped = BUGGY_DEPLOY.replace("merge=True", "merge=False").replace("return qlora.quantize_model(model)",
+                                                                      "return model")
+    ok, why = verdict("05.ex3", _deploy(dropped))
+    assert not ok and "outputs moved" in why
 
 
-def symmetric_code():                 # 8 + 8 quantiles, no zero
-    pos, _ = _halves()
-    return (torch.cat([-pos, pos]).sort().values / pos.max()).float()
+# 05.ex4 (compute): bits per weight ------------------------------------------------------------------------------
 
-
-def unscaled_code():
-    pos, neg = _halves()
-    return torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values.float()
-
-
-def unsorted_code():
-    return good_code().flip(0)
-
-
-def other_offset_code():              # δ = 0.05: the right shape, other values
-    pos, neg = _halves(0.05)
-    v = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
-    return (v / v.max()).float()
-
-
-def test_nf4_code_right_and_wrong():
-    assert verdict("05.ex3", good_code)[0]
-    for fn, words in ((symmetric_code, "exact zero"), (unscaled_code, "largest"), (unsorted_code, "sort"),
-                      (other_offset_code, "differ from NF4"), (lambda: torch.linspace(-1, 1, 15), "16 values")):
-        ok, why = verdict("05.ex3", fn)
-        assert not ok and words in why, (fn, why)
-
-
-def test_bits_per_weight():
+def test_bits_accepts_four_decimals():
     assert verdict("05.ex4", 4 + 8 / 128 + 32 / (128 * 256))[0]
-    for answer, words in ((4.127, "block 64"), (4.25, "without double"), (4.0625, "second level")):
-        ok, why = verdict("05.ex4", answer)
-        assert not ok and words in why, (answer, why)
+    assert verdict("05.ex4", 4.0635)[0]
+
+
+@pytest.mark.parametrize("answer, words", [(4.063, "four"), (4.0625, "second level"), (4.127, "blocks of 64"),
+                                           (4.25, "without double"), (4.0, "indices alone"), (4.3, "too high")])
+def test_bits_refuses_with_a_reason_and_no_worked_answer(answer, words):
+    ok, why = verdict("05.ex4", answer)
+    assert not ok and words in why and "4.0635" not in why

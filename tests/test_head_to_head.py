@@ -124,14 +124,30 @@ def test_peft_ia3_learns_what_our_ia3_learns(results):
     assert math.isclose(*check["loss"], rel_tol=0.05)
 
 
-def test_notebook_05_argument_is_generated_from_the_committed_results(results):
+def test_notebook_06_argument_is_generated_from_the_committed_results(results):
     """06 §10 quotes no hand-copied number: its argument cell is what the generator makes of the file."""
     import nbformat
     nb = nbformat.read(report.NOTEBOOK, as_version=4)
-    cell = next(c for c in nb.cells if c.cell_type == "markdown" and c.source.startswith(report.ARGUMENT_START))
-    assert cell.source == report.argument(results), (
+    cells = report.argument_cells(nb)
+    assert len(cells) == 1 and cells[0].source == report.argument(results), (
         "notebook 06's §10 argument differs from the committed results: run "
         "`python -m peft_lab.benchmarks.head_to_head --readme`")
+
+
+def test_argument_is_short_and_its_facts_are_the_files(results):
+    """§10 is an argument a student can hold (at most 300 words besides its table), and the facts it states are
+    read from the file: the prompt seeds, the methods that got a longer budget, the runs above uniform."""
+    text = report.argument(results)
+    assert report.argument_words(text) <= 300
+    f = report.facts(results)
+    ea = results["equal_accuracy"]
+    assert f["prompt_final_val"] == [s["final_val_acc"] for s in ea["prompt"]["seeds"]]
+    assert set(f["regridded"]) | set(f["same_rate_only"]) == set(f["long_budget"])
+    assert all(len(ea[n]["grid"]) > 1 for n in f["regridded"])
+    assert all(g["ppl_on"] > 1024 for n, lr in f["above_uniform"] for g in results["equal_budget"][n]["grid"]
+               if g["lr"] == lr)
+    table = [l for l in text.splitlines() if l.startswith("|")]
+    assert len(table) == 2 + len(f["methods"]) and all(n in text for n in f["methods"])
 
 
 def test_second_run_is_the_same_plan_under_other_versions(results):

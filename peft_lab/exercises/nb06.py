@@ -1,4 +1,4 @@
-"""Exercises of notebook 06 (head to head). Expected answers are computed by the package or PEFT, not stored."""
+"""Exercises of notebook 06 (head to head; both are *build* exercises, graded on configs the notebook never shows). Expected answers are computed by the package or PEFT, not stored."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -81,7 +81,8 @@ def _ia3_hint(config, got) -> str:
 
 
 @exercise("06.ex1", "Write ia3_params(config) -> the trainable parameters PEFT's IA3 (default targets) adds to a "
-                    "GPT-2 or LLaMA model with that transformers config.")
+                    "GPT-2 or LLaMA model with that transformers config.",
+          kind="build", hidden=lambda: [])
 def _ia3_params(answer):
     if not callable(answer):
         raise TypeError("pass your function itself, e.g. check('06.ex1', ia3_params)")
@@ -127,7 +128,8 @@ def _largest_batch(size, method, precision, seq_len, budget_gib, limit: int = 10
 
 
 @exercise("06.ex2", "Write largest_batch(size, method, precision, seq_len, budget_gib) -> the largest batch size "
-                    "whose training step fits budget_gib GiB by compare.calculator (0 if none).")
+                    "whose training step fits budget_gib GiB by compare.calculator (0 if none).",
+          kind="build", hidden=lambda: [])
 def _budget(answer):
     if not callable(answer):
         raise TypeError("pass your function itself, e.g. check('06.ex2', largest_batch)")
