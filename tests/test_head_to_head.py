@@ -160,3 +160,23 @@ def test_second_run_is_the_same_plan_under_other_versions(results):
     assert (second["environment"]["torch"], second["environment"]["transformers"]) != (
         results["environment"]["torch"], results["environment"]["transformers"])
     assert len(report.movement(results, second)) == len(results["methods"])
+
+
+def test_every_method_that_misses_95_gets_a_grid_at_its_long_budget(monkeypatch):
+    """Equal treatment: a method without its own long plan (LoRA r=8) gets, like prefix and prompt tuning, a grid of
+    rates at the longer budget — its 300-step choice and the rates either side — and the other seeds at the best."""
+    calls = []
+
+    def fake_train(s, p, name, lr, seed, steps, eval_every):
+        calls.append((lr, seed, steps))
+        return {"lr": lr, "seed": seed, "steps": steps, "val_loss": abs(math.log10(lr) + 2), "steps_to": {}}, None
+    monkeypatch.setattr(head_to_head, "_train", fake_train)
+    monkeypatch.setattr(head_to_head, "_finish", lambda s, rec, r, off: rec)
+    view = head_to_head.long_view(None, head_to_head.FULL, "LoRA r=8", 0.01)
+    assert view["source"] == "long budget" and view["steps"] == head_to_head.FULL.extend_steps
+    assert view["lrs"] == [0.003, 0.01, 0.03] and view["chosen_lr"] == 0.01 and not view["edge"]
+    assert {lr for lr, seed, _ in calls if seed == 0} >= {0.003, 0.01, 0.03}
+    assert all(steps == head_to_head.FULL.extend_steps for *_, steps in calls)
+    prefix = head_to_head.long_view(None, head_to_head.FULL, "prefix", 0.03)       # its own plan is kept
+    assert prefix["steps"] == 1000 and set(head_to_head.FULL.plan["prefix"].long_lrs) <= set(prefix["lrs"])
+    assert head_to_head.around(0.01) == (0.003, 0.01, 0.03) and head_to_head.around(0.3) == (0.1, 0.3, 1.0)
