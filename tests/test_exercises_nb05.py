@@ -1,114 +1,123 @@
-"""Notebook 05's code exercises: a right answer passes, each typical wrong one fails with its reason."""
+"""Notebook 05's exercises (beyond LoRA): a right answer passes, and each plausible wrong one is refused with a
+reason that helps — never with the worked answer."""
 from __future__ import annotations
 
-import re
+import copy
 
 import pytest
+import torch
 
 import peft_lab
 from builders import verdict
-from peft_lab import compare
+from peft_lab import qlora
+from peft_lab.exercises import exercises
+from peft_lab.exercises.nb05 import BUGGY_DEPLOY, qlora_base_ratio
+from peft_lab.lora import magnitude_direction_change
 
-# --- 05.ex1: IA3's trainable parameters ----------------------------------------------------------------------
-
-def _shape(c):
-    if c.model_type == "gpt2":
-        return c.n_layer, c.n_embd, c.n_embd, c.n_inner or 4 * c.n_embd
-    kv = c.num_key_value_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
-    return c.num_hidden_layers, c.hidden_size, kv, c.intermediate_size
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def ia3_right(c):
-    L, d, kv, ff = _shape(c)
-    return L * (3 * d + ff) if c.model_type == "gpt2" else L * (2 * kv + ff)
+def test_every_exercise_says_its_kind_and_hidden_forms():
+    kinds = {e.id: e.kind for e in exercises("05")}
+    assert kinds == {"05.ex1": "predict", "05.ex2": "build", "05.ex3": "debug", "05.ex4": "compute"}
+    assert all(e.hidden is not None for e in exercises("05"))
 
 
-def ia3_keys_values_only(c):             # the old table's "keys, values" on GPT-2
-    L, d, kv, ff = _shape(c)
-    return L * (2 * d + ff) if c.model_type == "gpt2" else ia3_right(c)
+# 05.ex1 (predict): the QLoRA base of gpt2-small against fp32 -------------------------------------------------
+
+def test_predict_ratio_is_the_stored_bytes_of_section_3():
+    ratio, share = qlora_base_ratio("gpt2")
+    assert 3.9 < ratio < 4.3 and 0.6 < share < 0.75     # §3 measures 4.1x from the stored tensors
 
 
-def ia3_four_d(c):                       # assumes GPT-2's MLP is always 4·d wide
-    L, d, _, _ = _shape(c)
-    return L * (3 * d + 4 * d) if c.model_type == "gpt2" else ia3_right(c)
+@pytest.mark.parametrize("answer", [4.1, 4.0, 3.8])
+def test_predict_ratio_accepts_a_prediction_within_ten_percent(answer):
+    ok, why = verdict("05.ex1", answer)
+    assert ok and "measures" in why
 
 
-def ia3_with_queries(c):                 # q_proj scaled on LLaMA too
-    L, d, kv, ff = _shape(c)
-    return ia3_right(c) if c.model_type == "gpt2" else L * (d + 2 * kv + ff)
+@pytest.mark.parametrize("answer, words", [(7.75, "every"), (8, "4-bit indices"), (2, "bf16"), (0.25, "smaller"),
+                                           (3.0, "too low"), (6.0, "too high")])
+def test_predict_ratio_refuses_with_a_hint_not_the_answer(answer, words):
+    ok, why = verdict("05.ex1", answer)
+    assert not ok and words in why
+    assert f"{qlora_base_ratio('gpt2')[0]:.2f}" not in why
 
 
-def ia3_no_gqa(c):                       # k, v as wide as the hidden state
-    L, d, _, ff = _shape(c)
-    return ia3_right(c) if c.model_type == "gpt2" else L * (2 * d + ff)
+# 05.ex2 (build): ΔM, ΔD -----------------------------------------------------------------------------------------
+
+def _layout(w0, w, fan_in_fan_out):
+    return (w0.T, w.T) if fan_in_fan_out else (w0, w)
 
 
-def ia3_down_output(c):                  # scales down_proj's output instead of its input
-    L, d, kv, _ = _shape(c)
-    return ia3_right(c) if c.model_type == "gpt2" else L * (2 * kv + d)
+def signed_m(w0, w, fan_in_fan_out=False):
+    a, b = _layout(w0, w, fan_in_fan_out)
+    return (b.norm(dim=1) - a.norm(dim=1)).mean().item(), magnitude_direction_change(w0, w, fan_in_fan_out)[1]
 
 
-def test_ia3_right_answer_passes():
-    assert peft_lab.check("05.ex1", ia3_right, verbose=False)
+def cosine_not_distance(w0, w, fan_in_fan_out=False):
+    a, b = _layout(w0, w, fan_in_fan_out)
+    return (magnitude_direction_change(w0, w, fan_in_fan_out)[0],
+            torch.nn.functional.cosine_similarity(b, a, dim=1).mean().item())
 
 
-@pytest.mark.parametrize("wrong, words", [
-    (ia3_keys_values_only, "queries, keys and values"), (ia3_four_d, "n_inner"), (ia3_with_queries, "not q_proj"),
-    (ia3_no_gqa, "grouped-query"), (ia3_down_output, "input of down_proj"),
-    (lambda c: None, "returns nothing"), (lambda c: c.n_embd * 0, "PEFT's IA3 trains"),
-])
-def test_ia3_wrong_answers_fail_with_their_reason(wrong, words):
-    ok, why = verdict("05.ex1", wrong)
-    assert not ok and words in why, why
+def ignores_layout(w0, w, fan_in_fan_out=False):
+    return magnitude_direction_change(w0, w, False)
 
 
-def test_ia3_crash_and_non_function_are_readable(capsys):
-    ok, why = verdict("05.ex1", lambda c: c.no_such_field)
-    assert not ok and "AttributeError" in why
-    assert peft_lab.check("05.ex1", 3584) is False
-    assert "pass your function itself" in capsys.readouterr().out
+def columns(w0, w, fan_in_fan_out=False):
+    return magnitude_direction_change(w0, w, not fan_in_fan_out)
 
 
-# --- 05.ex2: the largest batch in a memory budget ------------------------------------------------------------
-
-def fits(size, method, precision, seq_len, budget_gib, batch, per=2**30):
-    total = compare.calculator(method, size, batch_size=batch, seq_len=seq_len, precision=precision)["total"]
-    return total <= budget_gib * per
+def test_build_accepts_the_definition():
+    assert verdict("05.ex2", magnitude_direction_change)[0]
 
 
-def batch_right(size, method, precision, seq_len, budget_gib, per=2**30):
-    b = 0
-    while fits(size, method, precision, seq_len, budget_gib, b + 1, per):
-        b += 1
-    return b
+@pytest.mark.parametrize("fn, words", [(signed_m, "absolute"), (cosine_not_distance, "1 − cos"),
+                                       (ignores_layout, "wrong dimension"), (columns, "wrong dimension"),
+                                       (lambda w0, w, fan_in_fan_out=False: 1.0, "two numbers")])
+def test_build_names_the_mistake(fn, words):
+    ok, why = verdict("05.ex2", fn)
+    assert not ok and words in why
 
 
-def batch_off_by_one(*args):             # the first batch that does not fit
-    return batch_right(*args) + 1
+# 05.ex3 (debug): merge, then quantize again -----------------------------------------------------------------------
+
+def _deploy(source):
+    namespace = {"peft_lab": peft_lab, "copy": copy, "qlora": qlora}
+    exec(source, namespace)
+    return namespace["deploy"]
 
 
-def batch_gigabytes(*args):              # 10**9 bytes per "GiB"
-    return batch_right(*args, per=10**9)
+def test_debug_refuses_the_buggy_snippet_and_says_why():
+    ok, why = verdict("05.ex3", _deploy(BUGGY_DEPLOY))
+    assert not ok and "NF4 again" in why
 
 
-def batch_at_least_one(*args):
-    return max(1, batch_right(*args))
+def test_debug_accepts_the_float_merge():
+    fixed = BUGGY_DEPLOY.replace("return qlora.quantize_model(model)", "return model")
+    ok, why = verdict("05.ex3", _deploy(fixed))
+    assert ok and "float" in why
 
 
-def batch_fp32_always(size, method, precision, seq_len, budget_gib):
-    return batch_right(size, method, "fp32" if precision != "4bit-base" else precision, seq_len, budget_gib)
+def test_debug_refuses_an_unmerged_adapter_and_a_lost_update():
+    ok, why = verdict("05.ex3", lambda m: m)
+    assert not ok and "LoRA layers still compute" in why
+    dropped = BUGGY_DEPLOY.replace("merge=True", "merge=False").replace("return qlora.quantize_model(model)",
+                                                                      "return model")
+    ok, why = verdict("05.ex3", _deploy(dropped))
+    assert not ok and "outputs moved" in why
 
 
-def test_budget_right_answer_passes():
-    ok, why = verdict("05.ex2", batch_right)
-    assert ok, why
-    assert re.search(r"trains \d+ sequences of 512 tokens per step in bf16, \d+ with the base in 4 bits", why), why
+# 05.ex4 (compute): bits per weight ------------------------------------------------------------------------------
+
+def test_bits_accepts_four_decimals():
+    assert verdict("05.ex4", 4 + 8 / 128 + 32 / (128 * 256))[0]
+    assert verdict("05.ex4", 4.0635)[0]
 
 
-@pytest.mark.parametrize("wrong, words", [
-    (batch_off_by_one, "Off by one"), (batch_gigabytes, "2**30"), (batch_at_least_one, "Return 0"),
-    (batch_fp32_always, "fits too"), (lambda *a: 2.5, "whole number"), (lambda *a: None, "returns nothing"),
-])
-def test_budget_wrong_answers_fail_with_their_reason(wrong, words):
-    ok, why = verdict("05.ex2", wrong)
-    assert not ok and words in why, why
+@pytest.mark.parametrize("answer, words", [(4.063, "four"), (4.0625, "second level"), (4.127, "blocks of 64"),
+                                           (4.25, "without double"), (4.0, "indices alone"), (4.3, "too high")])
+def test_bits_refuses_with_a_reason_and_no_worked_answer(answer, words):
+    ok, why = verdict("05.ex4", answer)
+    assert not ok and words in why and "4.0635" not in why

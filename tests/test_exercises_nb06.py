@@ -1,150 +1,114 @@
-"""Notebook 06's code exercises: a right answer passes, and each typical mistake is caught with its reason."""
+"""Notebook 06's code exercises: a right answer passes, each typical wrong one fails with its reason."""
 from __future__ import annotations
 
+import re
+
 import pytest
-import torch
-from torch import nn
 
+import peft_lab
 from builders import verdict
+from peft_lab import compare
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# --- 06.ex1: IA3's trainable parameters ----------------------------------------------------------------------
 
-
-# ---------------------------------------------------------------------------------------------------------
-# 06.ex1: IA3 for a feed-forward module (input side, 06.2)
-# ---------------------------------------------------------------------------------------------------------
-
-class GoodIA3(nn.Module):
-    def __init__(self, base):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.l = nn.Parameter(torch.ones(base.in_features))
-
-    def forward(self, x):
-        return self.base(x * self.l)
+def _shape(c):
+    if c.model_type == "gpt2":
+        return c.n_layer, c.n_embd, c.n_embd, c.n_inner or 4 * c.n_embd
+    kv = c.num_key_value_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
+    return c.num_hidden_layers, c.hidden_size, kv, c.intermediate_size
 
 
-class OutputSide(GoodIA3):           # scales the output: (06.1), not (06.2)
-    def __init__(self, base):
-        super().__init__(base)
-        self.l = nn.Parameter(torch.ones(base.out_features))
-
-    def forward(self, x):
-        return self.base(x) * self.l
+def ia3_right(c):
+    L, d, kv, ff = _shape(c)
+    return L * (3 * d + ff) if c.model_type == "gpt2" else L * (2 * kv + ff)
 
 
-class NotFrozen(GoodIA3):
-    def __init__(self, base):
-        super().__init__(base)
-        self.base.requires_grad_(True)
+def ia3_keys_values_only(c):             # the old table's "keys, values" on GPT-2
+    L, d, kv, ff = _shape(c)
+    return L * (2 * d + ff) if c.model_type == "gpt2" else ia3_right(c)
 
 
-class ZeroInit(GoodIA3):
-    def __init__(self, base):
-        super().__init__(base)
-        self.l = nn.Parameter(torch.zeros(base.in_features))
+def ia3_four_d(c):                       # assumes GPT-2's MLP is always 4·d wide
+    L, d, _, _ = _shape(c)
+    return L * (3 * d + 4 * d) if c.model_type == "gpt2" else ia3_right(c)
 
 
-class Detached(GoodIA3):
-    def forward(self, x):
-        return self.base(x * self.l.detach())
+def ia3_with_queries(c):                 # q_proj scaled on LLaMA too
+    L, d, kv, ff = _shape(c)
+    return ia3_right(c) if c.model_type == "gpt2" else L * (d + 2 * kv + ff)
 
 
-class ScalesAfterBias(GoodIA3):      # right size when square, but l multiplies W x + b, not x
-    def forward(self, x):
-        w = self.base.weight
-        return nn.functional.linear(x, w * self.l, self.base.bias * self.l[: w.shape[0]].mean())
+def ia3_no_gqa(c):                       # k, v as wide as the hidden state
+    L, d, _, ff = _shape(c)
+    return ia3_right(c) if c.model_type == "gpt2" else L * (2 * d + ff)
 
 
-def test_ia3_feedforward_right_and_wrong():
-    assert verdict("06.ex1", GoodIA3)[0]
-    for cls, words in ((OutputSide, "output"), (NotFrozen, "freeze"), (ZeroInit, "ones"), (Detached, "gradient"),
-                       (ScalesAfterBias, "W(l ⊙ x) + b")):
-        ok, why = verdict("06.ex1", cls)
-        assert not ok and words in why, (cls.__name__, why)
+def ia3_down_output(c):                  # scales down_proj's output instead of its input
+    L, d, kv, _ = _shape(c)
+    return ia3_right(c) if c.model_type == "gpt2" else L * (2 * kv + d)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 06.ex2: DoRA's forward (06.7, 06.9)
-# ---------------------------------------------------------------------------------------------------------
-
-def good_dora(x, W0, bias, A, B, m, s):
-    V = W0 + s * B @ A
-    return nn.functional.linear(x, m.view(-1, 1) * V / V.norm(dim=1, keepdim=True).detach(), bias)
+def test_ia3_right_answer_passes():
+    assert peft_lab.check("06.ex1", ia3_right, verbose=False)
 
 
-def column_norm(x, W0, bias, A, B, m, s):
-    V = W0 + s * B @ A
-    return nn.functional.linear(x, m.view(-1, 1) * V / V.norm(dim=0, keepdim=True).detach(), bias)
+@pytest.mark.parametrize("wrong, words", [
+    (ia3_keys_values_only, "queries, keys and values"), (ia3_four_d, "n_inner"), (ia3_with_queries, "not q_proj"),
+    (ia3_no_gqa, "grouped-query"), (ia3_down_output, "input of down_proj"),
+    (lambda c: None, "returns nothing"), (lambda c: c.n_embd * 0, "PEFT's IA3 trains"),
+])
+def test_ia3_wrong_answers_fail_with_their_reason(wrong, words):
+    ok, why = verdict("06.ex1", wrong)
+    assert not ok and words in why, why
 
 
-def norm_in_graph(x, W0, bias, A, B, m, s):
-    V = W0 + s * B @ A
-    return nn.functional.linear(x, m.view(-1, 1) * V / V.norm(dim=1, keepdim=True), bias)
+def test_ia3_crash_and_non_function_are_readable(capsys):
+    ok, why = verdict("06.ex1", lambda c: c.no_such_field)
+    assert not ok and "AttributeError" in why
+    assert peft_lab.check("06.ex1", 3584) is False
+    assert "pass your function itself" in capsys.readouterr().out
 
 
-def no_scaling(x, W0, bias, A, B, m, s):
-    return good_dora(x, W0, bias, A, B, m, 1.0)
+# --- 06.ex2: the largest batch in a memory budget ------------------------------------------------------------
+
+def fits(size, method, precision, seq_len, budget_gib, batch, per=2**30):
+    total = compare.calculator(method, size, batch_size=batch, seq_len=seq_len, precision=precision)["total"]
+    return total <= budget_gib * per
 
 
-def plain_lora(x, W0, bias, A, B, m, s):
-    return nn.functional.linear(x, W0 + s * B @ A, bias)
+def batch_right(size, method, precision, seq_len, budget_gib, per=2**30):
+    b = 0
+    while fits(size, method, precision, seq_len, budget_gib, b + 1, per):
+        b += 1
+    return b
 
 
-def test_dora_forward_right_and_wrong():
-    assert verdict("06.ex2", good_dora)[0]
-    for fn, words in ((column_norm, "wrong dimension"), (norm_in_graph, "detach"), (no_scaling, "(06.7)"),
-                      (plain_lora, "(06.7)")):
-        ok, why = verdict("06.ex2", fn)
-        assert not ok and words in why, (fn.__name__, why)
+def batch_off_by_one(*args):             # the first batch that does not fit
+    return batch_right(*args) + 1
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 06.ex3: the NF4 code (06.Q1); 06.ex4: bits per weight (06.Q4)
-# ---------------------------------------------------------------------------------------------------------
-
-def _halves(delta=0.5 * (1 / 32 + 1 / 30)):
-    pos = torch.special.ndtri(torch.linspace(1 - delta, 0.5, 9)[:-1].double())
-    neg = -torch.special.ndtri(torch.linspace(1 - delta, 0.5, 8)[:-1].double())
-    return pos, neg
+def batch_gigabytes(*args):              # 10**9 bytes per "GiB"
+    return batch_right(*args, per=10**9)
 
 
-def good_code():
-    pos, neg = _halves()
-    v = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
-    return (v / v.max()).float()
+def batch_at_least_one(*args):
+    return max(1, batch_right(*args))
 
 
-def symmetric_code():                 # 8 + 8 quantiles, no zero
-    pos, _ = _halves()
-    return (torch.cat([-pos, pos]).sort().values / pos.max()).float()
+def batch_fp32_always(size, method, precision, seq_len, budget_gib):
+    return batch_right(size, method, "fp32" if precision != "4bit-base" else precision, seq_len, budget_gib)
 
 
-def unscaled_code():
-    pos, neg = _halves()
-    return torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values.float()
+def test_budget_right_answer_passes():
+    ok, why = verdict("06.ex2", batch_right)
+    assert ok, why
+    assert re.search(r"trains \d+ sequences of 512 tokens per step in bf16, \d+ with the base in 4 bits", why), why
 
 
-def unsorted_code():
-    return good_code().flip(0)
-
-
-def other_offset_code():              # δ = 0.05: the right shape, other values
-    pos, neg = _halves(0.05)
-    v = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
-    return (v / v.max()).float()
-
-
-def test_nf4_code_right_and_wrong():
-    assert verdict("06.ex3", good_code)[0]
-    for fn, words in ((symmetric_code, "exact zero"), (unscaled_code, "largest"), (unsorted_code, "sort"),
-                      (other_offset_code, "differ from NF4"), (lambda: torch.linspace(-1, 1, 15), "16 values")):
-        ok, why = verdict("06.ex3", fn)
-        assert not ok and words in why, (fn, why)
-
-
-def test_bits_per_weight():
-    assert verdict("06.ex4", 4 + 8 / 128 + 32 / (128 * 256))[0]
-    for answer, words in ((4.127, "block 64"), (4.25, "without double"), (4.0625, "second level")):
-        ok, why = verdict("06.ex4", answer)
-        assert not ok and words in why, (answer, why)
+@pytest.mark.parametrize("wrong, words", [
+    (batch_off_by_one, "Off by one"), (batch_gigabytes, "2**30"), (batch_at_least_one, "Return 0"),
+    (batch_fp32_always, "fits too"), (lambda *a: 2.5, "whole number"), (lambda *a: None, "returns nothing"),
+])
+def test_budget_wrong_answers_fail_with_their_reason(wrong, words):
+    ok, why = verdict("06.ex2", wrong)
+    assert not ok and words in why, why

@@ -1,4 +1,4 @@
-"""The committed full profile (notebook 05's head-to-head): its file, the README text made from it, and the
+"""The committed full profile (notebook 06's head-to-head): its file, the README text made from it, and the
 learning-rate criterion it uses. Fast: reads JSON and runs the tiny model on six reviews."""
 import math
 
@@ -52,7 +52,7 @@ def test_results_have_what_the_notebook_and_readme_read(results):
         assert "source" in ea
         if "seeds" in ea and compare.METHODS[name].can_switch_off:
             off, base = ea["seeds"][0]["ppl_off"], results["base"]["heldout_ppl"]
-            if compare.METHODS[name].quantized_base:   # the NF4 base: close to the base, not equal (notebook 06)
+            if compare.METHODS[name].quantized_base:   # the NF4 base: close to the base, not equal (notebook 05)
                 assert off != base and math.isclose(off, base, rel_tol=0.05)
             else:
                 assert math.isclose(off, base, rel_tol=1e-6)
@@ -124,14 +124,30 @@ def test_peft_ia3_learns_what_our_ia3_learns(results):
     assert math.isclose(*check["loss"], rel_tol=0.05)
 
 
-def test_notebook_05_argument_is_generated_from_the_committed_results(results):
-    """05 §10 quotes no hand-copied number: its argument cell is what the generator makes of the file."""
+def test_notebook_06_argument_is_generated_from_the_committed_results(results):
+    """06 §10 quotes no hand-copied number: its argument cell is what the generator makes of the file."""
     import nbformat
     nb = nbformat.read(report.NOTEBOOK, as_version=4)
-    cell = next(c for c in nb.cells if c.cell_type == "markdown" and c.source.startswith(report.ARGUMENT_START))
-    assert cell.source == report.argument(results), (
-        "notebook 05's §10 argument differs from the committed results: run "
+    cells = report.argument_cells(nb)
+    assert len(cells) == 1 and cells[0].source == report.argument(results), (
+        "notebook 06's §10 argument differs from the committed results: run "
         "`python -m peft_lab.benchmarks.head_to_head --readme`")
+
+
+def test_argument_is_short_and_its_facts_are_the_files(results):
+    """§10 is an argument a student can hold (at most 300 words besides its table), and the facts it states are
+    read from the file: the prompt seeds, the methods that got a longer budget, the runs above uniform."""
+    text = report.argument(results)
+    assert report.argument_words(text) <= 300
+    f = report.facts(results)
+    ea = results["equal_accuracy"]
+    assert f["prompt_final_val"] == [s["final_val_acc"] for s in ea["prompt"]["seeds"]]
+    assert set(f["regridded"]) | set(f["same_rate_only"]) == set(f["long_budget"])
+    assert all(len(ea[n]["grid"]) > 1 for n in f["regridded"])
+    assert all(g["ppl_on"] > 1024 for n, lr in f["above_uniform"] for g in results["equal_budget"][n]["grid"]
+               if g["lr"] == lr)
+    table = [l for l in text.splitlines() if l.startswith("|")]
+    assert len(table) == 2 + len(f["methods"]) and all(n in text for n in f["methods"])
 
 
 def test_second_run_is_the_same_plan_under_other_versions(results):
@@ -144,3 +160,23 @@ def test_second_run_is_the_same_plan_under_other_versions(results):
     assert (second["environment"]["torch"], second["environment"]["transformers"]) != (
         results["environment"]["torch"], results["environment"]["transformers"])
     assert len(report.movement(results, second)) == len(results["methods"])
+
+
+def test_every_method_that_misses_95_gets_a_grid_at_its_long_budget(monkeypatch):
+    """Equal treatment: a method without its own long plan (LoRA r=8) gets, like prefix and prompt tuning, a grid of
+    rates at the longer budget — its 300-step choice and the rates either side — and the other seeds at the best."""
+    calls = []
+
+    def fake_train(s, p, name, lr, seed, steps, eval_every):
+        calls.append((lr, seed, steps))
+        return {"lr": lr, "seed": seed, "steps": steps, "val_loss": abs(math.log10(lr) + 2), "steps_to": {}}, None
+    monkeypatch.setattr(head_to_head, "_train", fake_train)
+    monkeypatch.setattr(head_to_head, "_finish", lambda s, rec, r, off: rec)
+    view = head_to_head.long_view(None, head_to_head.FULL, "LoRA r=8", 0.01)
+    assert view["source"] == "long budget" and view["steps"] == head_to_head.FULL.extend_steps
+    assert view["lrs"] == [0.003, 0.01, 0.03] and view["chosen_lr"] == 0.01 and not view["edge"]
+    assert {lr for lr, seed, _ in calls if seed == 0} >= {0.003, 0.01, 0.03}
+    assert all(steps == head_to_head.FULL.extend_steps for *_, steps in calls)
+    prefix = head_to_head.long_view(None, head_to_head.FULL, "prefix", 0.03)       # its own plan is kept
+    assert prefix["steps"] == 1000 and set(head_to_head.FULL.plan["prefix"].long_lrs) <= set(prefix["lrs"])
+    assert head_to_head.around(0.01) == (0.003, 0.01, 0.03) and head_to_head.around(0.3) == (0.1, 0.3, 1.0)

@@ -1,7 +1,7 @@
 """Every notebook runs top to bottom on the second shipped model, tiny-llama.
 
 nbval checks the committed outputs on the default model "tiny"; this is a plain execution with
-``PEFT_LAB_MODEL=tiny-llama`` (each notebook's ``MODEL_NAME``), the quick profile of notebook 05 and every
+``PEFT_LAB_MODEL=tiny-llama`` (each notebook's ``MODEL_NAME``), the quick profile of notebook 06 and every
 training run capped short (``MAX_STEPS``), which fails on any cell that raises. Cells that only make sense for
 GPT-2 (AdapterHub's reference files) skip themselves. The executed copies are written under pytest's temporary
 folder, for reading when one fails.

@@ -1,7 +1,7 @@
-"""Notebook 05's full profile, run headless: every method at an equal budget and at an equal accuracy.
+"""Notebook 06's full profile, run headless: every method at an equal budget and at an equal accuracy.
 
-``python -m peft_lab.benchmarks.head_to_head --out notebooks/results/05_full_profile.json`` trains every
-method of :data:`peft_lab.compare.METHODS` on notebook 05's setting and writes one JSON file that notebook 05
+``python -m peft_lab.benchmarks.head_to_head --out notebooks/results/06_full_profile.json`` trains every
+method of :data:`peft_lab.compare.METHODS` on notebook 06's setting and writes one JSON file that notebook 06
 (every profile) and the README draw their head-to-head from. Two views:
 
 * **equal budget** — 300 cosine steps for everyone (the cost of being slow is part of the truth). Each
@@ -12,8 +12,9 @@ method of :data:`peft_lab.compare.METHODS` on notebook 05's setting and writes o
   and 2 at that rate.
 * **equal accuracy** — each method trained long enough to reach 90% / 95% validation accuracy, up to a cap:
   methods that reach 95% within 300 steps in every seed reuse the equal-budget runs; prefix and prompt
-  tuning get their own, longer budget with its own grid; a fast method that misses 95% gets one longer run
-  per seed at its 300-step rate (as long as the time limit allows).
+  tuning get their own, longer budget with its own grid; every other method that misses 95% in some seed
+  gets the same treatment at ``extend_steps`` (600): a grid of three rates around its 300-step choice on
+  seed 0, the lowest validation loss chosen, then the other seeds (as long as the time limit allows).
 
 Every run also records held-out perplexity with the method on, so the grid gives forgetting at two or more
 learning rates per method with everything else fixed. Training runs in ``--jobs`` processes of one thread
@@ -23,7 +24,7 @@ that median (labelled so), because wall time of a run on a shared CPU measures t
 method.
 
 ``--smoke`` runs a few steps of three methods (seconds); ``--readme`` regenerates the README section, its
-figure and notebook 05's §10 argument from the committed file (:mod:`peft_lab.benchmarks.head_to_head_report`).
+figure and notebook 06's §10 argument from the committed file (:mod:`peft_lab.benchmarks.head_to_head_report`).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ from ..models import load_base_model
 from ..paths import write_text_atomic
 from ..qlora import nf4_layers
 
-RESULTS = Path("notebooks") / "results" / "05_full_profile.json"
+RESULTS = Path("notebooks") / "results" / "06_full_profile.json"
 MiB = 2 ** 20
 
 
@@ -82,7 +83,7 @@ class Profile:
     eval_every: int = 25
     heldout_n: int = 200
     targets: tuple[float, ...] = (0.90, 0.95)
-    extend_steps: int = 600          # a fast method that misses 95% in 300 steps, at its 300-step rate
+    extend_steps: int = 600          # the long budget of a method without long_steps that misses 95% in 300
     timing_repeats: int = 9
     widen: int = 2                   # rates added beyond a grid's edge when the choice sits on it
 
@@ -158,7 +159,7 @@ def environment(argv: list[str]) -> dict:
 
 
 class _Setting:
-    """Notebook 05's data and base model, loaded once."""
+    """Notebook 06's data and base model, loaded once."""
 
     def __init__(self, p: Profile):
         self.base, self.tok = load_base_model("tiny", device="cpu")
@@ -224,6 +225,24 @@ def _grid_then_seeds(s, p, name, lrs, steps, eval_every) -> dict:
             "edge": edge and len(grid) > 1, "grid": grid, "seeds": seeds}
 
 
+def around(lr: float) -> tuple[float, float, float]:
+    """``lr`` and its neighbours on the grids' 1–3–10 ladder: the long-budget grid of a method that 300 steps
+    did not bring to 95%, centred on its 300-step choice."""
+    return (_beyond([lr], low=True), lr, _beyond([lr], low=False))
+
+
+def long_view(s: _Setting, p: Profile, name: str, chosen_lr: float) -> dict:
+    """The equal-accuracy view of a method that misses 95% within ``p.steps`` in some seed. Every such method is
+    treated alike: a longer budget (its plan's ``long_steps``, else ``p.extend_steps``), a grid of rates on seed 0
+    at that budget (its plan's ``long_lrs``, else :func:`around` its 300-step choice; widened at an edge), the
+    lowest validation loss chosen, then the other seeds at that rate."""
+    plan = p.plan[name]
+    steps = plan.long_steps or p.extend_steps
+    lrs = plan.long_lrs or around(chosen_lr)
+    view = _grid_then_seeds(s, p, name, lrs, steps, plan.long_eval_every if plan.long_steps else p.eval_every)
+    return {"source": "long budget", **view}
+
+
 def _reached_all(view: dict, target: float) -> bool:
     return all(r["steps_to"][f"{target:g}"] is not None for r in view["seeds"])
 
@@ -271,10 +290,7 @@ def _method(s: _Setting, p: Profile, name: str, chosen: dict[str, float], start:
         return eb, {"source": "equal budget", "steps": eb["steps"], "chosen_lr": eb["chosen_lr"],
                     "seeds": eb["seeds"]}, None
     if plan.long_steps or max_minutes is None or (time.time() - start) / 60 < max_minutes:
-        steps = plan.long_steps or p.extend_steps
-        lrs = plan.long_lrs or (eb["chosen_lr"],)
-        view = _grid_then_seeds(s, p, name, lrs, steps, plan.long_eval_every if plan.long_steps else p.eval_every)
-        return eb, {"source": "long budget" if plan.long_steps else "extended", **view}, None
+        return eb, long_view(s, p, name, eb["chosen_lr"]), None
     return eb, {"source": "not run"}, (f"{name}: misses {top:.0%} within {p.steps} steps; its {p.extend_steps}-step "
                                        f"runs were skipped (over the {max_minutes:g}-minute limit)")
 
@@ -370,6 +386,58 @@ def retime(path: Path, argv: list[str]) -> dict:
     return res
 
 
+def _run_long(job: tuple[str, str, float]) -> tuple[str, dict]:
+    """Worker of :func:`redo_long`: one method's long-budget view, in this process, one thread."""
+    profile, name, chosen_lr = job
+    torch.set_num_threads(1)
+    _quiet()
+    p = PROFILES[profile]
+    if profile not in _SETTING:
+        _SETTING[profile] = _Setting(p)
+    return name, long_view(_SETTING[profile], p, name, chosen_lr)
+
+
+def redo_long(path: Path, names: list[str], argv: list[str], jobs: int = 1) -> dict:
+    """Run the long-budget view (:func:`long_view`) of ``names`` again into the results file at ``path``, in
+    place, from each method's committed 300-step choice: the rest of the file is left as it is (every run is
+    deterministic on one thread, so those runs would come out the same). The file records the re-run under
+    ``environment.long_rerun`` and is rewritten after each method, with ``complete`` false until all are done."""
+    res = json.loads(Path(path).read_text())
+    p = PROFILES[res["setting"]["name"]]
+    unknown = [n for n in names if n not in res["equal_budget"] or p.plan[n].same_as]
+    if unknown:
+        raise ValueError(f"no trained method {unknown} in {path}")
+    start = time.time()
+    res["complete"] = False
+    res["environment"]["long_rerun"] = {
+        "command": "python -m peft_lab.benchmarks.head_to_head " + " ".join(argv), "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "methods": list(names), "load_start": _load(), "jobs": jobs, "done": []}
+    save = lambda: write_text_atomic(Path(path), json.dumps(res, indent=1) + "\n")
+    save()
+    work = [(p.name, n, res["equal_budget"][n]["chosen_lr"]) for n in names]
+
+    def collect(item: tuple[str, dict]) -> None:
+        name, view = item
+        res["equal_accuracy"][name] = view
+        res["environment"]["long_rerun"]["done"].append(name)
+        if set(res["environment"]["long_rerun"]["done"]) == set(names):
+            res["environment"]["long_rerun"]["minutes"] = round((time.time() - start) / 60, 1)
+            res["complete"] = True
+        save()
+
+    if jobs == 1:
+        for job in work:
+            collect(_run_long(job))
+    else:  # spawn, as in run_profile
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            for item in pool.imap_unordered(_run_long, work):
+                collect(item)
+    _log(f"long-budget views of {', '.join(names)} done in {(time.time() - start) / 60:.1f} min")
+    return res
+
+
 def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
@@ -392,12 +460,18 @@ def main(argv: list[str] | None = None) -> None:
                          "in place: for a profile trained on a busy machine, timed once it is idle")
     ap.add_argument("--readme", action="store_true",
                     help="rewrite the README section and its figure from the results file (--out or the committed one)")
+    ap.add_argument("--redo-long", nargs="+", metavar="METHOD", default=None,
+                    help="only run these methods' long-budget views again, into the results file (--out or the "
+                         "committed one), in place")
     args = ap.parse_args(argv)
     if args.readme:
         from .head_to_head_report import write_readme
         write_readme(args.out or RESULTS)
         return
     _quiet()
+    if args.redo_long:
+        redo_long(args.out or RESULTS, args.redo_long, argv, args.jobs or 1)
+        return
     if args.retime:
         retime(args.out or RESULTS, argv)
         return

@@ -1,6 +1,6 @@
 """Run notebooks headless many times, in parallel processes, and report every run's wall time.
 
-    python -m peft_lab.benchmarks.notebook_stress notebooks/05_comparison.ipynb --runs 20 --jobs 2 \
+    python -m peft_lab.benchmarks.notebook_stress notebooks/06_comparison.ipynb --runs 20 --jobs 2 \
         --model tiny-llama --timeout 120 --dump-after 100
 
 A stress loop for the notebook runner (:mod:`peft_lab.run_notebooks`): a run that waits on a message that
