@@ -73,10 +73,11 @@ __all__ = ["METHODS", "OPTIMIZERS", "LEARNING_RATES", "ZERO_STAGES", "Job", "lau
            "train_with_accelerate", "local_bytes", "shard_rows",
            "fsdp_elements_per_rank", "zero_bytes_per_rank", "communication_per_step", "main"]
 
-METHODS = ("lora", "adapters", "prefix", "full")
+METHODS = ("lora", "adapters", "prefix", "ia3", "dora", "qlora", "full")
 OPTIMIZERS = ("adamw", "sgd")
 #: Learning rates by method: notebook 05's grids around what notebooks 01–04 found (full FT needs ~10× less).
-LEARNING_RATES = {"lora": 1e-2, "adapters": 1e-2, "prefix": 1e-2, "full": 1e-3}
+LEARNING_RATES = {"lora": 1e-2, "adapters": 1e-2, "prefix": 1e-2, "ia3": 1e-2, "dora": 1e-2, "qlora": 1e-2,
+                  "full": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,16 @@ def _build(job: Job):
     elif job.method == "prefix":
         from .prefix import apply_prefix_tuning
         model = apply_prefix_tuning(model, num_virtual_tokens=10, projection_dim=64)
+    elif job.method == "ia3":
+        from .ia3 import apply_ia3
+        model = apply_ia3(model)
+    elif job.method == "dora":
+        from .lora import apply_lora
+        model = apply_lora(model, rank=8, alpha=16, use_dora=True)
+    elif job.method == "qlora":  # NF4 base (buffers: FSDP2 shards parameters only, see local_bytes), then LoRA
+        from .lora import apply_lora
+        from .qlora import quantize_model
+        model = apply_lora(quantize_model(model), rank=8, alpha=16)
     return model, tok
 
 
@@ -162,12 +173,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Bytes this process holds of ``model``'s parameters and gradients and of ``optimizer``'s state.
 
-    Sharded tensors (FSDP2's DTensors) count their local shard only. ``optimizer_bytes`` are the Adam moments
+    Sharded tensors (FSDP2's DTensors) count their local shard only; ``buffer_bytes`` are the module buffers,
+    which ``fully_shard`` leaves whole on every rank (the packed 4-bit weights of :mod:`peft_lab.qlora`). ``optimizer_bytes`` are the Adam moments
     (``exp_avg``, ``exp_avg_sq``), the part ZeRO shards; ``optimizer_step_bytes`` are AdamW's per-tensor step
     counters (one float each, replicated on every rank).
     """
     out = {"parameter_bytes": 0, "gradient_bytes": 0, "optimizer_bytes": 0, "optimizer_step_bytes": 0,
-           "parameter_elements": 0}
+           "parameter_elements": 0, "buffer_bytes": 0}
+    for b in model.buffers():  # not sharded by FSDP2: e.g. the packed NF4 weights of a quantized base
+        local = _local(b)
+        out["buffer_bytes"] += local.numel() * local.element_size()
     for p in model.parameters():
         local = _local(p)
         out["parameter_bytes"] += local.numel() * local.element_size()
