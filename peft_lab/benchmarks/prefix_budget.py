@@ -5,6 +5,11 @@
         [--prefix-steps 1000] [--prompt-steps 2000] [--eval-every 25] [--seeds 0 1 2] [--variants NAME ...]
         [--jobs 2]
 
+The committed file holds the controlled prefix pair, three seeds (about 2.5 CPU-minutes per run)::
+
+    OMP_NUM_THREADS=1 python -m peft_lab.benchmarks.prefix_budget --eval-every 50 \
+        --variants "prefix, random" "prefix, text init" --jobs 2
+
 Notebook 06's harder setting: reviews of five judged clauses, 200 training reviews (seed 501), 200 validation
 reviews (seed 502), batch 16, AdamW with a cosine schedule over the whole budget, P = 10 virtual tokens, the tiny
 model, each variant on three seeds (the seed draws a random initialisation and the order of the training
@@ -34,6 +39,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -125,8 +131,8 @@ def main(argv=None) -> None:
     base, tok, train_set, val_rows, heldout = setting = _setting()
     steps = {name: args.prefix_steps if VARIANTS[name][0] == "prefix" else args.prompt_steps for name in VARIANTS}
     jobs = [(name, seed, steps[name], args.eval_every) for seed in args.seeds for name in args.variants]
-    command = "OMP_NUM_THREADS=1 python -m peft_lab.benchmarks.prefix_budget" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = "OMP_NUM_THREADS=1 python -m peft_lab.benchmarks.prefix_budget " + shlex.join(
+        argv if argv is not None else sys.argv[1:])
     base_record = {"base_heldout_ppl": perplexity(base, tok, heldout),
                    "base_diagnostics": diagnose.answer_diagnostics(base, tok, val_rows)}
     started, done = time.perf_counter(), {}
