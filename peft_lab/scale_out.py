@@ -28,7 +28,10 @@ whose sign flips with the order of the sum moves its weight by up to ``2·lr`` �
 two inside one process does the same.
 
 **Methods.** LoRA, bottleneck adapters (Pfeiffer; written with :func:`peft_lab.save_adapters` to
-``adapters.safetensors``, as PEFT has no bottleneck adapters) and full fine-tuning shard as they are. Prefix
+``adapters.safetensors``, as PEFT has no bottleneck adapters), IA3, DoRA and full fine-tuning shard as they are.
+QLoRA (``quantize_model`` then LoRA) runs, but ``fully_shard`` shards parameters only: the packed NF4 weights are
+buffers here and stay whole on every rank (``local_bytes``' ``buffer_bytes``). Sharding a 4-bit base needs the
+packed weights as parameters of one storage dtype (bitsandbytes' ``bnb_4bit_quant_storage``; notebook 07 §4). Prefix
 tuning runs too (written in PEFT's format): the prefix encoder is a small module in the root unit, gathered
 with the embeddings, and its keys/values enter each block as an input; nothing of it is cached across steps
 (the ``DynamicCache`` is rebuilt in every forward pass), so sharding changes nothing for it. Its weights after
