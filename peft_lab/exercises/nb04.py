@@ -111,7 +111,7 @@ def _predict_activations(answer):
                 f"{prefix / 2**20:.1f} MiB, a ratio of {ratio:.2f}")
     guess = float(answer)
     if ok:
-        return True, (f"{measured}; you said {guess:g}. (T + P) / T = {(T + PREDICT_P) / T:.2f} is the first guess: "
+        return True, (f"{measured}; you said {guess:.3g}. (T + P) / T = {(T + PREDICT_P) / T:.2f} is the first guess: "
                       "prompt tuning runs every layer on T + P positions. The measured ratio is a little lower, "
                       "because prefix tuning's own activations grow too: its score matrices are T × (P + T).")
     if math.isclose(guess, 1.0, rel_tol=0.05):
