@@ -78,7 +78,7 @@ __all__ = ["METHODS", "OPTIMIZERS", "LEARNING_RATES", "ZERO_STAGES", "Job", "lau
 
 METHODS = ("lora", "adapters", "prefix", "ia3", "dora", "qlora", "full")
 OPTIMIZERS = ("adamw", "sgd")
-#: Learning rates by method: notebook 05's grids around what notebooks 01–04 found (full FT needs ~10× less).
+#: Learning rates by method: notebook 06's grids around what notebooks 01–04 found (full FT needs ~10× less).
 LEARNING_RATES = {"lora": 1e-2, "adapters": 1e-2, "prefix": 1e-2, "ia3": 1e-2, "dora": 1e-2, "qlora": 1e-2,
                   "full": 1e-3}
 
