@@ -415,7 +415,7 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20, projecti
     * ``"random"``: PyTorch's (and PEFT's) default, N(0, 1) prefix entries;
     * ``"zero"``: PEFT's ``init_weights="zero"``: the prefix (with a projection: the last layer's weight and
       bias) starts at 0, so its values add nothing and its keys score 0;
-    * ``"text"``: Li & Liang's initialisation from real words (their §7.2): the prefix starts as the keys and
+    * ``"text"``: Li & Liang's real-word initialisation (§7.4 "Initialization"): the prefix starts as the keys and
       values the frozen model computes for the first P tokens of ``init_text`` (repeated or cut to P, as for
       prompt tuning; needs ``tokenizer``). Before training, the model on an input X then equals the base model
       on [text; X] at X's positions (notebook 04). Not with a projection: there the prefix is an MLP's output,

@@ -28,7 +28,10 @@ whose sign flips with the order of the sum moves its weight by up to ``2·lr`` �
 two inside one process does the same.
 
 **Methods.** LoRA, bottleneck adapters (Pfeiffer; written with :func:`peft_lab.save_adapters` to
-``adapters.safetensors``, as PEFT has no bottleneck adapters) and full fine-tuning shard as they are. Prefix
+``adapters.safetensors``, as PEFT has no bottleneck adapters), IA3, DoRA and full fine-tuning shard as they are.
+QLoRA (``quantize_model`` then LoRA) runs, but ``fully_shard`` shards parameters only: the packed NF4 weights are
+buffers here and stay whole on every rank (``local_bytes``' ``buffer_bytes``). Sharding a 4-bit base needs the
+packed weights as parameters of one storage dtype (bitsandbytes' ``bnb_4bit_quant_storage``; notebook 07 §4). Prefix
 tuning runs too (written in PEFT's format): the prefix encoder is a small module in the root unit, gathered
 with the embeddings, and its keys/values enter each block as an input; nothing of it is cached across steps
 (the ``DynamicCache`` is rebuilt in every forward pass), so sharding changes nothing for it. Its weights after
@@ -73,10 +76,11 @@ __all__ = ["METHODS", "OPTIMIZERS", "LEARNING_RATES", "ZERO_STAGES", "Job", "lau
            "train_with_accelerate", "local_bytes", "shard_rows",
            "fsdp_elements_per_rank", "zero_bytes_per_rank", "communication_per_step", "main"]
 
-METHODS = ("lora", "adapters", "prefix", "full")
+METHODS = ("lora", "adapters", "prefix", "ia3", "dora", "qlora", "full")
 OPTIMIZERS = ("adamw", "sgd")
-#: Learning rates by method: notebook 05's grids around what notebooks 01–04 found (full FT needs ~10× less).
-LEARNING_RATES = {"lora": 1e-2, "adapters": 1e-2, "prefix": 1e-2, "full": 1e-3}
+#: Learning rates by method: notebook 06's grids around what notebooks 01–04 found (full FT needs ~10× less).
+LEARNING_RATES = {"lora": 1e-2, "adapters": 1e-2, "prefix": 1e-2, "ia3": 1e-2, "dora": 1e-2, "qlora": 1e-2,
+                  "full": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,16 @@ def _build(job: Job):
     elif job.method == "prefix":
         from .prefix import apply_prefix_tuning
         model = apply_prefix_tuning(model, num_virtual_tokens=10, projection_dim=64)
+    elif job.method == "ia3":
+        from .ia3 import apply_ia3
+        model = apply_ia3(model)
+    elif job.method == "dora":
+        from .lora import apply_lora
+        model = apply_lora(model, rank=8, alpha=16, use_dora=True)
+    elif job.method == "qlora":  # NF4 base (buffers: FSDP2 shards parameters only, see local_bytes), then LoRA
+        from .lora import apply_lora
+        from .qlora import quantize_model
+        model = apply_lora(quantize_model(model), rank=8, alpha=16)
     return model, tok
 
 
@@ -162,12 +176,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Bytes this process holds of ``model``'s parameters and gradients and of ``optimizer``'s state.
 
-    Sharded tensors (FSDP2's DTensors) count their local shard only. ``optimizer_bytes`` are the Adam moments
+    Sharded tensors (FSDP2's DTensors) count their local shard only; ``buffer_bytes`` are the module buffers,
+    which ``fully_shard`` leaves whole on every rank (the packed 4-bit weights of :mod:`peft_lab.qlora`). ``optimizer_bytes`` are the Adam moments
     (``exp_avg``, ``exp_avg_sq``), the part ZeRO shards; ``optimizer_step_bytes`` are AdamW's per-tensor step
     counters (one float each, replicated on every rank).
     """
     out = {"parameter_bytes": 0, "gradient_bytes": 0, "optimizer_bytes": 0, "optimizer_step_bytes": 0,
-           "parameter_elements": 0}
+           "parameter_elements": 0, "buffer_bytes": 0}
+    for b in model.buffers():  # not sharded by FSDP2: e.g. the packed NF4 weights of a quantized base
+        local = _local(b)
+        out["buffer_bytes"] += local.numel() * local.element_size()
     for p in model.parameters():
         local = _local(p)
         out["parameter_bytes"] += local.numel() * local.element_size()

@@ -1,58 +1,58 @@
-"""Notebook 07's graders: a right answer passes, each known wrong class fails with the hint that names it."""
+"""Notebook 07's graders: a right answer passes, each known wrong class fails with the hint that names it, and a
+wrong number gets a hint without the answer."""
 from __future__ import annotations
 
-import pytest
+import torch.nn.functional as F
 
 import peft_lab
 from builders import verdict
-from peft_lab.estimate import PRECISIONS
 from peft_lab.scale_out import shard_rows
 
 
-def _states(arch, trainable_params, precision):
-    e = peft_lab.estimate_memory(arch, trainable_params=trainable_params, batch_size=0, precision=precision)
-    master = PRECISIONS[precision]["master"] * e["gradients"] // PRECISIONS[precision]["grad"]
-    return e["parameters"] - master, e["gradients"], e["optimizer"] + master, e
+def test_adam_prediction():
+    ok, why = verdict("07.ex1", 1e-2 * 3e-8 / (3e-8 + 1e-8))
+    assert ok and "75% of lr" in why
+    assert verdict("07.ex1", 7.3e-3)[0]                           # within the stated 5%
+    for wrong, reason in ((1e-2, "|g| ≫ ε"), (3e-10, "SGD"), (3e-2, "does not replace"), (5e-3, "too low")):
+        ok, why = verdict("07.ex1", wrong)
+        assert not ok and reason in why and "0.0075" not in why and "7.5e-03" not in why
 
 
-def right(arch, ranks, stage, trainable_params=None, precision="fp32"):
-    W, G, O, _ = _states(arch, trainable_params, precision)
-    return W / ranks ** (stage >= 3) + G / ranks ** (stage >= 2) + O / ranks ** (stage >= 1)
+def test_gpu_count_stage_2():
+    assert verdict("07.ex2", 4)[0]
+    ok, why = verdict("07.ex2", 3)
+    assert not ok and "stage 3" in why
+    ok, why = verdict("07.ex2", 4.5)
+    assert not ok and "whole number" in why
+    for wrong in (6, 9, 1):
+        ok, why = verdict("07.ex2", wrong)
+        assert not ok and "(07.1)" in why and "4 GPUs" not in why
 
 
-def master_with_parameters(arch, ranks, stage, trainable_params=None, precision="fp32"):
-    *_, e = _states(arch, trainable_params, precision)
-    return (e["parameters"] / ranks ** (stage >= 3) + e["gradients"] / ranks ** (stage >= 2)
-            + e["optimizer"] / ranks ** (stage >= 1))
+def test_gpu_count_names_a_gb_slip():
+    from peft_lab.exercises.nb07 import _gpus_needed
+    gib, gb = _gpus_needed(2, 40 * 2**30), _gpus_needed(2, 40e9)
+    if gb != gib:                                                   # only where the units change the count
+        ok, why = verdict("07.ex2", gb)
+        assert not ok and "GiB" in why
 
 
-def divides_everything(arch, ranks, stage, trainable_params=None, precision="fp32"):
-    W, G, O, _ = _states(arch, trainable_params, precision)
-    return (W + G + O) / ranks
+def rank_mean(logits, labels, n_global, world):                     # the notebook's broken snippet
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-def off_by_one_stage(arch, ranks, stage, trainable_params=None, precision="fp32"):
-    return right(arch, ranks, min(stage + 1, 3), trainable_params, precision)
+def rank_sum_global(logits, labels, n_global, world):               # the fix
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum") * world / n_global
 
 
-def test_bytes_per_rank_right_and_wrong_classes():
-    assert verdict("07.ex1", right)[0]
-    assert verdict("07.ex1", lambda *a, **k: {"total": right(*a, **k)})[0]      # the package's dict is fine too
-    ok, why = verdict("07.ex1", master_with_parameters)
-    assert not ok and "master copy" in why
-    ok, why = verdict("07.ex1", divides_everything)
-    assert not ok and "every stage" in why
-    ok, why = verdict("07.ex1", off_by_one_stage)
-    assert not ok and "stage" in why
-    with pytest.raises(ValueError, match="nothing"):
-        verdict("07.ex1", lambda *a, **k: None)
-
-
-def test_gpu_count():
-    assert verdict("07.ex2", 5)[0]
-    assert "stage 2" in verdict("07.ex2", 8)[1]
-    assert "round up" in verdict("07.ex2", 4)[1]
-    assert not verdict("07.ex2", 4.5)[0] and not verdict("07.ex2", 6)[0]
+def test_rank_loss_debug():
+    assert verdict("07.ex4", rank_sum_global)[0]
+    ok, why = verdict("07.ex4", rank_mean)
+    assert not ok and "1 / n_global" in why
+    ok, why = verdict("07.ex4", lambda *a: rank_sum_global(*a) / a[3])
+    assert not ok and "world times its share" in why
+    ok, why = verdict("07.ex4", lambda *a: rank_sum_global(*a) * a[3])
+    assert not ok and "too large" in why
 
 
 def chunked(model, ranks):

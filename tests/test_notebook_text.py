@@ -79,7 +79,10 @@ def test_method_notebooks_ask_to_predict_build_and_debug(path):
 
 
 def _code_lines(cell) -> list[str]:
-    """Lines that carry the cell's work: no blanks, comments, imports or one-word lines."""
+    """Lines that carry the cell's work: no blanks, comments, imports or one-word lines (and none of the Colab
+    setup cell, which every notebook and its solutions share by design)."""
+    if cell.source.lstrip().startswith("# Colab only"):
+        return []
     keep = []
     for line in cell.source.splitlines():
         s = line.strip()

@@ -554,35 +554,6 @@ def test_other_bad_uses(tiny):
         load_prefix_state_dict(prompt, {"embedding.weight": torch.zeros(5, 128)})
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Exercises of notebook 04: the graders accept a right function and explain a wrong one
-# ---------------------------------------------------------------------------------------------------------
-
-def test_exercise_graders(capsys):
-    import math
-
-    def count(config, p):
-        heads = config.num_attention_heads
-        kv = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return config.num_hidden_layers * 2 * p * kv * head_dim
-
-    def attention(q, k, v, pk, pv, causal=True):
-        T, p = q.shape[0], pk.shape[0]
-        s = q @ torch.cat([pk, k]).T / math.sqrt(q.shape[-1])
-        if causal:
-            s[:, p:] = s[:, p:].masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-        return s.softmax(-1) @ torch.cat([pv, v])
-
-    assert peft_lab.check("04.ex1", count) and peft_lab.check("04.ex2", attention)
-    assert not peft_lab.check("04.ex1", lambda c, p: c.num_hidden_layers * 2 * p * c.hidden_size)
-    assert "grouped-query" in capsys.readouterr().out
-    assert not peft_lab.check("04.ex2", lambda *a: attention(*a, causal=False))
-    assert "causal" in capsys.readouterr().out
-    assert peft_lab.check("04.ex3", 81_920) and not peft_lab.check("04.ex3", 5_242_880)
-    assert peft_lab.check("04.ex4", 1004) and not peft_lab.check("04.ex4", "a lot")
-
-
 def test_failed_load_leaves_a_projected_prefix_unchanged():
     """Every check runs before the projection is folded: an integer tensor of the right shape is refused
     with the reparameterization MLP still in place."""

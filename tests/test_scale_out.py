@@ -176,7 +176,7 @@ def test_arithmetic_lesson_with_lora_the_base_is_what_sharding_saves():
 
 @pytest.mark.parametrize("call, error, words", [
     (lambda: launch([Job(batch_size=7)], 2), ValueError, ["batch_size=7", "nproc=2"]),
-    (lambda: launch([Job(method="ia3")], 1), ValueError, ["method"]),
+    (lambda: launch([Job(method="vera")], 1), ValueError, ["method"]),
     (lambda: launch([Job(steps=0)], 1), ValueError, ["steps"]),
     (lambda: launch([Job(lr=-1.0)], 1), ValueError, ["lr"]),
     (lambda: launch([Job()], 0), ValueError, ["nproc"]),
@@ -198,7 +198,7 @@ def test_bad_inputs_are_refused_before_any_process_starts(call, error, words):
 
 def test_command_line_refuses_an_unknown_method(capsys):
     with pytest.raises(SystemExit):
-        main(["--method", "ia3", "--out", "x"])
+        main(["--method", "vera", "--out", "x"])
     assert "invalid choice" in capsys.readouterr().err
 
 
@@ -252,3 +252,21 @@ def test_accelerate_accepts_the_deepspeed_zero3_config(configs):
              "train_micro_batch_size_per_gpu"}
     assert set(config) <= known
     assert config["bf16"]["enabled"] is True and config["zero_optimization"]["stage"] == 3
+
+
+def test_ia3_dora_qlora_shard_and_qlora_keeps_its_4bit_buffers_whole():
+    """Every method's parameters split over the ranks; QLoRA's packed NF4 weights are buffers, which fully_shard
+    leaves whole: each rank holds all of them (notebook 07 §4)."""
+    reports = launch([Job(m, 2, batch_size=4) for m in ("ia3", "dora", "qlora")], 2)
+    for method, report in zip(("ia3", "dora", "qlora"), reports):
+        ranks = report["ranks"]
+        assert sum(r["parameter_elements"] for r in ranks) == ranks[0]["total_elements"], method
+        assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks), method
+    qlora = reports[2]["ranks"]
+    from peft_lab.qlora import nf4_layers, quantize_model
+    model, _ = load_base_model("tiny", device="cpu")
+    quantize_model(model)
+    whole = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert whole > 0 and [r["buffer_bytes"] for r in qlora] == [whole, whole]
+    assert all(r["buffer_bytes"] == 0 for report in reports[:2] for r in report["ranks"])
+    assert len(nf4_layers(model)) > 0

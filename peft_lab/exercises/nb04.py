@@ -1,8 +1,9 @@
 """Exercises of notebook 04 (prefix tuning and prompt tuning). Expected answers are computed, not stored: the
-counts by building the prefix on the meta device, the attention by PyTorch's own
-``scaled_dot_product_attention``."""
+counts by building the prefix on the meta device, the memory of 04.ex2 by measuring it, the debugged prefix of
+04.ex3 against the package's prefix tuning."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,7 +37,7 @@ def _prefix_count(config, num_virtual_tokens: int) -> int:
 @exercise("04.ex1", "Write prefix_params(config, num_virtual_tokens) -> int: the number of trainable parameters "
                     "of prefix tuning (no reparameterization) for a transformers config — GPT-2 (n_layer, n_embd, "
                     "n_head) or LLaMA (num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads). "
-                    "Pass the function itself.")
+                    "Pass the function itself.", kind="build", hidden=lambda: [])
 def _count_function(answer):
     if not callable(answer):
         raise TypeError(f"expected a function prefix_params(config, num_virtual_tokens), got {type(answer).__name__}")
@@ -63,68 +64,132 @@ def _count_function(answer):
                   "with 8 of 32 heads for keys and values.")
 
 
-def _reference_attention(q, k, v, pk, pv):
-    """SDPA over [prefix; input] with a boolean mask: every query sees the whole prefix and inputs up to itself."""
-    T, P = q.shape[-2], pk.shape[-2]
-    mask = torch.cat([torch.ones(T, P, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], dim=1)
-    return torch.nn.functional.scaled_dot_product_attention(q, torch.cat([pk, k], -2), torch.cat([pv, v], -2),
-                                                            attn_mask=mask)
+def _graded(answer, expected: float, *, rel_tol: float, mistakes: dict[float, str], right: str, hint: str):
+    """A number graded without giving it away: a known mistake is named, any other wrong number gets ``hint``
+    (the worked answer is in the solutions notebook, not in the grader's reply)."""
+    ok, why = number(answer, expected, rel_tol=rel_tol, mistakes=mistakes)
+    if ok:
+        return True, right
+    if any(math.isclose(float(answer), v, rel_tol=rel_tol) for v in mistakes):
+        return False, why
+    return False, f"{float(answer):,g} is too {'high' if float(answer) > expected else 'low'}: {hint}"
 
 
-@exercise("04.ex2", "Write prefix_attention(q, k, v, pk, pv) -> output for one head: q, k, v are T × d_h (causal: "
-                    "token t sees inputs 0…t), pk, pv are P × d_h (every token sees the whole prefix); scaled "
-                    "dot-product softmax attention over [prefix; input] (equation 04.1), returning T × d_h. "
-                    "Pass the function itself.")
-def _attention_function(answer):
+@functools.lru_cache(maxsize=None)
+def _activation_ratio(P: int) -> tuple[float, float, float]:
+    """Measured activation bytes of prompt tuning and of prefix tuning with ``P`` virtual tokens on the tiny model,
+    for notebook 04's memory batch (the first 16 training reviews), and the ratio of the two."""
+    import copy
+
+    from ..data import collate, encode_task, load_task
+    from ..measure import measure_memory
+    from ..models import load_base_model
+    from ..prefix import apply_prefix_tuning, apply_prompt_tuning
+    base, tok = load_base_model("tiny", device="cpu")
+    batch = collate(encode_task(load_task("train", n=16), tok), pad_id=tok.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        prompt = measure_memory(apply_prompt_tuning(copy.deepcopy(base), P), batch)["activations"]
+        prefix = measure_memory(apply_prefix_tuning(copy.deepcopy(base), P), batch)["activations"]
+    return prompt, prefix, prompt / prefix
+
+
+PREDICT_P = 32
+
+
+@exercise("04.ex2", f"Predict, then measure: on the tiny model with section 5's memory batch (16 reviews, T = 29 "
+                    f"tokens), prompt tuning and prefix tuning both with P = {PREDICT_P} virtual tokens. Prompt "
+                    "tuning's activation memory is how many times prefix tuning's? Write your prediction (a ratio) "
+                    "before you run the check, which measures both; within 10% counts.",
+          kind="predict", hidden=lambda: [f"{_activation_ratio(PREDICT_P)[2]:.2f}",
+                                          f"{_activation_ratio(PREDICT_P)[2]:.3f}"])
+def _predict_activations(answer):
+    prompt, prefix, ratio = _activation_ratio(PREDICT_P)
+    T = 29
+    ok, _ = number(answer, ratio, rel_tol=0.10)
+    measured = (f"measured: prompt tuning {prompt / 2**20:.1f} MiB of activations, prefix tuning "
+                f"{prefix / 2**20:.1f} MiB, a ratio of {ratio:.2f}")
+    guess = float(answer)
+    if ok:
+        return True, (f"{measured}; you said {guess:.3g}. (T + P) / T = {(T + PREDICT_P) / T:.2f} is the first guess: "
+                      "prompt tuning runs every layer on T + P positions. The measured ratio is a little lower, "
+                      "because prefix tuning's own activations grow too: its score matrices are T × (P + T).")
+    if math.isclose(guess, 1.0, rel_tol=0.05):
+        return False, ("both train about the same few numbers, but memory here is activations, not parameters: "
+                       "how many positions does each layer process with a prompt, and with a prefix? Try again.")
+    if guess < 1:
+        return False, "prompt tuning stores more activations than prefix tuning, not fewer: which method makes "                       "every layer process extra positions? Try again."
+    return False, (f"{guess:g} is {'too high' if guess > ratio else 'too low'} (more than 10% off): count the "
+                   f"positions each layer processes with a prompt (T + P) and with a prefix (T queries), with "
+                   f"T = {T} and P = {PREDICT_P}. Try again.")
+
+
+def _mask_fixed_reference(model, table, input_ids, attention_mask):
+    """What the broken snippet of 04.ex3 should compute: prefix tuning with ``table`` in PEFT's layout."""
+    from ..prefix import apply_prefix_tuning
+    P = table.shape[0]
+    prefixed = apply_prefix_tuning(model, P)
+    try:
+        with torch.no_grad():
+            prefixed.prompt_encoder.embedding.weight.copy_(table)
+            return prefixed(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        from ..prefix import remove_prefix
+        remove_prefix(prefixed)
+
+
+@exercise("04.ex3", "Debug: prefix_logits(model, table, input_ids, attention_mask) hands a prefix table (PEFT's "
+                    "layout, P × L·2·d_kv) to a frozen model as its key/value cache, runs without an error, and yet "
+                    "its logits are not prefix tuning's, so a prefix trained through it learns the wrong thing. "
+                    "Find the bug, fix it, and pass the fixed function.", kind="debug", hidden=lambda: [])
+def _debug_mask(answer):
+    import copy
+
+    from ..models import build_from_config, load_base_model
     if not callable(answer):
-        raise TypeError(f"expected a function prefix_attention(q, k, v, pk, pv), got {type(answer).__name__}")
-    g = torch.Generator().manual_seed(4)
-    for T, P, dh in [(5, 3, 8), (1, 1, 4), (7, 12, 16)]:
-        q, k, v = (torch.randn(T, dh, generator=g) for _ in range(3))
-        pk, pv = (torch.randn(P, dh, generator=g) for _ in range(2))
-        expected = _reference_attention(q, k, v, pk, pv)
-        got = answer(q, k, v, pk, pv)
-        if not isinstance(got, torch.Tensor) or tuple(got.shape) != (T, dh):
-            return False, (f"for T={T}, P={P}, d_h={dh} the output should be a {T} × {dh} tensor, got "
-                           f"{tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}")
-        if not is_close(got, expected):
-            causal_free = torch.nn.functional.scaled_dot_product_attention(
-                q, torch.cat([pk, k]), torch.cat([pv, v]))
-            no_scale = _reference_attention(q * math.sqrt(dh), k, v, pk, pv)
-            if is_close(got, causal_free):
-                why = "token t must not see inputs after t: mask the input part causally (the prefix stays visible)."
-            elif is_close(got, no_scale):
-                why = "divide the scores by √d_h."
-            else:
-                why = "compare with softmax([q pkᵀ, q kᵀ + causal mask] / √d_h) · [pv; v]."
-            return False, f"for T={T}, P={P}, d_h={dh} the output differs by up to " \
-                          f"{(got - expected).abs().max().item():.3g}: {why}"
-    return True, "the softmax runs over P + T keys; split it into λ and 1 − λ and you get equation (04.2)."
-
-
-@exercise("04.ex3", "Prompt tuning with P = 20 virtual tokens on LLaMA-2 7B (width d = 4096, 32 layers): how many "
-                    "trainable parameters?")
-def _prompt_count(answer):
-    P, d, L = 20, 4096, 32
-    return number(answer, P * d, rel_tol=1e-9,
-                  mistakes={L * 2 * P * d: "that is prefix tuning (keys and values in all 32 layers); prompt "
-                                           "tuning only adds P input embeddings.",
-                            2 * P * d: "prompt tuning learns embeddings, not keys and values: one vector per "
-                                       "virtual token.",
-                            L * P * d: "only the input layer gets virtual tokens in prompt tuning."},
-                  explain=f"P · d = 20 × 4096 = {P * d:,}: 0.001% of the 6.7B weights, 64× fewer than prefix "
-                          "tuning's L · 2 · P · d.")
+        raise TypeError(f"expected a function prefix_logits(model, table, input_ids, attention_mask), got "
+                        f"{type(answer).__name__}")
+    from ..prefix import prefix_shapes
+    g = torch.Generator().manual_seed(43)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(43)
+        models = {"tiny (GPT-2)": load_base_model("tiny", device="cpu")[0],
+                  "tiny-llama (RoPE, grouped-query attention)": build_from_config("tiny-llama", device="cpu").eval()}
+    for name, model in models.items():
+        s = prefix_shapes(model.config)
+        for P, lengths in ((3, (6, 4)), (7, (5, 5, 2))):
+            table = torch.randn(P, s["num_layers"] * 2 * s["kv_dim"], generator=g)
+            T = max(lengths)
+            ids = torch.randint(0, model.config.vocab_size, (len(lengths), T), generator=g)
+            mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])          # right padding
+            want = _mask_fixed_reference(copy.deepcopy(model), table, ids, mask)
+            with torch.no_grad():
+                got = run_student(answer, copy.deepcopy(model), table.clone(), ids, mask)
+            got = getattr(got, "logits", got)
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                return False, f"on {name} with P = {P} return the logits of the real tokens, shape " \
+                              f"{tuple(want.shape)}; got {shape}."
+            real = mask.bool()
+            if not is_close(got[real], want[real]):
+                return False, (f"on {name} with P = {P} the logits differ from prefix tuning's by up to "
+                               f"{(got[real] - want[real]).abs().max().item():.3g}. The cache now holds P + T "
+                               "positions: does every part of the input the model is given know that?")
+    return True, ("the attention mask has to cover the cache too: P ones in front of it, so that every real token "
+                  "may attend to the whole prefix. A mask of only T columns does not describe the P + T keys the "
+                  "model attends to: no error, just another model.")
 
 
 @exercise("04.ex4", "GPT-2 has 1024 positions. With a prefix of P = 20 virtual tokens (as PEFT places it), how many "
-                    "real tokens can one input have at most?")
+                    "real tokens can one input have at most? (An exact whole number.)", kind="compute",
+          hidden=lambda: ["1004", "1,004"])
 def _positions(answer):
     n, P = 1024, 20
-    return number(answer, n - P, rel_tol=1e-9,
-                  mistakes={n: "the prefix takes positions 0…P−1, so the real tokens start at P (equation 04.5).",
-                            n - 2 * P: "the prefix uses P positions once, not once for keys and once for values."},
-                  explain=f"1024 − 20 = {n - P}: the real tokens sit at positions P…P+T−1, which must stay below "
-                          "1024.")
+    return _graded(answer, n - P, rel_tol=1e-9,
+                   mistakes={n: "the prefix takes positions 0…P−1, so the real tokens start at P (equation 04.5).",
+                             n - 2 * P: "the prefix uses P positions once, not once for keys and once for values."},
+                   right="the real tokens sit at positions P…P+T−1, which must stay below 1024.",
+                   hint="where does the first real token sit (equation 04.5), and where must the last one stay?")
 
 
 def _text_models():
@@ -146,7 +211,7 @@ def _swap_keys_values(table: torch.Tensor, num_layers: int) -> torch.Tensor:
                     "one apply_prefix_tuning's prompt_encoder.embedding.weight holds) that makes the model, on any "
                     "input X, compute exactly what the frozen model computes on [text; X] at X's positions — Li & "
                     "Liang's initialisation from real words. ids is a 1-D tensor of the text's P token ids. Pass "
-                    "the function itself.")
+                    "the function itself.", kind="build", hidden=lambda: [])
 def _text_prefix(answer):
     import copy
 

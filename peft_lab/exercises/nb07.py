@@ -1,89 +1,96 @@
-"""Exercises of notebook 07 (scale out). Expected answers are computed by :mod:`peft_lab.scale_out`, not stored:
-bytes per rank by ``zero_bytes_per_rank`` (equation 07.1), shard sizes by ``fsdp_elements_per_rank`` (torch's
-``chunk`` split, what FSDP2 does)."""
+"""Exercises of notebook 07 (scale out). Expected answers are computed, not stored: Adam's step by PyTorch's own
+AdamW, GPU counts by ``zero_bytes_per_rank`` (equation 07.1), shard sizes by ``fsdp_elements_per_rank`` (torch's
+``chunk`` split, what FSDP2 does), the debugged rank loss against the whole batch's gradient."""
 from __future__ import annotations
 
 import math
 
 from . import exercise, number, run_student
 
-# (architecture, trainable parameters or None for full fine-tuning, precision): GPT-2 and LLaMA shapes, fp32 and
-# mixed precision, where the master copy has to move from the parameters to the optimizer state.
-_CASES = (("tiny", None, "fp32"), ("tiny", 16_384, "fp32"), ("gpt2", None, "bf16-mixed"),
-          ("gpt2", 294_912, "bf16-mixed"), ("llama-7b", 4_194_304, "bf16-mixed"), ("llama-7b", None, "fp32"))
-_RANKS = (1, 3, 8)
+def _graded(answer, expected: float, *, rel_tol: float, mistakes: dict[float, str], right: str, hint: str):
+    """A number graded without giving it away: a known mistake is named, any other wrong number gets ``hint``
+    (the worked answer is in the solutions notebook, not in the grader's reply)."""
+    ok, why = number(answer, expected, rel_tol=rel_tol, mistakes=mistakes)
+    if ok:
+        return True, right
+    if any(math.isclose(float(answer), v, rel_tol=rel_tol) for v in mistakes):
+        return False, why
+    return False, f"{float(answer):,g} is too {'high' if float(answer) > expected else 'low'}: {hint}"
 
 
-def _as_float(got, call: str) -> float:
-    if isinstance(got, dict) and "total" in got:
-        got = got["total"]
-    if got is None or got is ...:
-        raise ValueError(f"{call} returned nothing yet: return the bytes (a number)")
-    if isinstance(got, bool) or not isinstance(got, (int, float)) and not hasattr(got, "item"):
-        raise TypeError(f"{call} returned {type(got).__name__}; return a number of bytes")
-    return float(got.item() if hasattr(got, "item") else got)
+ADAM_LR, ADAM_GRAD = 1e-2, 3e-8
 
 
-def _variants(arch, trainable, precision, ranks, stage) -> dict[str, float]:
-    """Known wrong answers, each computed the wrong way on purpose, with the hint that names the mistake."""
-    from ..estimate import estimate_memory
-    est = estimate_memory(arch, trainable_params=trainable, batch_size=0, precision=precision)
-    W, G, O = est["parameters"], est["gradients"], est["optimizer"]
-    out = {"all of the model states divided by the ranks at every stage: stage s shards only optimizer state "
-           "(s ≥ 1), gradients (s ≥ 2), parameters (s = 3).": (W + G + O) / ranks,
-           "the fp32 master copy is optimizer state under ZeRO (sharded from stage 1): move it out of "
-           "estimate_memory's parameters.": W / ranks ** (stage >= 3) + G / ranks ** (stage >= 2)
-           + O / ranks ** (stage >= 1),
-           "nothing divided: that is plain data parallelism (stage 0) whatever the stage.": W + G + O}
-    if stage == 2:
-        out["stage 2 shards optimizer state and gradients, not the parameters."] = (W + G + O) / ranks
-    return out
+def _adam_step(grad: float, eps: float = 1e-8) -> float:
+    """How far one step of PyTorch's AdamW (lr ``ADAM_LR``, no weight decay) moves a weight at 0 with ``grad``."""
+    import torch
+    w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    w.grad = torch.tensor([grad], dtype=torch.float64)
+    torch.optim.AdamW([w], lr=ADAM_LR, weight_decay=0.0, eps=eps).step()
+    return abs(w.item())
 
 
-@exercise("07.ex1", "Write bytes_per_rank(arch, ranks, stage, trainable_params=None, precision='fp32') -> the bytes "
-                    "of parameters + gradients + optimizer state one of `ranks` processes holds under ZeRO stage "
-                    "`stage` (0–3), from peft_lab.estimate_memory(..., batch_size=0) and equation (07.1). "
-                    "Pass the function itself.")
-def _bytes_per_rank(answer):
-    if not callable(answer):
-        raise TypeError(f"expected a function bytes_per_rank(arch, ranks, stage, ...), got {type(answer).__name__}")
+@exercise("07.ex1", f"Predict, then run: one step of torch.optim.AdamW (lr = {ADAM_LR:g}, PyTorch's default eps = "
+                    f"1e-8, no weight decay) from a weight of 0 whose gradient is {ADAM_GRAD:g}. How far does the "
+                    "weight move (the absolute value)? Write your prediction before you run the check, which "
+                    "takes the step with PyTorch's own AdamW; within 5% counts.", kind="predict",
+          hidden=lambda: [f"{_adam_step(ADAM_GRAD):.1e}", f"{_adam_step(ADAM_GRAD):.4f}",
+                          f"{_adam_step(ADAM_GRAD):g}"])
+def _adam_predict(answer):
+    lr, g, eps = ADAM_LR, ADAM_GRAD, 1e-8
+    moved = _adam_step(g)
+    ok, _ = number(answer, moved, rel_tol=0.05)
+    if ok:
+        return True, (f"PyTorch's AdamW moved it by {moved:.3g}. On the first step m̂ = g and √v̂ = |g|, so the "
+                      f"update is lr·g/(|g| + ε): with |g| = {g:g} not far above ε = {eps:g} the step is "
+                      f"{g / (g + eps):.0%} of lr — and a gradient of the opposite sign would move it as far the "
+                      "other way.")
+    guess = float(answer)
+    known = {lr: "that is the step for |g| ≫ ε. Here |g| is only a few times ε: where does ε enter Adam's update?",
+             lr * g: "that is SGD's step, lr·g. Adam divides the gradient by its own running size first.",
+             lr * g / eps: "ε is added to √v̂ (= |g| on the first step), it does not replace it.",
+             lr * eps / (g + eps): "that is the sensitivity to a small change of g on the first step, "
+                                   "lr·ε/(|g| + ε)², times |g|; the question asks for the step itself."}
+    for value, why in known.items():
+        if math.isclose(guess, value, rel_tol=0.05):
+            return False, f"{why} Try again."
+    return False, (f"{guess:g} is {'too high' if guess > moved else 'too low'} (more than 5% off). On the first "
+                   "step Adam's moments are m̂ = g and v̂ = g²: write the update lr·m̂/(√v̂ + ε) with those. Try again.")
+
+
+GPU_GIB, GPU_STAGE = 40, 2
+
+
+def _gpus_needed(stage: int, budget: float) -> int:
     from ..scale_out import zero_bytes_per_rank
-    for arch, trainable, precision in _CASES:
-        for ranks in _RANKS:
-            for stage in range(4):
-                call = (f"bytes_per_rank({arch!r}, {ranks}, {stage}, trainable_params={trainable}, "
-                        f"precision={precision!r})")
-                got = _as_float(run_student(answer, arch, ranks, stage, trainable_params=trainable,
-                                            precision=precision), call)
-                expected = zero_bytes_per_rank(arch, ranks, stage, trainable_params=trainable,
-                                               precision=precision)["total"]
-                if math.isclose(got, expected, rel_tol=1e-9):
-                    continue
-                fallback = (f"compare your three terms with (07.1): which of W, G, O does stage {stage} divide by "
-                            f"the {ranks} ranks?")
-                hint = next((why for why, wrong in _variants(arch, trainable, precision, ranks, stage).items()
-                             if math.isclose(got, wrong, rel_tol=1e-9)), fallback)
-                return False, f"{call} returned {got:,.0f}, a rank holds {expected:,.0f} B: {hint}"
-    return True, ("W/n^[s≥3] + G/n^[s≥2] + O/n^[s≥1], with the master copy counted in O: equal to "
-                  "zero_bytes_per_rank on GPT-2 and LLaMA shapes, full FT and frozen bases, fp32 and bf16-mixed.")
+    return next(n for n in range(1, 4096)
+                if zero_bytes_per_rank("llama-7b", n, stage, precision="bf16-mixed")["total"] <= budget)
 
 
-@exercise("07.ex2", "Full fine-tuning of llama-7b in bf16 mixed precision: at least how many GPUs of 24 GiB does "
-                    "it need under ZeRO stage 3, counting model states only?")
+@exercise("07.ex2", f"Full fine-tuning of llama-7b in bf16 mixed precision under ZeRO stage {GPU_STAGE} on GPUs of "
+                    f"{GPU_GIB} GiB, counting model states only (weights, gradients, Adam state with the fp32 master "
+                    "copy): at least how many GPUs? (A whole number.)", kind="compute",
+          hidden=lambda: [f"{_gpus_needed(GPU_STAGE, GPU_GIB * 2**30)} GPUs"])
 def _gpus(answer):
     from ..scale_out import zero_bytes_per_rank
-    budget = 24 * 2**30
-    need = {s: next(n for n in range(1, 4096) if zero_bytes_per_rank("llama-7b", n, s, precision="bf16-mixed")
-                    ["total"] <= budget) for s in (2, 3)}
-    total = zero_bytes_per_rank("llama-7b", 1, 3, precision="bf16-mixed")["total"]
-    mistakes = {need[2]: "that is stage 2: the bf16 weights stay whole on every GPU there; stage 3 shards them.",
-                math.floor(total / budget): "round up: that many GPUs hold slightly less than the model states."}
-    mistakes.pop(need[3], None)
+    budget = GPU_GIB * 2**30
+    need = _gpus_needed(GPU_STAGE, budget)
     if isinstance(answer, float) and not answer.is_integer():
         return False, f"{answer} GPUs: a count of GPUs is a whole number (round up)."
-    return number(answer, need[3], rel_tol=1e-9, mistakes=mistakes,
-                  explain=f"16 B per parameter · {total / 16e9:.2f} billion parameters = {total / 2**30:.1f} GiB, "
-                          f"/ 24 GiB per GPU → {need[3]} GPUs at stage 3 ({need[2]} at stage 2).")
+    total = zero_bytes_per_rank("llama-7b", 1, 0, precision="bf16-mixed")["total"]
+    mistakes = {need - 1: "so close: round up — with one GPU fewer each holds a little more than its memory."}
+    mistakes[_gpus_needed(GPU_STAGE, GPU_GIB * 1e9)] = (f"that counts {GPU_GIB} GB = {GPU_GIB}·10⁹ bytes; a GiB is "
+                                                        "2³⁰ bytes, 7% more.")
+    mistakes[math.ceil(total / budget)] = ("that divides all the model states among the GPUs, as stage 3 would; "
+                                           f"stage {GPU_STAGE} leaves the weights whole on every GPU.")
+    mistakes[_gpus_needed(3, budget)] = (f"that is stage 3, where the bf16 weights are sharded too; at stage "
+                                         f"{GPU_STAGE} every GPU keeps all of them.")
+    mistakes.pop(need, None)
+    return _graded(answer, need, rel_tol=1e-9, mistakes=mistakes,
+                   right=f"{need} GPUs: the bf16 weights (2Ψ) stay whole on each, the gradients and the Adam state "
+                         "with the master copy (14Ψ) are divided among them.",
+                   hint=f"which of the weights, the gradients and the optimizer state does stage {GPU_STAGE} divide "
+                        "among the GPUs (07.1)? Write one GPU's bytes as a function of n and solve for n.")
 
 
 def _models():
@@ -104,7 +111,7 @@ def _models():
 
 @exercise("07.ex3", "Write elements_per_rank(model, ranks) -> a list of `ranks` integers: the parameter elements "
                     "each rank holds after FSDP2's fully_shard (every tensor split along dim 0 into chunks of "
-                    "ceil(rows / ranks) rows). Pass the function itself.")
+                    "ceil(rows / ranks) rows). Pass the function itself.", kind="build", hidden=lambda: [])
 def _elements(answer):
     if not callable(answer):
         raise TypeError(f"expected a function elements_per_rank(model, ranks), got {type(answer).__name__}")
@@ -134,3 +141,64 @@ def _elements(answer):
             return False, f"elements_per_rank(<{name}>, {ranks}) returned {got}, FSDP2 holds {expected}: {why}"
     return True, ("torch.chunk's split per tensor: rank r holds min(c, rows − r·c) rows (c = ceil(rows / n), at "
                   "least 0) of every tensor — the first ranks hold a little more than total / n.")
+
+
+def _rank_gradients(rank_loss, world: int, seed: int):
+    """The gradient FSDP applies when each of ``world`` ranks back-propagates ``rank_loss`` on its slice of a batch
+    (the mean of the ranks' gradients: FSDP's reduce-scatter averages), and the whole batch's mean-loss gradient."""
+    import torch
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    B, T, V, d = 2 * world, 6, 11, 5
+    x = torch.randn(B, T, d, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    keep = torch.rand(B, T, generator=g) < torch.linspace(0.2, 0.9, B)[:, None]     # uneven answer tokens per row
+    keep[:, 0] = True
+    labels[~keep] = -100
+    W = torch.randn(d, V, generator=g, requires_grad=True)
+    whole = F.cross_entropy((x @ W).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    want, = torch.autograd.grad(whole, W)
+    n_global = int((labels != -100).sum())
+    grads = []
+    share = B // world
+    for r in range(world):
+        W_r = W.detach().clone().requires_grad_(True)
+        loss = run_student(rank_loss, x[r * share:(r + 1) * share] @ W_r, labels[r * share:(r + 1) * share],
+                           n_global, world)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"rank_loss returned {type(loss).__name__}; return the loss as a one-element tensor")
+        loss.reshape(()).backward()
+        grads.append(W_r.grad)
+    return torch.stack(grads).mean(0), want
+
+
+@exercise("07.ex4", "Debug: rank_loss(logits, labels, n_global, world) is the loss each of `world` ranks "
+                    "back-propagates on its slice of the global batch (logits: its rows × T × V, labels already "
+                    "shifted, −100 where not supervised; n_global: supervised tokens in the whole global batch). "
+                    "FSDP then averages the ranks' gradients. Trained this way, 2 ranks do not follow the run of 1 "
+                    "process on the same batches. Find the bug, fix it, and pass the fixed function.", kind="debug",
+          hidden=lambda: [])
+def _rank_loss(answer):
+    import torch
+    if not callable(answer):
+        raise TypeError(f"expected a function rank_loss(logits, labels, n_global, world), got "
+                        f"{type(answer).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        for world, seed in ((1, 70), (2, 71), (3, 72), (4, 73)):
+            got, want = _rank_gradients(answer, world, seed)
+            if torch.allclose(got, want, rtol=1e-4, atol=1e-6):
+                continue
+            ratio = (got.norm() / want.norm()).item()
+            if math.isclose(ratio, 1 / world, rel_tol=1e-3) and world > 1:
+                why = ("the gradients are 1/world of the whole batch's: FSDP averages over the ranks, so each rank's "
+                       "loss must be world times its share.")
+            elif math.isclose(ratio, world, rel_tol=1e-3) and world > 1:
+                why = "the gradients are world times too large: the average over the ranks already divides by world."
+            else:
+                why = ("the direction differs, not just the size: ranks with fewer supervised tokens weigh as much "
+                       "as ranks with more. Each token must count 1 / n_global, whatever rank it is on.")
+            return False, f"with {world} rank(s) the averaged gradient differs from the whole batch's: {why}"
+    return True, ("each rank sums its tokens' losses and divides by the global count, times world (FSDP's average "
+                  "divides by world again): every token weighs 1 / n_global, as in one process. A per-rank mean "
+                  "weighs a rank's tokens by 1 / (its own count) — the same bug as gradient accumulation over "
+                  "micro-batches with a mean loss.")
