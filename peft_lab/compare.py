@@ -1,4 +1,4 @@
-"""The head-to-head comparison of notebook 05: every method of the course on one task, one budget.
+"""The head-to-head comparison of notebook 06: every method of the course on one task, one budget.
 
 A :class:`MethodSpec` says how to put a method on a fresh copy of the base model, which learning rates to
 try, and how the memory calculator describes it. :func:`run` trains and scores one (method, learning rate,
@@ -28,7 +28,7 @@ __all__ = ["MethodSpec", "Run", "METHODS", "run", "switched_off", "forgetting", 
            "spread", "trainable_count", "stored_count", "calculator", "has_precision", "measured", "CALCULATOR_METHODS",
            "answer_loss", "pick_lr"]
 
-BOTTLENECK, PREFIX_TOKENS, PROMPT_TOKENS, PROJECTION = 16, 10, 10, 64  # sizes used throughout notebook 05
+BOTTLENECK, PREFIX_TOKENS, PROMPT_TOKENS, PROJECTION = 16, 10, 10, 64  # sizes used throughout notebook 06
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _lora_config(rank: int, use_dora: bool = False):
 def _lora(rank: int, use_dora: bool = False, nf4_base: bool = False):
     def apply(model, tok):
         from .lora import apply_lora
-        # QLoRA (notebook 06): the frozen base in NF4, LoRA on top. A model on the meta device (parameter
+        # QLoRA (notebook 05): the frozen base in NF4, LoRA on top. A model on the meta device (parameter
         # counts, trainable_count) has no values to quantize, and LoRA's count does not depend on them.
         if nf4_base and next(model.parameters()).device.type != "meta":
             from .qlora import quantize_model
@@ -72,7 +72,7 @@ def _lora(rank: int, use_dora: bool = False, nf4_base: bool = False):
 
 def _ia3(model, tok):
     from .ia3 import apply_ia3
-    return apply_ia3(model)  # PEFT's defaults for the architecture (notebook 06)
+    return apply_ia3(model)  # PEFT's defaults for the architecture (notebook 05)
 
 
 def _adapters(placement: str):
@@ -107,7 +107,7 @@ def _ia3_config():
 
 
 #: Name → spec, in the order of the course. Learning-rate grids are a factor ~3 apart around what notebooks
-#: 01–04 and short probes on notebook 05's task found (prompt tuning needs the largest rates, as in Lester et
+#: 01–04 and short probes on notebook 06's task found (prompt tuning needs the largest rates, as in Lester et
 #: al. 2021); the notebook reports the grid and flags a best rate at an edge of it.
 METHODS: dict[str, MethodSpec] = {
     "full FT": MethodSpec("full FT", lambda m, t: m, (1e-4, 3e-4, 1e-3), "peft_lab", {"kind": "full"}),
@@ -272,10 +272,10 @@ def measured(name: str, base: nn.Module, batch: dict) -> dict:
 
 
 def ready_for_inference(name: str, model: nn.Module) -> nn.Module:
-    """A copy of the trained ``model`` of method ``name`` in the form it would be served (notebook 05 §7), in
+    """A copy of the trained ``model`` of method ``name`` in the form it would be served (notebook 06 §7), in
     eval mode: LoRA merged into its weights (02.7), PEFT's methods merged and unloaded, the prefix's
     reparameterization folded into a plain prefix (notebook 04), IA3's vectors folded into its weights
-    (06.3); adapters, prompts and QLoRA (whose NF4 base cannot take a float update, notebook 06 §3) stay as trained."""
+    (05.3); adapters, prompts and QLoRA (whose NF4 base cannot take a float update, notebook 05 §3) stay as trained."""
     model = copy.deepcopy(model)
     spec = METHODS[name]
     if spec.source == "PEFT":
@@ -296,7 +296,7 @@ def served_as(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Choosing a learning rate on a criterion that a near-tie in accuracy cannot flip (notebook 05, section 3)
+# Choosing a learning rate on a criterion that a near-tie in accuracy cannot flip (notebook 06, section 3)
 # ----------------------------------------------------------------------------------------------------------
 
 def answer_loss(model: nn.Module, tokenizer, examples: list[dict], batch_size: int = 64) -> float:

@@ -1,5 +1,5 @@
 """The analytic memory of one AdamW training step, for models too large to run (notebook 00, "The memory
-arithmetic of full fine-tuning", equations (1)–(3) and (6); notebook 05, "Memory at real sizes").
+arithmetic of full fine-tuning", equations (1)–(3) and (6); notebook 06, "Memory at real sizes").
 
 :func:`estimate_memory` gives the same keys as :func:`peft_lab.measure.measure_memory` from sizes alone:
 parameters, gradients and optimizer state from the parameter count and the precision, activations from
@@ -131,7 +131,7 @@ def activation_elements(config, batch_size: int, seq_len: int, method: Mapping |
         per_layer = 8d + 2 + 2·d_kv + h + 4f;  head = 3d + 1 + V
         floats    = n·(L·per_layer + head) + 2·T·d/h;  int64 = 2n
 
-    ``method`` describes a frozen base with a PEFT method (notebook 05, "Memory at real sizes"), as a mapping
+    ``method`` describes a frozen base with a PEFT method (notebook 06, "Memory at real sizes"), as a mapping
     ``{"kind": ..., settings}`` with a kind of :func:`method_shapes`: ``"lora"`` (``rank``, ``targets``: module
     names; ``use_dora: True`` for DoRA), ``"ia3"`` (``targets``, ``feedforward``: module names, PEFT's suffix
     rules), ``"pfeiffer"``, ``"houlsby"`` and ``"parallel"`` (``bottleneck_dim``), ``"prefix"``
@@ -303,7 +303,7 @@ def _layer_floats(b: _Block, on: _Trained, layer: int, n: int, B: int, T: int, P
             attn += 2 * (d - b.d_kv)
     floats = n * on.rank * (q_lora + o_lora + gu_lora + down_lora)  # rule 1: B's input, r per wrapped layer
     floats += n * on.ia3_kept
-    if on.dora:  # (06.10): W₀x̃ and B A x̃ per token (2·d_out); n and m/n per layer, and m/n − 1 where W₀x̃ needs
+    if on.dora:  # (05.10): W₀x̃ and B A x̃ per token (2·d_out); n and m/n per layer, and m/n − 1 where W₀x̃ needs
         for x in on.wrapped:                                # a gradient (above the lowest trained stage)
             d_out = b.sizes[x][1]
             floats += 2 * n * d_out + d_out * (3 if layer > 0 or b.stages[x] > on.lowest else 2)
@@ -347,7 +347,7 @@ def estimate_memory(name_or_config, trainable_params: int | None = None, batch_s
     input), so for PEFT they are an upper bound. For fp32 the formula matches :func:`measure_memory` on CPU to
     within 1% for the tiny model and small GPT-2s (tests/test_measure.py).
 
-    ``method`` (notebook 05) makes the estimate exact for a PEFT method: a mapping as in
+    ``method`` (notebook 06) makes the estimate exact for a PEFT method: a mapping as in
     :func:`activation_elements` (e.g. ``{"kind": "lora", "rank": 8, "targets": ["c_attn"]}``). Then
     ``trainable_params`` is the method's own parameter count, *added* to N (an adapter's weights exist on
     top of the base), and the activations follow the frozen-base rules of :func:`activation_elements`.
@@ -355,7 +355,7 @@ def estimate_memory(name_or_config, trainable_params: int | None = None, batch_s
     quantization: 0.5 B per weight plus 0.127 bits of quantization constants (Dettmers et al. 2023, §3);
     the method trains in bf16-mixed. Embeddings, output head and norms are counted as 4-bit too (QLoRA keeps
     them in 16 bits: about a third of gpt2-small's weights, 4% of LLaMA-2 7B's), so this is a lower bound for
-    the parameters (notebook 05 §8 prints by how much).
+    the parameters (notebook 06 §8 prints by how much).
     """
     from .models import meta_size
 

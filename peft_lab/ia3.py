@@ -1,25 +1,25 @@
 """IA3: learned vectors that rescale activations (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning
-is Better and Cheaper than In-Context Learning", §3.3), notebook 06.
+is Better and Cheaper than In-Context Learning", §3.3), notebook 05.
 
-The equations of notebook 06 ("IA3"), for a layer ``h = W x + b`` with ``W: d_out × d_in`` (``nn.Linear``'s
+The equations of notebook 05 ("IA3"), for a layer ``h = W x + b`` with ``W: d_out × d_in`` (``nn.Linear``'s
 layout; GPT-2's ``Conv1D`` stores ``Wᵀ``):
 
-* (06.1) a target that is not feed-forward scales its *output*: ``h = l ⊙ (W x + b)``, ``l ∈ ℝ^d_out``
+* (05.1) a target that is not feed-forward scales its *output*: ``h = l ⊙ (W x + b)``, ``l ∈ ℝ^d_out``
   (keys and values in the paper; on GPT-2 the fused ``c_attn`` scales queries too);
-* (06.2) a feed-forward target scales its *input*: ``h = W (l ⊙ x) + b``, ``l ∈ ℝ^d_in`` (the paper rescales
+* (05.2) a feed-forward target scales its *input*: ``h = W (l ⊙ x) + b``, ``l ∈ ℝ^d_in`` (the paper rescales
   the activation inside the MLP, which is the input of its second projection);
-* (06.3) initialisation ``l = 1``, so ``h = W x + b`` at step 0 — bit for bit, since ``1 · y = y`` in floats;
-* (06.4) merge. ``l ⊙ (W x) = diag(l) W x``, so (06.1) is the layer with ``W' = diag(l) W``, ``b' = l ⊙ b``:
-  row ``i`` of ``W`` (output feature ``i``) is multiplied by ``l_i``. ``W (l ⊙ x) = W diag(l) x``, so (06.2) is
+* (05.3) initialisation ``l = 1``, so ``h = W x + b`` at step 0 — bit for bit, since ``1 · y = y`` in floats;
+* (05.4) merge. ``l ⊙ (W x) = diag(l) W x``, so (05.1) is the layer with ``W' = diag(l) W``, ``b' = l ⊙ b``:
+  row ``i`` of ``W`` (output feature ``i``) is multiplied by ``l_i``. ``W (l ⊙ x) = W diag(l) x``, so (05.2) is
   ``W' = W diag(l)``, ``b' = b``: column ``j`` (input feature ``j``) is multiplied by ``l_j``. In ``Conv1D``'s
   ``d_in × d_out`` layout rows and columns swap. Unmerge divides by ``l`` (refused where an entry is 0);
-* (06.5) what it can express: ``ΔW = W' − W = diag(l − 1) W`` (or ``W diag(l − 1)``) — each output (input)
+* (05.5) what it can express: ``ΔW = W' − W = diag(l − 1) W`` (or ``W diag(l − 1)``) — each output (input)
   feature's weights scaled as a whole, never rotated or mixed; ``d_out`` (``d_in``) numbers per layer;
-* (06.6) trainable parameters: ``Σ d_out`` over the output-scaled targets + ``Σ d_in`` over the feed-forward
+* (05.6) trainable parameters: ``Σ d_out`` over the output-scaled targets + ``Σ d_in`` over the feed-forward
   ones. GPT-2 small, defaults: ``12 · (3·768 + 3072) = 64,512``.
 
-Layout is PEFT's, so files copy one to one: the vector is ``ia3_l``, shaped ``(d_out, 1)`` for (06.1) and
-``(1, d_in)`` for (06.2); the wrapped layer is ``base_layer``. Defaults per architecture are PEFT's
+Layout is PEFT's, so files copy one to one: the vector is ``ia3_l``, shaped ``(d_out, 1)`` for (05.1) and
+``(1, d_in)`` for (05.2); the wrapped layer is ``base_layer``. Defaults per architecture are PEFT's
 (:data:`peft_lab.arch.DEFAULT_TARGETS` rows ``"ia3"`` and ``"ia3_feedforward"``).
 
 Typical use::
@@ -79,15 +79,15 @@ class IA3Config:
 
 
 def is_feedforward(name: str, feedforward_modules: Sequence[str] | str) -> bool:
-    """Whether the target called ``name`` is scaled on its input (06.2) — PEFT's rule
+    """Whether the target called ``name`` is scaled on its input (05.2) — PEFT's rule
     (:func:`peft_lab.core.ends_with_module`); ``feedforward_modules`` must be a subset of ``target_modules``,
     so in practice it agrees with :func:`peft_lab.core.matches_target`."""
     return core.ends_with_module(name, feedforward_modules)
 
 
 class IA3Layer(AdapterLayer):
-    """A frozen ``nn.Linear`` or ``Conv1D`` whose output (06.1) or, for a feed-forward module, input (06.2) is
-    multiplied element-wise by the trainable vector ``ia3_l`` (initialised to ones, 06.3).
+    """A frozen ``nn.Linear`` or ``Conv1D`` whose output (05.1) or, for a feed-forward module, input (05.2) is
+    multiplied element-wise by the trainable vector ``ia3_l`` (initialised to ones, 05.3).
 
     Attributes: ``in_features``, ``out_features``, ``is_feedforward``, ``fan_in_fan_out`` (True for ``Conv1D``),
     ``merged``, ``disabled``.
@@ -114,13 +114,13 @@ class IA3Layer(AdapterLayer):
         self.ia3_l = nn.Parameter(torch.ones(shape, device=weight.device, dtype=core.adapter_dtype(weight.dtype)))
 
     def _vector_in_weight_layout(self) -> torch.Tensor:
-        """``l`` shaped to broadcast over the stored weight (06.4): ``(d_out, 1)`` scales rows of ``d_out × d_in``
+        """``l`` shaped to broadcast over the stored weight (05.4): ``(d_out, 1)`` scales rows of ``d_out × d_in``
         and ``(1, d_in)`` its columns; ``Conv1D``'s ``d_in × d_out`` needs the transpose."""
         return self.ia3_l.T if self.fan_in_fan_out else self.ia3_l
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Equation (06.4): ``W ← diag(l) W, b ← l ⊙ b`` (output side) or ``W ← W diag(l)`` (input side)."""
+        """Equation (05.4): ``W ← diag(l) W, b ← l ⊙ b`` (output side) or ``W ← W diag(l)`` (input side)."""
         if self.merged:
             return
         w, bias = core.stored_weight(self.base_layer), self.base_layer.bias
@@ -149,10 +149,10 @@ class IA3Layer(AdapterLayer):
         if self.merged or self.disabled:
             return self.base_layer(x)
         scale = self.ia3_l.flatten()
-        if self.is_feedforward:  # (06.2): the vector acts before the weight
+        if self.is_feedforward:  # (05.2): the vector acts before the weight
             return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))
         result = self.base_layer(x)
-        return (result * scale).to(result.dtype)  # (06.1)
+        return (result * scale).to(result.dtype)  # (05.1)
 
     def extra_repr(self) -> str:
         side = "input" if self.is_feedforward else "output"
@@ -190,7 +190,7 @@ def apply_ia3(model: nn.Module, target_modules: Sequence[str] | str | None = Non
     ``["down_proj"]``), even when ``target_modules`` is given, as PEFT does; ``[]`` scales every target's
     output. Which targets are feed-forward follows :func:`is_feedforward`. The keywords build an
     :class:`IA3Config` (or pass ``config=``). Changed in place; a failed call leaves the model unchanged.
-    Afterwards only the ``ia3_l`` vectors have ``requires_grad=True`` (06.6).
+    Afterwards only the ``ia3_l`` vectors have ``requires_grad=True`` (05.6).
     """
     validate.require_module("model", model)
     if config is None:
@@ -224,13 +224,13 @@ def disable_ia3(model: nn.Module):
 
 
 def remove_ia3(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Put the plain layers back. ``merge=True`` keeps the learned scaling inside ``W`` (06.4); ``merge=False``
+    """Put the plain layers back. ``merge=True`` keeps the learned scaling inside ``W`` (05.4); ``merge=False``
     drops it (the base model again, up to rounding if it was merged)."""
     return _LAYERS.remove(model, validate.require_bool("merge", merge))
 
 
 def merge_ia3(model: nn.Module) -> nn.Module:
-    """Equation (06.4) in every IA3 layer. Outputs stay equal up to float rounding."""
+    """Equation (05.4) in every IA3 layer. Outputs stay equal up to float rounding."""
     return _LAYERS.merge(model)
 
 

@@ -17,22 +17,22 @@ Layout is PEFT's, so weights copy one to one: ``lora_A = nn.Linear(d_in, r, bias
 LoRA branch only: ``base_layer(x) + lora_B(lora_A(dropout(x))) · s``. GPT-2's ``Conv1D`` stores its weight
 as ``d_in × d_out`` (PEFT's ``fan_in_fan_out=True``); only the merge needs to transpose ``B A`` for it.
 
-DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"), notebook 06 ("DoRA"), is LoRA with
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"), notebook 05 ("DoRA"), is LoRA with
 ``use_dora=True``. Per output feature ``i`` (row ``i`` of ``W₀: d_out × d_in``):
 
-* (06.7) ``W' = m ⊙ (W₀ + s B A) / n``,  ``n_i = ‖(W₀ + s B A)_i‖₂`` — a magnitude ``m ∈ ℝ^d_out`` times a
+* (05.7) ``W' = m ⊙ (W₀ + s B A) / n``,  ``n_i = ‖(W₀ + s B A)_i‖₂`` — a magnitude ``m ∈ ℝ^d_out`` times a
   unit direction. The paper writes ``‖·‖_c`` over the columns of its ``W ∈ ℝ^{d×k}``; PEFT takes one norm
   per *output feature* (``torch.linalg.norm(W, dim=1)`` on the ``d_out × d_in`` layout, ``Conv1D``'s
   weight transposed first), and so do we — ``m`` has ``d_out`` entries;
-* (06.8) ``m`` starts at ``n`` computed at init (``‖W₀‖`` per row, as ``B = 0``), so ``m / n = 1`` exactly and
+* (05.8) ``m`` starts at ``n`` computed at init (``‖W₀‖`` per row, as ``B = 0``), so ``m / n = 1`` exactly and
   the start is the base model bit for bit;
-* (06.9) ``n`` is treated as a constant in backward (the paper's §4.3, "detached from the gradient graph";
+* (05.9) ``n`` is treated as a constant in backward (the paper's §4.3, "detached from the gradient graph";
   PEFT does the same): the gradient reaches ``A`` and ``B`` only through ``s B A x`` and ``m`` directly;
-* (06.10) forward without forming ``W'``: ``h = W₀x + b + (m/n − 1) ⊙ W₀x + (m/n) ⊙ s B A x`` (the bias
+* (05.10) forward without forming ``W'``: ``h = W₀x + b + (m/n − 1) ⊙ W₀x + (m/n) ⊙ s B A x`` (the bias
   stays outside the decomposition), which is ``(m/n) ⊙ (W₀ + sBA) x + b``. With dropout ``p > 0`` while
   training, PEFT feeds ``x̃ = dropout(x)`` to both extra terms: ``W₀x + b + (m/n − 1) ⊙ W₀x̃ + (m/n) ⊙ sBAx̃``;
   we do the same;
-* (06.11) merge ``W ← (m/n) ⊙ (W₀ + sBA)`` (row-wise), keeping ``n`` for unmerge ``W₀ = W / (m/n) − sBA``.
+* (05.11) merge ``W ← (m/n) ⊙ (W₀ + sBA)`` (row-wise), keeping ``n`` for unmerge ``W₀ = W / (m/n) − sBA``.
 
 Trainable parameters per layer: ``r (d_in + d_out) + d_out``; PEFT saves ``m`` as
 ``<layer>.lora_magnitude_vector``, and so does :func:`lora_state_dict`.
@@ -227,7 +227,7 @@ class LoRALinear(AdapterLayer):
 
 
 class DoRALinear(LoRALinear):
-    """DoRA (06.7–06.11): a :class:`LoRALinear` whose updated weight is split into a magnitude and a unit
+    """DoRA (05.7–05.11): a :class:`LoRALinear` whose updated weight is split into a magnitude and a unit
     direction per output feature, ``W' = m ⊙ (W₀ + sBA) / n``; one more trainable vector,
     ``lora_magnitude_vector`` (m, ``d_out`` entries). :func:`apply_lora` builds it for ``use_dora=True``."""
 
@@ -236,8 +236,8 @@ class DoRALinear(LoRALinear):
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "default"):
         super().__init__(base_layer, rank, alpha, dropout, use_rslora, init)
-        self._merged_norm: torch.Tensor | None = None  # n at merge time, for unmerge (06.11)
-        # (06.8): m = n at the start (B = 0, so n = ‖W₀‖ per row) and m / n = 1 exactly
+        self._merged_norm: torch.Tensor | None = None  # n at merge time, for unmerge (05.11)
+        # (05.8): m = n at the start (B = 0, so n = ‖W₀‖ per row) and m / n = 1 exactly
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.delta_weight()).detach())
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
@@ -245,7 +245,7 @@ class DoRALinear(LoRALinear):
         return {**super().adapter_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
 
     def weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
-        """Equation (06.7): ``n = ‖W₀ + ΔW‖`` per output feature (``ΔW`` in the base weight's layout). The
+        """Equation (05.7): ``n = ‖W₀ + ΔW‖`` per output feature (``ΔW`` in the base weight's layout). The
         norm runs over the input dimension: dim 1 of ``nn.Linear``'s ``d_out × d_in``, dim 0 of ``Conv1D``'s."""
         w = self.base_layer.weight.to(delta.dtype)
         if self.fan_in_fan_out:
@@ -253,13 +253,13 @@ class DoRALinear(LoRALinear):
         return torch.linalg.norm(w + delta, dim=1)
 
     def _factor(self, norm: torch.Tensor) -> torch.Tensor:
-        """``m / n`` shaped to scale the rows of the stored weight (its columns for ``Conv1D``), (06.11)."""
+        """``m / n`` shaped to scale the rows of the stored weight (its columns for ``Conv1D``), (05.11)."""
         factor = (self.lora_magnitude_vector / norm).view(-1, 1)
         return factor.T if self.fan_in_fan_out else factor
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
-        """``(m/n) ⊙ (W₀ + s·BA)`` (06.7) in the base weight's layout; the stored weight while merged."""
+        """``(m/n) ⊙ (W₀ + s·BA)`` (05.7) in the base weight's layout; the stored weight while merged."""
         w = self.base_layer.weight
         if self.merged:
             return w.detach().clone()
@@ -268,7 +268,7 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Equation (06.11): ``W ← (m/n) ⊙ (W + s · B A)``, keeping ``n`` for :meth:`unmerge`."""
+        """Equation (05.11): ``W ← (m/n) ⊙ (W + s · B A)``, keeping ``n`` for :meth:`unmerge`."""
         if self.merged:
             return
         w, delta = core.stored_weight(self.base_layer), self.delta_weight()
@@ -287,13 +287,13 @@ class DoRALinear(LoRALinear):
         self.merged = False
 
     def _norm(self) -> torch.Tensor:
-        """``n`` of (06.7) for forward, a constant for autograd (06.9): ``B A`` enters detached, and the result
+        """``n`` of (05.7) for forward, a constant for autograd (05.9): ``B A`` enters detached, and the result
         is detached again."""
         delta = (self.lora_B.weight @ self.lora_A.weight).detach() * self.scaling
         return self.weight_norm(delta.T if self.fan_in_fan_out else delta).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Equation (06.10): ``W₀x + b + (m/n − 1) ⊙ W₀x̃ + (m/n) ⊙ s B A x̃``. ``x̃ = x`` in eval mode or
+        """Equation (05.10): ``W₀x + b + (m/n − 1) ⊙ W₀x̃ + (m/n) ⊙ s B A x̃``. ``x̃ = x`` in eval mode or
         without dropout (then ``W₀x`` is the base output minus its bias), else ``dropout(x)`` — PEFT's choice."""
         result = self.base_layer(x)
         if self.merged or self.disabled:
@@ -336,7 +336,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
     default of the architecture (:data:`peft_lab.arch.DEFAULT_TARGETS`, e.g. GPT-2 → ``["c_attn"]``,
     LLaMA/OPT → ``["q_proj", "v_proj"]``); matching follows :func:`peft_lab.core.matches_target`.
     Afterwards only the ``lora_A``/``lora_B`` weights have ``requires_grad=True`` (equation 02.5 counts them).
-    ``use_dora=True`` makes it DoRA (06.7–06.11), which adds the magnitude vector ``m`` per layer; ``init``
+    ``use_dora=True`` makes it DoRA (05.7–05.11), which adds the magnitude vector ``m`` per layer; ``init``
     chooses the initialisation (:meth:`LoRALinear.reset_lora_parameters`: PiSSA and OLoRA change the base). The keywords
     build a :class:`LoRAConfig` (which checks them); or pass ``config=`` instead. A model carries one method at
     a time (:func:`peft_lab.registry.require_no_method`). A failed call leaves the model unchanged.
@@ -418,7 +418,7 @@ def magnitude_direction_change(w0: torch.Tensor, w: torch.Tensor, fan_in_fan_out
                                ) -> tuple[float, float]:
     """How far ``w`` moved from ``w0`` in magnitude and in direction — the two measures of DoRA's weight
     decomposition analysis (Liu et al. 2024, §3, their Fig. 2), per output feature ``i`` (the orientation of
-    DoRA's ``m`` here, see (06.7)):
+    DoRA's ``m`` here, see (05.7)):
 
     ``ΔM = mean_i | ‖w_i‖ − ‖w0_i‖ |``,   ``ΔD = mean_i (1 − cos(w_i, w0_i))``.
 

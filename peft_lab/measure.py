@@ -82,7 +82,7 @@ def measure_memory(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) ->
     How each part is counted (valid on any device, CPU included):
 
     * ``parameters``: every parameter's ``numel * element_size`` (tied weights once), plus the buffers of
-      NF4 layers (a QLoRA base, notebook 06), which hold those layers' weights.
+      NF4 layers (a QLoRA base, notebook 05), which hold those layers' weights.
     * ``gradients``: the same for the trainable parameters only: ``.grad`` has the parameter's dtype.
     * ``optimizer``: AdamW keeps ``exp_avg`` and ``exp_avg_sq`` per trainable parameter, in the parameter's
       dtype, so twice the gradient bytes (the scalar ``step`` counter is ignored).

@@ -1,23 +1,23 @@
 """QLoRA's frozen 4-bit base: NormalFloat-4 (NF4), block-wise absmax quantization and double quantization
-(Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", §3), notebook 06 ("QLoRA").
+(Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", §3), notebook 05 ("QLoRA").
 
-The steps, numbered as in notebook 06:
+The steps, numbered as in notebook 05:
 
-* (06.Q1) The NF4 code: 16 values from quantiles of the standard normal, Φ⁻¹. The positive half takes 8
+* (05.Q1) The NF4 code: 16 values from quantiles of the standard normal, Φ⁻¹. The positive half takes 8
   quantiles at probabilities evenly spaced from ``1 − δ`` down to (not including) ½, the negative half 7 from
   ``δ`` up to ½, plus an exact 0 — so zero is representable and the two halves are *asymmetric* (QLoRA §3,
   "we create an asymmetric data type"). ``δ`` is the reference implementation's 0.0322917 (= ½(1/32 + 1/30)),
   which keeps Φ⁻¹ finite at the ends; the 16 values are divided by the largest so that they span [−1, 1].
-* (06.Q2) Block-wise absmax quantization: the weight, flattened, is cut into blocks of ``block_size`` (64)
+* (05.Q2) Block-wise absmax quantization: the weight, flattened, is cut into blocks of ``block_size`` (64)
   values; each block is divided by its absmax ``c = max|w|`` and every value is replaced by the index of the
   nearest code value; dequantization is ``ŵ = code[index] · c``. Two 4-bit indices share one byte (the first
   in the high nibble, as bitsandbytes packs them).
-* (06.Q3) Double quantization: the fp32 absmax constants (32 bits per 64 weights = 0.5 bit per weight) are
+* (05.Q3) Double quantization: the fp32 absmax constants (32 bits per 64 weights = 0.5 bit per weight) are
   themselves quantized — their mean is subtracted, then blocks of 256 are absmax-quantized to 8 bits with the
   signed dynamic 8-bit code of Dettmers 2016 (bitsandbytes' default for 8-bit blocks).
-* (06.Q4) Bits per weight: ``4 + 32/64 = 4.5`` without, ``4 + 8/64 + 32/(64·256) = 4.127`` with double
+* (05.Q4) Bits per weight: ``4 + 32/64 = 4.5`` without, ``4 + 8/64 + 32/(64·256) = 4.127`` with double
   quantization (the figure of QLoRA §3 and of ``estimate_memory``'s ``"4bit-base"``).
-* (06.Q5) A frozen layer stores only the packed indices and the constants and dequantizes in ``forward``; its
+* (05.Q5) A frozen layer stores only the packed indices and the constants and dequantizes in ``forward``; its
   backward dequantizes again instead of keeping the float weight alive (as bitsandbytes' ``MatMul4Bit``).
 
 Layout follows bitsandbytes, so the numbers compare one to one: a ``Linear`` weight is quantized as stored,
@@ -53,7 +53,7 @@ ABSMAX_BLOCK_SIZE = 256
 
 
 def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
-    """Step (06.Q1): the 16 NF4 values, sorted, in float32, from −1 to 1.
+    """Step (05.Q1): the 16 NF4 values, sorted, in float32, from −1 to 1.
 
     8 positive quantiles ``Φ⁻¹(p)`` for ``p`` evenly spaced from ``offset`` to ½ (9 points, ½ dropped), 7
     negative ones ``−Φ⁻¹(p)`` for 8 points from ``offset`` to ½ (½ dropped), and 0; divided by the largest.
@@ -68,7 +68,7 @@ def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
 
 
 def dynamic_code() -> torch.Tensor:
-    """Step (06.Q3): the signed dynamic 8-bit code (Dettmers 2016, "8-Bit Approximations for Parallelism in
+    """Step (05.Q3): the signed dynamic 8-bit code (Dettmers 2016, "8-Bit Approximations for Parallelism in
     Deep Learning"), 256 sorted float32 values in [−1, 1] used for the absmax constants.
 
     For each of 7 decades ``10^(e−6)``, e = 0…6, the midpoints of ``2^e + 1`` points evenly spaced on
@@ -85,7 +85,7 @@ def dynamic_code() -> torch.Tensor:
 
 def nf4_bits_per_parameter(block_size: int = 64, double_quant: bool = True,
                            absmax_block_size: int = ABSMAX_BLOCK_SIZE) -> float:
-    """Step (06.Q4): stored bits per weight — ``4 + 32/B`` (one fp32 absmax per block of ``B``), or with
+    """Step (05.Q4): stored bits per weight — ``4 + 32/B`` (one fp32 absmax per block of ``B``), or with
     double quantization ``4 + 8/B + 32/(B·B₂)`` (an 8-bit absmax per block, an fp32 constant per ``B₂``
     absmaxes). Block 64: 4.5 and 4.127. Whole-tensor extras (the fp32 mean, one per tensor) are left out."""
     block_size = validate.require_int("block_size", block_size, min=1)
@@ -100,7 +100,7 @@ def nf4_bits_per_parameter(block_size: int = 64, double_quant: bool = True,
 # ----------------------------------------------------------------------------------------------------------
 
 def _blockwise(x: torch.Tensor, code: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step (06.Q2) on a flat float32 tensor: each block divided by its absmax, each value → index of the
+    """Step (05.Q2) on a flat float32 tensor: each block divided by its absmax, each value → index of the
     nearest code value (ties to the lower one). A last, shorter block is allowed (the absmax level needs it).
     Returns ``(indices uint8, absmax float32)``. Scaling multiplies by 1/absmax, as bitsandbytes does, so the
     indices agree bit for bit."""
@@ -131,7 +131,7 @@ def _table(which: str, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class NF4Weight:
-    """A weight in NF4 (steps 06.Q2–06.Q3). Tensors:
+    """A weight in NF4 (steps 05.Q2–05.Q3). Tensors:
 
     * ``packed`` — uint8, ``numel/2``: two 4-bit code indices per byte, the first in the high nibble;
     * without double quantization: ``absmax`` — float32, one per block;
@@ -184,7 +184,7 @@ class NF4Weight:
         return out
 
     def block_absmax(self) -> torch.Tensor:
-        """The absmax of every block, float32: stored, or dequantized from 8 bits (step 06.Q3 undone:
+        """The absmax of every block, float32: stored, or dequantized from 8 bits (step 05.Q3 undone:
         ``dynamic_code[q] · scale + offset``)."""
         if not self.double_quant:
             return self.absmax
@@ -193,14 +193,14 @@ class NF4Weight:
         return _scale_blocks(values, self.absmax_scale, self.absmax_block_size) + self.absmax_offset
 
     def dequantize(self) -> torch.Tensor:
-        """Step (06.Q2) undone: ``ŵ = nf4_code[index] · absmax`` per block, in the original shape and dtype."""
+        """Step (05.Q2) undone: ``ŵ = nf4_code[index] · absmax`` per block, in the original shape and dtype."""
         code = _table("nf4", self.packed.device)
         flat = _scale_blocks(code[self.indices().long()], self.block_absmax(), self.block_size)
         return flat.view(self.shape).to(self.dtype)
 
 
 def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Weight:
-    """Steps (06.Q2)–(06.Q3): ``weight`` (any shape, floating point) in NF4, flattened in row-major order.
+    """Steps (05.Q2)–(05.Q3): ``weight`` (any shape, floating point) in NF4, flattened in row-major order.
 
     ``weight.numel()`` must be a multiple of ``block_size`` (every linear layer of the course's models is;
     bitsandbytes also accepts a shorter last block, we refuse it to keep the packing simple). The
@@ -236,7 +236,7 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool 
 # ----------------------------------------------------------------------------------------------------------
 
 class _NF4Matmul(torch.autograd.Function):
-    """``x Wᵀ`` with ``W`` dequantized in forward and again in backward (step 06.Q5): autograd keeps the
+    """``x Wᵀ`` with ``W`` dequantized in forward and again in backward (step 05.Q5): autograd keeps the
     4-bit weight, not a float copy, between the two passes. ``W`` is frozen: no gradient for it."""
 
     @staticmethod
@@ -306,7 +306,7 @@ class _NF4Layer(core.StoredWeights, nn.Module):
 
 
 class LinearNF4(_NF4Layer, nn.Linear):
-    """A frozen ``nn.Linear`` stored in NF4 (step 06.Q5). A subclass of ``nn.Linear``, so LoRA wraps it like
+    """A frozen ``nn.Linear`` stored in NF4 (step 05.Q5). A subclass of ``nn.Linear``, so LoRA wraps it like
     any linear layer (PEFT's ``Linear4bit`` over bitsandbytes' ``Linear4bit`` plays the same role)."""
 
     def __init__(self, linear: nn.Linear, block_size: int = 64, double_quant: bool = True):
@@ -359,7 +359,7 @@ def nf4_layers(model: nn.Module) -> list[tuple[str, _NF4Layer]]:
 
 def quantize_model(model: nn.Module, block_size: int = 64, double_quant: bool = True,
                    skip_modules: tuple[str, ...] | str = ("lm_head",)) -> nn.Module:
-    """Put every ``nn.Linear`` and ``Conv1D`` of ``model`` in NF4 (step 06.Q5), in place; freeze the model;
+    """Put every ``nn.Linear`` and ``Conv1D`` of ``model`` in NF4 (step 05.Q5), in place; freeze the model;
     return it.
 
     What stays in its float dtype, as in transformers' bitsandbytes integration and QLoRA: embeddings and

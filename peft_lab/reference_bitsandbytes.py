@@ -1,4 +1,4 @@
-"""bitsandbytes as the reference for :mod:`peft_lab.qlora` (notebook 06, "Equal to bitsandbytes").
+"""bitsandbytes as the reference for :mod:`peft_lab.qlora` (notebook 05, "Equal to bitsandbytes").
 
 bitsandbytes (``pip install bitsandbytes``, in the package's ``test`` extra) runs NF4 on the CPU. Its
 ``nn.Linear4bit`` quantizes a weight when the layer is moved to a device; PEFT's LoRA wraps it with its own

@@ -1,4 +1,4 @@
-"""Notebook 05's harness: every method switches off to the exact base, counts at real sizes equal the
+"""Notebook 06's harness: every method switches off to the exact base, counts at real sizes equal the
 reference libraries' figures, and a run trains only the method's parameters."""
 import copy
 

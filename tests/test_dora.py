@@ -1,4 +1,4 @@
-"""DoRA = ``apply_lora(..., use_dora=True)``: the equations of notebook 06 ("DoRA") and equality with PEFT's
+"""DoRA = ``apply_lora(..., use_dora=True)``: the equations of notebook 05 ("DoRA") and equality with PEFT's
 DoRA, both ways."""
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_logits_and_gradients_match_peft(kind):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_dropout_while_training_matches_peft(kind):
-    """PEFT feeds dropout(x) to both extra terms of (06.10), W₀x̃ included; so do we."""
+    """PEFT feeds dropout(x) to both extra terms of (05.10), W₀x̃ included; so do we."""
     ours, theirs = dora_pair(MODELS[kind](), dropout=0.3)
     ours.train(), theirs.train()
     compare_with_peft(ours, theirs)
@@ -121,7 +121,7 @@ def test_dropout_while_training_matches_peft(kind):
 
 
 def test_non_detached_norm_is_caught():
-    """(06.9) matters: a norm left in the graph gives A and B other gradients, and the check must see it."""
+    """(05.9) matters: a norm left in the graph gives A and B other gradients, and the check must see it."""
     ours, theirs = dora_pair(small_gpt2())
     for _, layer in lora_layers(ours):
         def attached(layer=layer):  # the wrong variant: n computed from B A without detaching
@@ -146,7 +146,7 @@ def test_parameter_count_equals_peft_on_gpt2_small(capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The equations of notebook 06
+# The equations of notebook 05
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["gpt2", "tiny-llama"])
@@ -154,7 +154,7 @@ def test_init_is_exactly_the_base_and_m_is_the_norm_per_output_feature(kind):
     base = MODELS[kind]()
     expected = base(IDS).logits
     model = apply_lora(base, rank=4, target_modules=targets_of(base), use_dora=True)
-    assert_equal(model(IDS).logits, expected, what="(06.8): m / n = 1")
+    assert_equal(model(IDS).logits, expected, what="(05.8): m / n = 1")
     for _, layer in lora_layers(model):
         assert isinstance(layer, peft_lab.DoRALinear)
         w = layer.base_layer.weight
@@ -176,8 +176,8 @@ def test_merge_unmerge_disable(kind):
     with disable_lora(model):
         assert_equal(model(IDS).logits, base_logits, what="switched off")
     merge_lora(model)
-    assert_close(model(IDS).logits, logits, reason="(06.11): the factor folded into W", what="merged")
-    for _, layer in lora_layers(model):  # each merged output feature's weights have norm m (06.7)
+    assert_close(model(IDS).logits, logits, reason="(05.11): the factor folded into W", what="merged")
+    for _, layer in lora_layers(model):  # each merged output feature's weights have norm m (05.7)
         w = layer.base_layer.weight
         norms = w.norm(dim=0) if layer.fan_in_fan_out else w.norm(dim=1)
         assert_close(norms, layer.lora_magnitude_vector, reason="norm of a rescaled row", what="‖W'_i‖ = m_i")
@@ -187,11 +187,11 @@ def test_merge_unmerge_disable(kind):
         if key in original:
             assert_close(value, original[key], reason="(W·f)/f − ΔW rounds", what=key)
     remove_lora(model, merge=True)
-    assert_close(model(IDS).logits, logits, reason="(06.11): the factor folded into W", what="removed, merged")
+    assert_close(model(IDS).logits, logits, reason="(05.11): the factor folded into W", what="removed, merged")
 
 
 def test_one_layer_is_the_decomposition():
-    """(06.7): a DoRA layer computes x ↦ (m/n) ⊙ (W₀ + sBA) x + b, for Linear and for Conv1D."""
+    """(05.7): a DoRA layer computes x ↦ (m/n) ⊙ (W₀ + sBA) x + b, for Linear and for Conv1D."""
     for model in (small_gpt2(), small_llama()):
         model = randomise(apply_lora(model, rank=4, alpha=8, target_modules=targets_of(model), use_dora=True))
         name, layer = next(iter(lora_layers(model)))
@@ -295,6 +295,6 @@ def test_query_weight_changes_for_full_ft_lora_and_dora():
             fill_seeded({k: v for k, v in lora_state_dict(model).items() if "magnitude" not in k}, 1, 0.1)
             changes = query_weight_changes(model, base)
             assert len(changes) == 2 and all(dd > 1e-4 for _, dd in changes)
-            # DoRA with m still at ‖W₀‖: every row of W' has its old norm (06.7), so only the direction moved —
+            # DoRA with m still at ‖W₀‖: every row of W' has its old norm (05.7), so only the direction moved —
             # up to float32 rounding of W' and its norm (reordered: rtol of the largest row norm); LoRA moves both
             assert all((dm <= REORDERED.rtol * norm_scale) if dora else (dm > 1e-3) for dm, _ in changes)

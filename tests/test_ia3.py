@@ -1,4 +1,4 @@
-"""peft_lab.ia3: the equations of notebook 06 ("IA3") and equality with PEFT's IA3, both ways."""
+"""peft_lab.ia3: the equations of notebook 05 ("IA3") and equality with PEFT's IA3, both ways."""
 from __future__ import annotations
 
 import copy
@@ -100,7 +100,7 @@ def test_parameter_count_equals_peft_on_gpt2_small(capsys):
     get_peft_model(copy.deepcopy(base), peft.IA3Config(task_type="CAUSAL_LM")).print_trainable_parameters()
     print_trainable_parameters(apply_ia3(base))
     theirs, ours = capsys.readouterr().out.strip().splitlines()
-    assert ours == theirs and ours.startswith("trainable params: 64,512 ||")  # (06.6): 12 · (3·768 + 3072)
+    assert ours == theirs and ours.startswith("trainable params: 64,512 ||")  # (05.6): 12 · (3·768 + 3072)
 
 
 def test_wrong_side_is_caught():
@@ -116,7 +116,7 @@ def test_wrong_side_is_caught():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The equations of notebook 06
+# The equations of notebook 05
 # ---------------------------------------------------------------------------------------------------------
 
 def test_one_layer_scales_output_or_input():
@@ -125,15 +125,15 @@ def test_one_layer_scales_output_or_input():
     out_side, in_side = IA3Layer(copy.deepcopy(base)), IA3Layer(copy.deepcopy(base), is_feedforward=True)
     assert out_side.ia3_l.shape == (4, 1) and in_side.ia3_l.shape == (1, 6)
     fill_seeded({"a": out_side.ia3_l.data, "b": in_side.ia3_l.data}, 0, 1.0)
-    assert_equal(out_side(x), base(x) * out_side.ia3_l.flatten(), what="(06.1)")
-    assert_equal(in_side(x), base(x * in_side.ia3_l.flatten()), what="(06.2)")
+    assert_equal(out_side(x), base(x) * out_side.ia3_l.flatten(), what="(05.1)")
+    assert_equal(in_side(x), base(x * in_side.ia3_l.flatten()), what="(05.2)")
 
 
 def test_init_is_the_identity_and_only_vectors_train():
     base = small_gpt2()
     expected = base(IDS).logits
     model = apply_ia3(base)
-    assert_equal(model(IDS).logits, expected, what="(06.3): l = 1")  # 1 · y = y in floats
+    assert_equal(model(IDS).logits, expected, what="(05.3): l = 1")  # 1 · y = y in floats
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(ia3_state_dict(model))
     assert all(torch.all(v == 1) for v in ia3_state_dict(model).values())
 
@@ -149,7 +149,7 @@ def test_merge_unmerge_disable(kind):
     with disable_ia3(model):
         assert_equal(model(IDS).logits, base_logits, what="switched off")
     merge_ia3(model)
-    assert_close(model(IDS).logits, logits, reason="(06.4): l folded into W before the matmul", what="merged")
+    assert_close(model(IDS).logits, logits, reason="(05.4): l folded into W before the matmul", what="merged")
     with disable_ia3(model):  # unmerged on entry: the base up to the division's rounding
         assert_close(model(IDS).logits, base_logits, reason="W·l/l", what="switched off while merged")
     unmerge_ia3(model)
@@ -160,11 +160,11 @@ def test_merge_unmerge_disable(kind):
     assert_equal(model(IDS).logits, model(IDS).logits)
     remove_ia3(model, merge=True)
     assert not list(ia3_layers(model))
-    assert_close(model(IDS).logits, logits, reason="(06.4): l folded into W", what="removed, merged")
+    assert_close(model(IDS).logits, logits, reason="(05.4): l folded into W", what="removed, merged")
 
 
 def test_merge_scales_rows_or_columns_in_each_layout():
-    """(06.4)–(06.5): ΔW = diag(l − 1) W or W diag(l − 1), in nn.Linear's and in Conv1D's layout."""
+    """(05.4)–(05.5): ΔW = diag(l − 1) W or W diag(l − 1), in nn.Linear's and in Conv1D's layout."""
     for model in (randomise(apply_ia3(small_gpt2())), randomise(apply_ia3(small_llama()))):
         for _, layer in ia3_layers(model):
             w = layer.base_layer.weight.detach().clone()
@@ -272,7 +272,7 @@ def test_peft_file_for_another_architecture(tmp_path):
     assert not list(ia3_layers(model))
 
 
-def test_notebook_05_harness_switches_ia3_off():
+def test_notebook_06_harness_switches_ia3_off():
     base = small_gpt2()
     expected = base(IDS).logits
     model = randomise(apply_ia3(base))

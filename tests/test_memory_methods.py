@@ -1,4 +1,4 @@
-"""The analytic memory of a training step with a PEFT method (estimate_memory's ``method``, notebook 05)
+"""The analytic memory of a training step with a PEFT method (estimate_memory's ``method``, notebook 06)
 against the tensor accounting of measure_memory: equal to the byte for every method of the course on GPT-2
 and on LLaMA with grouped-query attention."""
 import copy

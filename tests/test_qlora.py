@@ -172,7 +172,7 @@ def test_llama_linear_layers_and_dtype():
 
 
 def test_qlora_trains(tiny):
-    """A few AdamW steps of LoRA on the NF4 tiny base lower the task loss (a smoke check; notebook 06 runs it)."""
+    """A few AdamW steps of LoRA on the NF4 tiny base lower the task loss (a smoke check; notebook 05 runs it)."""
     model, tok = tiny
     model = peft_lab.apply_lora(qlora.quantize_model(copy.deepcopy(model)), rank=4, alpha=8)
     examples = peft_lab.encode_task(peft_lab.load_task("train", 64), tok)

@@ -1,5 +1,5 @@
 """Measure peft_lab's NF4 base (QLoRA) on CPU: bytes, weight error, held-out perplexity, LoRA training
-(notebook 06, "QLoRA: measure").
+(notebook 05, "QLoRA: measure").
 
     python -m peft_lab.benchmarks.qlora [--models tiny gpt2] [--docs 200] [--steps 150] [--seeds 0 1]
 

@@ -1,5 +1,5 @@
 """peft_lab against PEFT for every method PEFT has — LoRA, prefix tuning, prompt tuning — in one run, on CPU
-(notebook 05, "Cost").
+(notebook 06, "Cost").
 
     python -m peft_lab.benchmarks.versus_peft [--models tiny gpt2] [--batch 2] [--seq 32] [--repeats N] [--threads T]
 
