@@ -177,10 +177,9 @@ def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     """Bytes this process holds of ``model``'s parameters and gradients and of ``optimizer``'s state.
 
     Sharded tensors (FSDP2's DTensors) count their local shard only; ``buffer_bytes`` are the module buffers,
-    which ``fully_shard`` leaves whole on every rank (the packed 4-bit weights of :mod:`peft_lab.qlora`). ``optimizer_bytes`` are the Adam moments
-    (``exp_avg``, ``exp_avg_sq``), the part ZeRO shards; ``optimizer_step_bytes`` are AdamW's per-tensor step
-    counters (one float each, replicated on every rank).
-    """
+    which ``fully_shard`` leaves whole on every rank (the packed 4-bit weights of :mod:`peft_lab.qlora`).
+    ``optimizer_bytes`` are the Adam moments (``exp_avg``, ``exp_avg_sq``), the part ZeRO shards;
+    ``optimizer_step_bytes`` are AdamW's per-tensor step counters (one float each, replicated on every rank)."""
     out = {"parameter_bytes": 0, "gradient_bytes": 0, "optimizer_bytes": 0, "optimizer_step_bytes": 0,
            "parameter_elements": 0, "buffer_bytes": 0}
     for b in model.buffers():  # not sharded by FSDP2: e.g. the packed NF4 weights of a quantized base

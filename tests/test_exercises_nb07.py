@@ -42,7 +42,8 @@ def rank_mean(logits, labels, n_global, world):                     # the notebo
 
 
 def rank_sum_global(logits, labels, n_global, world):               # the fix
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum") * world / n_global
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss * world / n_global
 
 
 def test_rank_loss_debug():

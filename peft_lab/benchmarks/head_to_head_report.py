@@ -589,7 +589,8 @@ def facts(res: dict) -> dict:
         "prompt_final_val": [s["final_val_acc"] for s in view["prompt"]["seeds"]],
         "test_acc": {n: _mean(view[n]["seeds"]) for n in own},
         "ppl_on": {n: view[n]["seeds"][0]["ppl_on"] for n in own}, "learned_ppl": learned,
-        "widest": widest, "widest_swing": swing[widest][0], "widest_runs": (swing[widest][1]["lr"], swing[widest][2]["lr"]),
+        "widest": widest, "widest_swing": swing[widest][0],
+        "widest_runs": (swing[widest][1]["lr"], swing[widest][2]["lr"]),
         "vocab": vocab, "above_uniform": above_uniform,
     }
 

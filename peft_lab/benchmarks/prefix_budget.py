@@ -37,7 +37,6 @@ import argparse
 import copy
 import json
 import multiprocessing
-import os
 import platform
 import shlex
 import sys

@@ -118,7 +118,8 @@ def _predict_activations(answer):
         return False, ("both train about the same few numbers, but memory here is activations, not parameters: "
                        "how many positions does each layer process with a prompt, and with a prefix? Try again.")
     if guess < 1:
-        return False, "prompt tuning stores more activations than prefix tuning, not fewer: which method makes "                       "every layer process extra positions? Try again."
+        return False, ("prompt tuning stores more activations than prefix tuning, not fewer: which method makes "
+                       "every layer process extra positions? Try again.")
     return False, (f"{guess:g} is {'too high' if guess > ratio else 'too low'} (more than 10% off): count the "
                    f"positions each layer processes with a prompt (T + P) and with a prefix (T queries), with "
                    f"T = {T} and P = {PREDICT_P}. Try again.")

@@ -40,6 +40,7 @@ def qlora_base_ratio(size: str = "gpt2") -> tuple[float, float]:
     (05.Q4), everything else (embeddings, positions, norms, biases) at 2 bytes (bf16), as §3 counts them."""
     from torch import nn
     from transformers.pytorch_utils import Conv1D
+
     from ..models import build_from_config
     from ..qlora import nf4_bits_per_parameter
     meta = build_from_config(size, device="meta")
@@ -82,6 +83,7 @@ def _predict_ratio(answer):
 
 def _dmdd_reason(fn, case, seed: int) -> str | None:
     import torch
+
     from ..lora import magnitude_direction_change
     d_out, d_in, fan_in_fan_out, kind = case
     g = torch.Generator().manual_seed(seed)
@@ -149,6 +151,7 @@ BUGGY_DEPLOY = '''def deploy(qlora_model):
 def _trained_qlora(seed: int):
     """A tiny QLoRA model with a non-zero update (B random, as after training) and probe ids."""
     import torch
+
     from ..lora import apply_lora, lora_layers
     from ..models import load_base_model
     from ..qlora import quantize_model
@@ -168,6 +171,7 @@ def _trained_qlora(seed: int):
           kind="debug", hidden=lambda: [])
 def _debug_deploy(fn):
     import torch
+
     from ..lora import LoRALinear
     from ..qlora import nf4_layers
     if not callable(fn):
@@ -191,10 +195,10 @@ def _debug_deploy(fn):
                   f"16 levels per block, the merged update with it, so the outputs change."
                   if again else "Merge exactly the update that was trained (scaling included) into Ŵ0."))
         return False, why
-    return True, (f"outputs equal the trained model's within float reordering (max |Δ| ≤ 1e-4) and no "
-                  f"LoRA branch is left. The price: the merged base is in float (16/32 bits), not 4 — or keep the "
-                  f"4-bit base and serve the adapter unmerged. A merged QLoRA model cannot stay in 4 bits without "
-                  f"changing its outputs.")
+    return True, ("outputs equal the trained model's within float reordering (max |Δ| ≤ 1e-4) and no "
+                  "LoRA branch is left. The price: the merged base is in float (16/32 bits), not 4 — or keep the "
+                  "4-bit base and serve the adapter unmerged. A merged QLoRA model cannot stay in 4 bits without "
+                  "changing its outputs.")
 
 
 # ---------------------------------------------------------------------------------------------------------------

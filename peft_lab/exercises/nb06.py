@@ -1,4 +1,5 @@
-"""Exercises of notebook 06 (head to head; both are *build* exercises, graded on configs the notebook never shows). Expected answers are computed by the package or PEFT, not stored."""
+"""Exercises of notebook 06 (head to head; both are *build* exercises, graded on configs the notebook never
+shows). Expected answers are computed by the package or PEFT, not stored."""
 from __future__ import annotations
 
 from functools import lru_cache

@@ -7,6 +7,7 @@ import math
 
 from . import exercise, number, run_student
 
+
 def _graded(answer, expected: float, *, rel_tol: float, mistakes: dict[float, str], right: str, hint: str):
     """A number graded without giving it away: a known mistake is named, any other wrong number gets ``hint``
     (the worked answer is in the solutions notebook, not in the grader's reply)."""
