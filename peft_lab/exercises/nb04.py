@@ -10,6 +10,7 @@ import torch
 
 from ..tolerance import is_close  # student's order of operations vs ours: float32 reordering
 from . import exercise, number, run_student
+from .hinted import hinted
 
 
 def _configs():
@@ -62,17 +63,6 @@ def _count_function(answer):
     return True, ("L · 2 · P · d_kv, with d_kv = num_key_value_heads · head_dim (= d without grouped-query "
                   "attention): e.g. 368,640 for gpt2-small and P = 20, and 4× fewer than L · 2 · P · d on a model "
                   "with 8 of 32 heads for keys and values.")
-
-
-def _graded(answer, expected: float, *, rel_tol: float, mistakes: dict[float, str], right: str, hint: str):
-    """A number graded without giving it away: a known mistake is named, any other wrong number gets ``hint``
-    (the worked answer is in the solutions notebook, not in the grader's reply)."""
-    ok, why = number(answer, expected, rel_tol=rel_tol, mistakes=mistakes)
-    if ok:
-        return True, right
-    if any(math.isclose(float(answer), v, rel_tol=rel_tol) for v in mistakes):
-        return False, why
-    return False, f"{float(answer):,g} is too {'high' if float(answer) > expected else 'low'}: {hint}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,10 +176,10 @@ def _debug_mask(answer):
           hidden=lambda: ["1004", "1,004"])
 def _positions(answer):
     n, P = 1024, 20
-    return _graded(answer, n - P, rel_tol=1e-9,
+    return hinted(answer, n - P, rel_tol=1e-9,
                    mistakes={n: "the prefix takes positions 0…P−1, so the real tokens start at P (equation 04.5).",
                              n - 2 * P: "the prefix uses P positions once, not once for keys and once for values."},
-                   right="the real tokens sit at positions P…P+T−1, which must stay below 1024.",
+                   explain="the real tokens sit at positions P…P+T−1, which must stay below 1024.",
                    hint="where does the first real token sit (equation 04.5), and where must the last one stay?")
 
 

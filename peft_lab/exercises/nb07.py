@@ -6,18 +6,7 @@ from __future__ import annotations
 import math
 
 from . import exercise, number, run_student
-
-
-def _graded(answer, expected: float, *, rel_tol: float, mistakes: dict[float, str], right: str, hint: str):
-    """A number graded without giving it away: a known mistake is named, any other wrong number gets ``hint``
-    (the worked answer is in the solutions notebook, not in the grader's reply)."""
-    ok, why = number(answer, expected, rel_tol=rel_tol, mistakes=mistakes)
-    if ok:
-        return True, right
-    if any(math.isclose(float(answer), v, rel_tol=rel_tol) for v in mistakes):
-        return False, why
-    return False, f"{float(answer):,g} is too {'high' if float(answer) > expected else 'low'}: {hint}"
-
+from .hinted import hinted
 
 ADAM_LR, ADAM_GRAD = 1e-2, 3e-8
 
@@ -87,8 +76,8 @@ def _gpus(answer):
     mistakes[_gpus_needed(3, budget)] = (f"that is stage 3, where the bf16 weights are sharded too; at stage "
                                          f"{GPU_STAGE} every GPU keeps all of them.")
     mistakes.pop(need, None)
-    return _graded(answer, need, rel_tol=1e-9, mistakes=mistakes,
-                   right=f"{need} GPUs: the bf16 weights (2Ψ) stay whole on each, the gradients and the Adam state "
+    return hinted(answer, need, rel_tol=1e-9, mistakes=mistakes,
+                   explain=f"{need} GPUs: the bf16 weights (2Ψ) stay whole on each, the gradients and the Adam state "
                          "with the master copy (14Ψ) are divided among them.",
                    hint=f"which of the weights, the gradients and the optimizer state does stage {GPU_STAGE} divide "
                         "among the GPUs (07.1)? Write one GPU's bytes as a function of n and solve for n.")
