@@ -654,7 +654,7 @@ def argument(res: dict) -> str:
 
 
 def argument_words(text: str) -> int:
-    """Words of §10's prose, the table left out (the issue asks for at most 300)."""
+    """Words of §10's prose, the table left out (at most 300: an argument a student can hold)."""
     return len(" ".join(l for l in text.splitlines() if not l.startswith("|")).split())
 
 
