@@ -20,12 +20,13 @@ def test_first_clause_shortcut_on_the_whole_split():
         assert "74.6" not in why
 
 
-def test_negated_verdicts_name_the_wrong_reviews_only():
+def test_negated_verdicts_count_the_wrong_ones_without_naming_them():
+    """With two labels, naming the wrong reviews would give the answer away: the grader counts them."""
     right = [review_verdict(r) for r in NEGATED_REVIEWS]
     assert verdict("01.ex2", right)[0]
     flipped = ["good" if v == "bad" else "bad" for v in right]
     ok, why = verdict("01.ex2", [flipped[0]] + right[1:])
-    assert not ok and "review 1 " in why and str(right) not in why, why
+    assert not ok and "1 of the 4 verdicts" in why and "review 1" not in why and str(right) not in why, why
     assert peft_lab.check("01.ex2", "good", verbose=False) is False      # one string for four reviews
 
 
@@ -46,3 +47,6 @@ def test_encode_runs_on_negated_reviews_too(capsys):
         return {"input_ids": p + a, "labels": [-100] * len(p) + a}
     ok, why = verdict("01.ex4", encode)
     assert ok and "24 examples" in why, why
+    ok, why = verdict("01.ex4", lambda ex, tok: peft_lab.encode_task([ex], tok)[0])  # the package's own: blocked
+    assert not ok and "what this exercise asks you to write" in why, why
+    assert peft_lab.encode_task is peft_lab.data.encode_task and peft_lab.encode_task.__name__ == "encode_task"

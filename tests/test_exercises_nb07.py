@@ -13,7 +13,8 @@ def test_adam_prediction():
     ok, why = verdict("07.ex1", 1e-2 * 3e-8 / (3e-8 + 1e-8))
     assert ok and "75% of lr" in why
     assert verdict("07.ex1", 7.3e-3)[0]                           # within the stated 5%
-    for wrong, reason in ((1e-2, "|g| ≫ ε"), (3e-10, "SGD"), (3e-2, "does not replace"), (5e-3, "too low")):
+    for wrong, reason in ((1e-2, "|g| ≫ ε"), (3e-10, "SGD"), (3e-2, "does not replace"), (5e-3, "too low"),
+                          (-7.5e-3, "absolute value")):
         ok, why = verdict("07.ex1", wrong)
         assert not ok and reason in why and "0.0075" not in why and "7.5e-03" not in why
 

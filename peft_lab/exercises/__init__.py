@@ -16,6 +16,7 @@ import importlib
 import math
 import pkgutil
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Callable
@@ -84,12 +85,37 @@ def as_number(answer: Any) -> Any:
     return as_python_number(answer, one_element=True)
 
 
-def run_student(fn: Callable, *args, **kwargs):
-    """Call the student's ``fn``; an exception it raises becomes :class:`StudentCodeError` naming it."""
+def run_student(fn: Callable, *args, forbid: tuple = (), **kwargs):
+    """Call the student's ``fn``; an exception it raises becomes :class:`StudentCodeError` naming it. While it
+    runs, the package functions in ``forbid`` (the ones that answer the exercise) refuse to run, so handing in
+    ``peft_lab``'s own function does not pass a *build* exercise."""
     try:
-        return fn(*args, **kwargs)
+        with forbidden(*forbid):
+            return fn(*args, **kwargs)
     except Exception as err:  # any error in the student's code is feedback, not a crash of the checker
         raise StudentCodeError(_describe(err, fn)) from err
+
+
+@contextmanager
+def forbidden(*functions: Callable):
+    """Inside the block each of ``functions`` (package functions) raises, under its module's name and under
+    ``peft_lab``'s own, with a message that the exercise asks the student to write it."""
+    import sys
+
+    import peft_lab
+    swaps = []
+    for fn in functions:
+        def refuse(*args, _name=fn.__name__, **kwargs):
+            raise RuntimeError(f"{_name} is what this exercise asks you to write: compute it yourself")
+        for owner in (sys.modules[fn.__module__], peft_lab):
+            if getattr(owner, fn.__name__, None) is fn:
+                swaps.append((owner, fn.__name__, fn))
+                setattr(owner, fn.__name__, refuse)
+    try:
+        yield
+    finally:
+        for owner, name, fn in swaps:
+            setattr(owner, name, fn)
 
 
 def first_failure(cases, check_case: Callable, seed: int):

@@ -71,8 +71,8 @@ def _verdicts(answer):
     if not wrong:
         return True, ("each negator flips its clause's polarity, then the majority of three decides — the rule "
                       "corpus.review_verdict encodes.")
-    return False, (f"review{'s' if len(wrong) > 1 else ''} {', '.join(str(i + 1) for i in wrong)} "
-                   f"({len(wrong)} of {len(NEGATED_REVIEWS)}) disagree with the rule. Judge each clause by its "
+    return False, (f"{len(wrong)} of the {len(NEGATED_REVIEWS)} verdicts disagree with the rule (which ones is "
+                   "left to you: with two labels, naming them would give the answer). Judge each clause by its "
                    "adjective, flip it if 'not' or 'never' is in the clause, then take the majority.")
 
 
@@ -135,9 +135,9 @@ def _encode(answer):
         raise TypeError("pass your function itself, e.g. check('01.ex4', encode)")
     tok = AutoTokenizer.from_pretrained(_tiny_dir(), local_files_only=True)
     examples = load_task("val", n=20) + [{"prompt": r, "answer": review_verdict(r)} for r in NEGATED_REVIEWS]
-    for ex in examples:
-        want = encode_task([ex], tok)[0]
-        got = run_student(answer, dict(ex), tok)
+    wants = [encode_task([ex], tok)[0] for ex in examples]
+    gots = [run_student(answer, dict(ex), tok, forbid=(encode_task,)) for ex in examples]
+    for ex, want, got in zip(examples, wants, gots):
         if not isinstance(got, dict) or not {"input_ids", "labels"} <= set(got):
             return False, "return a dict with the keys 'input_ids' and 'labels'."
         ids, labels = _ids(got["input_ids"]), _ids(got["labels"])

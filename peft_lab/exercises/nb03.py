@@ -88,10 +88,20 @@ def _pfeiffer_llama(answer):
 # 03.ex3 (debug): a checkpoint of the whole model where the adapter alone was meant
 # ----------------------------------------------------------------------------------------------------------
 
+def _read_tensors(path: str) -> dict:
+    """A saved dict of tensors: safetensors when the file is one, else ``torch.load`` (weights only)."""
+    import torch
+    try:
+        from safetensors.torch import load_file
+        return load_file(path)
+    except Exception:  # not a safetensors file: a torch.save pickle, read without running code
+        return torch.load(path, weights_only=True)
+
+
 @exercise("03.ex3", "Debug: save_adapter(model, path) in section 12 writes a file far larger than the adapter it "
-                    "should hold. Fix it so that the file (torch.save of a dict of tensors) holds the adapter's "
-                    "tensors only, with the keys of peft_lab.bottleneck_state_dict, and pass the fixed function to "
-                    "check(); it is run on adapters the notebook never trains.",
+                    "should hold. Fix it so that the file (torch.save of a dict of tensors, or a safetensors "
+                    "file) holds the adapter's tensors only, with the keys of peft_lab.bottleneck_state_dict, and "
+                    "pass the fixed function to check(); it is run on adapters the notebook never trains.",
           kind="debug", hidden=lambda: [])
 def _debug_checkpoint(answer):
     import os
@@ -115,11 +125,16 @@ def _debug_checkpoint(answer):
                 if not os.path.isfile(path):
                     return False, "save_adapter(model, path) should write a file at path"
                 size = os.path.getsize(path)
-                saved = torch.load(path, weights_only=True)
+                saved = _read_tensors(path)
             adapter_bytes = sum(t.numel() * t.element_size() for t in want.values())
             if not isinstance(saved, dict):
                 return False, f"the file should hold a dict of tensors, it holds {type(saved).__name__}"
             extra = sorted(set(saved) - set(want))
+            renamed = len(extra) == len(want) and sorted(t.numel() for t in saved.values()) == sorted(
+                t.numel() for t in want.values())
+            if renamed:
+                return False, (f"the file holds the adapter's {len(want)} tensors, but under other keys (e.g. "
+                               f"{extra[0]!r}); keep the keys of bottleneck_state_dict, so that a loader finds them")
             if extra:
                 base_bytes = sum({saved[k].untyped_storage().data_ptr(): saved[k].untyped_storage().nbytes()
                                   for k in extra}.values())          # a tied embedding is stored once

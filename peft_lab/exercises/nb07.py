@@ -36,6 +36,9 @@ def _adam_predict(answer):
                       f"{g / (g + eps):.0%} of lr — and a gradient of the opposite sign would move it as far the "
                       "other way.")
     guess = float(answer)
+    if math.isclose(-guess, moved, rel_tol=0.05):
+        return False, ("right size, and the weight does move down (against the gradient); the question asks how far "
+                       "it moves, a distance: give the absolute value.")
     known = {lr: "that is the step for |g| ≫ ε. Here |g| is only a few times ε: where does ε enter Adam's update?",
              lr * g: "that is SGD's step, lr·g. Adam divides the gradient by its own running size first.",
              lr * g / eps: "ε is added to √v̂ (= |g| on the first step), it does not replace it.",
@@ -110,7 +113,7 @@ def _elements(answer):
         total = sum(p.numel() for p in model.parameters())
         for ranks in (1, 2, 3, 4, 8):
             expected = fsdp_elements_per_rank(model, ranks)
-            got = run_student(answer, model, ranks)
+            got = run_student(answer, model, ranks, forbid=(fsdp_elements_per_rank,))
             try:
                 got = [int(g) for g in got]
             except TypeError:
