@@ -1,6 +1,8 @@
 """Notebook 01's exercises: right answers accepted, typical wrong ones refused with a useful message."""
 from __future__ import annotations
 
+import pytest
+
 import builders
 import peft_lab
 from peft_lab.corpus import review_verdict
@@ -47,6 +49,7 @@ def test_encode_runs_on_negated_reviews_too(capsys):
         return {"input_ids": p + a, "labels": [-100] * len(p) + a}
     ok, why = verdict("01.ex4", encode)
     assert ok and "24 examples" in why, why
-    ok, why = verdict("01.ex4", lambda ex, tok: peft_lab.encode_task([ex], tok)[0])  # the package's own: blocked
-    assert not ok and "what this exercise asks you to write" in why, why
+    from peft_lab.exercises import StudentCodeError
+    with pytest.raises(StudentCodeError, match="what this exercise asks you to write"):  # the package's own
+        verdict("01.ex4", lambda ex, tok: peft_lab.encode_task([ex], tok)[0])
     assert peft_lab.encode_task is peft_lab.data.encode_task and peft_lab.encode_task.__name__ == "encode_task"

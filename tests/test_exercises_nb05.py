@@ -69,8 +69,17 @@ def columns(w0, w, fan_in_fan_out=False):
     return magnitude_direction_change(w0, w, not fan_in_fan_out)
 
 
+def by_hand(w0, w, fan_in_fan_out=False):
+    """§5's definition written out: per output feature, |Δ‖row‖| and 1 − cos, averaged."""
+    a, b = (w0.T, w.T) if fan_in_fan_out else (w0, w)
+    a, b = a.double(), b.double()
+    dm = (b.norm(dim=1) - a.norm(dim=1)).abs().mean().item()
+    dd = (1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean().item()
+    return dm, dd
+
+
 def test_build_accepts_the_definition():
-    assert verdict("05.ex2", magnitude_direction_change)[0]
+    assert verdict("05.ex2", by_hand)[0]
 
 
 @pytest.mark.parametrize("fn, words", [(signed_m, "absolute"), (cosine_not_distance, "1 − cos"),
@@ -121,3 +130,12 @@ def test_bits_accepts_four_decimals():
 def test_bits_refuses_with_a_reason_and_no_worked_answer(answer, words):
     ok, why = verdict("05.ex4", answer)
     assert not ok and words in why and "4.0635" not in why
+
+
+def test_the_package_function_is_not_an_answer_to_05_ex2():
+    """05.ex2 asks to build ΔM/ΔD: peft_lab's own magnitude_direction_change refuses while the grader runs."""
+    import peft_lab
+    from peft_lab.exercises import StudentCodeError
+    with pytest.raises(StudentCodeError, match="what this exercise asks you to write"):
+        verdict("05.ex2", lambda w0, w, fan_in_fan_out=False: peft_lab.lora.magnitude_direction_change(
+            w0, w, fan_in_fan_out=fan_in_fan_out))

@@ -2,6 +2,7 @@
 wrong number gets a hint without the answer."""
 from __future__ import annotations
 
+import pytest
 import torch.nn.functional as F
 
 import peft_lab
@@ -103,3 +104,12 @@ def test_elements_per_rank_right_and_wrong_classes():
 def test_check_prints_right_for_the_solutions(capsys):
     assert peft_lab.check("07.ex3", chunked)
     assert "Right [07.ex3]" in capsys.readouterr().out
+
+
+def test_the_package_function_is_not_an_answer():
+    """07.ex3 asks to build the count: handing in peft_lab's own function is refused while the grader runs."""
+    from peft_lab.exercises import StudentCodeError
+    with pytest.raises(StudentCodeError, match="what this exercise asks you to write"):
+        verdict("07.ex3", lambda model, ranks: peft_lab.scale_out.fsdp_elements_per_rank(model, ranks))
+    with pytest.raises(StudentCodeError, match="the package's own answer"):
+        verdict("07.ex3", peft_lab.scale_out.fsdp_elements_per_rank)

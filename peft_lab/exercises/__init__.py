@@ -89,6 +89,8 @@ def run_student(fn: Callable, *args, forbid: tuple = (), **kwargs):
     """Call the student's ``fn``; an exception it raises becomes :class:`StudentCodeError` naming it. While it
     runs, the package functions in ``forbid`` (the ones that answer the exercise) refuse to run, so handing in
     ``peft_lab``'s own function does not pass a *build* exercise."""
+    if any(fn is f for f in forbid):
+        raise StudentCodeError(f"{fn.__name__} is the package's own answer, the one this exercise asks you to write")
     try:
         with forbidden(*forbid):
             return fn(*args, **kwargs)
