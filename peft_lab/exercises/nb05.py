@@ -167,7 +167,8 @@ def _trained_qlora(seed: int):
 
 @exercise("05.ex3", "Debug: deploy(qlora_model) (the snippet in the notebook) should return a model that gives the "
                     "trained QLoRA model's outputs with no LoRA branch left to compute; it does not. Fix it and pass "
-                    "your deploy function.",
+                    "your deploy function. (The returned base need not stay in 4 bits: one of 'no branch' and "
+                    "'4 bits' has to go, and the check's reply says which and why.)",
           kind="debug", hidden=lambda: [])
 def _debug_deploy(fn):
     import torch
