@@ -265,8 +265,10 @@ def test_ia3_dora_qlora_shard_and_qlora_keeps_its_4bit_buffers_whole():
     qlora = reports[2]["ranks"]
     from peft_lab.qlora import nf4_layers, quantize_model
     model, _ = load_base_model("tiny", device="cpu")
+    # the model's own buffers (transformers 4.57's GPT-2 keeps causal-mask buffers; 5.x none) are whole on each rank
+    plain = sum(b.numel() * b.element_size() for b in model.buffers())
     quantize_model(model)
     whole = sum(b.numel() * b.element_size() for b in model.buffers())
-    assert whole > 0 and [r["buffer_bytes"] for r in qlora] == [whole, whole]
-    assert all(r["buffer_bytes"] == 0 for report in reports[:2] for r in report["ranks"])
+    assert whole > plain and [r["buffer_bytes"] for r in qlora] == [whole, whole]
+    assert all(r["buffer_bytes"] == plain for report in reports[:2] for r in report["ranks"])
     assert len(nf4_layers(model)) > 0
