@@ -63,7 +63,7 @@ def test_text_prefix_wrong(wrong, reason, capsys):
 
 def test_text_prefix_not_a_function(capsys):
     assert not peft_lab.check("04.ex5", 3)
-    assert "expected a function" in capsys.readouterr().out
+    assert "answer is code: pass your function or class itself" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------

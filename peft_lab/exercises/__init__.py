@@ -153,6 +153,9 @@ def check(id: str, answer: Any, verbose: bool = True) -> bool:
         raise ValueError(f"no exercise id={id!r}; known: {sorted(_REGISTRY)}")
     if answer is None or answer is ...:
         ok, why = False, "no answer yet: replace the placeholder with your answer and run the cell again."
+    elif _REGISTRY[key].kind in ("build", "debug") and not callable(answer):
+        ok, why = False, (f"this exercise's answer is code: pass your function or class itself, e.g. "
+                          f"check({id!r}, my_function), not {type(answer).__name__} it returned")
     else:
         try:
             ok, why = _REGISTRY[key].checker(as_number(answer))

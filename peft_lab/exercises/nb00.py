@@ -19,9 +19,8 @@ OPTIMIZER_STATE = {"adamw": 8, "sgd_momentum": 4, "sgd": 0}
 
 
 def _n(name) -> int:
-    from ..measure import count_parameters
-    from ..models import build_from_config
-    return count_parameters(build_from_config(name, device="meta"))[1]
+    from ..models import meta_size
+    return meta_size(name)[1]
 
 
 def _optimizer(kind: str, params):
@@ -199,8 +198,6 @@ def _activations(answer):
 def _model_state_bytes(answer):
     from ..estimate import PRECISIONS, estimate_memory
 
-    if not callable(answer):
-        raise TypeError("pass your function itself, e.g. check('00.ex5', model_state_bytes)")
     n_gpt2, n_llama = _n("gpt2"), _n("llama-7b")
     cases = [("gpt2", n_gpt2, None, "fp32"), ("gpt2", n_gpt2, 294_912, "fp32"),
              ("gpt2", n_gpt2, None, "bf16-mixed"), ("llama-7b", n_llama, n_llama // 100, "bf16-mixed"),

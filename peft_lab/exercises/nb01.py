@@ -131,8 +131,6 @@ def _encode(answer):
     from ..data import encode_task, load_task
     from ..models import _tiny_dir
 
-    if not callable(answer):
-        raise TypeError("pass your function itself, e.g. check('01.ex4', encode)")
     tok = AutoTokenizer.from_pretrained(_tiny_dir(), local_files_only=True)
     examples = load_task("val", n=20) + [{"prompt": r, "answer": review_verdict(r)} for r in NEGATED_REVIEWS]
     wants = [encode_task([ex], tok)[0] for ex in examples]

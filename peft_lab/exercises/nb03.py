@@ -112,8 +112,6 @@ def _debug_checkpoint(answer):
     from ..adapters import apply_adapters, bottleneck_state_dict
     from ..models import load_base_model
     from . import run_student
-    if not callable(answer):
-        raise TypeError("pass your fixed function itself, e.g. check('03.ex3', save_adapter)")
     with torch.random.fork_rng(devices=[]):
         for placement, seed in (("houlsby", 5), ("parallel", 6)):
             torch.manual_seed(seed)

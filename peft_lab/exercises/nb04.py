@@ -40,8 +40,6 @@ def _prefix_count(config, num_virtual_tokens: int) -> int:
                     "n_head) or LLaMA (num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads). "
                     "Pass the function itself.", kind="build", hidden=lambda: [])
 def _count_function(answer):
-    if not callable(answer):
-        raise TypeError(f"expected a function prefix_params(config, num_virtual_tokens), got {type(answer).__name__}")
     for name, config in _configs().items():
         for P in (1, 20):
             expected = _prefix_count(config, P)
@@ -137,9 +135,6 @@ def _debug_mask(answer):
     import copy
 
     from ..models import build_from_config, load_base_model
-    if not callable(answer):
-        raise TypeError(f"expected a function prefix_logits(model, table, input_ids, attention_mask), got "
-                        f"{type(answer).__name__}")
     from ..prefix import prefix_shapes
     g = torch.Generator().manual_seed(43)
     with torch.random.fork_rng(devices=[]):
@@ -207,8 +202,6 @@ def _text_prefix(answer):
     import copy
 
     from ..prefix import _text_key_values, apply_prefix_tuning, prefix_shapes
-    if not callable(answer):
-        raise TypeError(f"expected a function text_prefix(model, ids), got {type(answer).__name__}")
     g = torch.Generator().manual_seed(5)
     for name, model in _text_models().items():
         s = prefix_shapes(model.config)

@@ -125,8 +125,6 @@ def _dmdd_reason(fn, case, seed: int) -> str | None:
                     "means Conv1D's d_in × d_out layout. Pass the function.",
           kind="build", hidden=lambda: [])
 def _build_dmdd(fn):
-    if not callable(fn):
-        raise TypeError("pass your function itself, e.g. check('05.ex2', delta_m_delta_d)")
     cases = [(6, 10, False, "random"), (10, 6, True, "random"), (7, 12, False, "scaled"), (12, 7, True, "shrunk"),
              (5, 9, False, "shrunk")]
     reason = first_failure(cases, lambda case, seed: _dmdd_reason(fn, case, seed), seed=50)
@@ -175,8 +173,6 @@ def _debug_deploy(fn):
 
     from ..lora import LoRALinear
     from ..qlora import nf4_layers
-    if not callable(fn):
-        raise TypeError("pass your function itself, e.g. check('05.ex3', deploy)")
     model, ids = _trained_qlora(seed=7)
     with torch.no_grad():
         want = model(ids).logits

@@ -85,8 +85,6 @@ def _ia3_hint(config, got) -> str:
                     "GPT-2 or LLaMA model with that transformers config.",
           kind="build", hidden=lambda: [])
 def _ia3_params(answer):
-    if not callable(answer):
-        raise TypeError("pass your function itself, e.g. check('06.ex1', ia3_params)")
     for config in _ia3_configs():
         label = f"{config.model_type} config (L={_ia3_shape(config)[1]}, d={_ia3_shape(config)[2]})"
         try:
@@ -132,8 +130,6 @@ def _largest_batch(size, method, precision, seq_len, budget_gib, limit: int = 10
                     "whose training step fits budget_gib GiB by compare.calculator (0 if none).",
           kind="build", hidden=lambda: [])
 def _budget(answer):
-    if not callable(answer):
-        raise TypeError("pass your function itself, e.g. check('06.ex2', largest_batch)")
     found = []
     for size, method, precision, seq_len, budget in _BUDGET_CASES:
         call = f"largest_batch({size!r}, {method!r}, {precision!r}, {seq_len}, {budget})"
