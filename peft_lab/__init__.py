@@ -7,10 +7,7 @@ from . import offline_imports
 
 offline_imports.install()  # first: before anything imports peft, and through it bitsandbytes (see the module)
 
-from . import (
-    arch,
-    multi_lora,  # noqa: E402  (registers the method)
-)
+from . import arch
 from .adapters import (
     BottleneckAdapter,
     BottleneckConfig,
@@ -54,6 +51,7 @@ from .lora import (
     lora_layers,
     lora_scaling,
     lora_state_dict,
+    loraplus_optimizer,
     magnitude_direction_change,
     merge_lora,
     query_weight_changes,
@@ -62,6 +60,16 @@ from .lora import (
 )
 from .measure import count_parameters, measure_memory, print_trainable_parameters, time_fn
 from .models import build_from_config, load_base_model
+from .multi_lora import (
+    add_lora_adapter,
+    hotswap_adapter,
+    lora_adapter_names,
+    lora_adapter_state_dict,
+    merge_adapters,
+    mixed_batch,
+    remove_lora_adapters,
+    set_active_adapter,
+)
 from .paths import data_dir, pick_device
 from .plots import plot_history, plot_memory, plot_parameters
 from .prefix import (

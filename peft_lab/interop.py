@@ -62,8 +62,13 @@ def _explain_misfit(config: dict):
 # The two public functions and the readers they share
 # ----------------------------------------------------------------------------------------------------------
 
-def export_peft_adapter(model: nn.Module, path, task_type: str = "CAUSAL_LM") -> Path:
+def export_peft_adapter(model: nn.Module, path, adapter_name: str | None = None, task_type: str = "CAUSAL_LM"
+                        ) -> Path:
     """Write ``model``'s adapter to the directory ``path`` in PEFT's format; return the directory.
+
+    For a model holding several named LoRA adapters (:func:`peft_lab.add_lora_adapter`, notebook 09)
+    ``adapter_name`` says which one (it may be left out when there is only one); the folder holds that adapter
+    alone, as PEFT's ``save_pretrained(path, selected_adapters=[name])`` writes it for the default name.
 
     ``peft.PeftModel.from_pretrained(base_model, path)`` then reproduces the model's outputs.
     ``base_model_name_or_path`` comes from ``model.config._name_or_path`` (``"tiny"`` when empty). ``~`` in
@@ -84,17 +89,29 @@ def export_peft_adapter(model: nn.Module, path, task_type: str = "CAUSAL_LM") ->
         raise ValueError(f"this model carries several methods {[m.label for m in found]}; export supports one "
                          "at a time")
     method = found[0]
+    if method.to_peft_named is not None:
+        if adapter_name is not None:
+            validate.require_str("adapter_name", adapter_name)
+        fields, tensors = method.to_peft_named(model, adapter_name)
+        return _write_peft(model, out, method.named_peft_type, fields, tensors, task_type, method.peft_key_prefix)
+    if adapter_name not in (None, "default"):
+        raise ValueError(f"adapter_name={adapter_name!r}: this model's {method.label} has no named adapters (add "
+                         "them with peft_lab.add_lora_adapter); leave adapter_name out")
     if method.peft_type not in peft_types():
         raise ValueError(f"PEFT has no format for {method.label} (it exports {sorted(peft_types())})"
                          + ("; AdapterHub's format has it: peft_lab.export_adapterhub_adapter"
                             if method.name == "bottleneck" else ""))
-    peft_type = method.peft_type
     fields, tensors = method.to_peft(model)
+    return _write_peft(model, out, method.peft_type, fields, tensors, task_type, method.peft_key_prefix)
+
+
+def _write_peft(model: nn.Module, out: Path, peft_type: str, fields: dict, tensors: dict, task_type: str,
+                key_prefix: str) -> Path:
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or "tiny"
     config = {"peft_type": peft_type, "task_type": task_type, "base_model_name_or_path": str(name),
               "inference_mode": True, "revision": None, **fields}
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # fails here, before any file is touched
-    key_prefix = method.peft_key_prefix  # "base_model.model." for LoRA, none for prompt learning
+    # key_prefix: "base_model.model." for LoRA, none for prompt learning
     weights = {key_prefix + k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     _write_adapter_dir(out, text, weights)
     return out
@@ -149,8 +166,12 @@ def read_adapter_weights(path) -> dict[str, torch.Tensor]:
     return {k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k: v for k, v in tensors.items()}
 
 
-def import_peft_adapter(model: nn.Module, path) -> nn.Module:
+def import_peft_adapter(model: nn.Module, path, adapter_name: str | None = None) -> nn.Module:
     """Load the PEFT adapter directory ``path`` into ``model`` (a plain base model); return ``model``.
+
+    With ``adapter_name`` a LoRA adapter is added under that name, beside the model's other named adapters
+    (:func:`peft_lab.add_lora_adapter`; a plain model is wrapped first), as PEFT's ``load_adapter(path,
+    adapter_name)``; it becomes the active one.
 
     The adapter's own settings are applied (for LoRA: ``apply_lora`` with ``r``, ``lora_alpha``,
     ``lora_dropout``, ``target_modules``, ``use_rslora``, ``use_dora``; for IA3: ``apply_ia3`` with
@@ -169,6 +190,15 @@ def import_peft_adapter(model: nn.Module, path) -> nn.Module:
     bad = [k for k, v in tensors.items() if not torch.is_floating_point(v)]
     if bad:
         raise TypeError(f"{WEIGHTS_NAME} holds non-float tensors {bad[:3]}: adapter weights are floating point")
+    if adapter_name is not None:
+        validate.require_str("adapter_name", adapter_name)
+        named = {m.named_peft_type: m for m in registry.methods().values() if m.add_from_peft}
+        if peft_type not in named:
+            raise ValueError(f"adapter_name= adds a named adapter, which peft_lab supports for {sorted(named)} "
+                             f"adapters; this one is {peft_type}: leave adapter_name out")
+        with core.rollback_on_error(model):
+            with _explain_misfit(config):
+                return named[peft_type].add_from_peft(model, config, tensors, adapter_name)
     method = known[peft_type]
     with core.rollback_on_error(model):
         with _explain_misfit(config):

@@ -63,7 +63,7 @@ from .core import AdapterLayer
 __all__ = [
     "LoRAConfig", "LoRALinear", "DoRALinear", "apply_lora", "merge_lora", "unmerge_lora",
     "disable_lora", "remove_lora", "lora_layers", "lora_state_dict", "load_lora_state_dict", "lora_config",
-    "lora_scaling", "SUPPORTED_LAYERS", "INITS", "lora_plus_optimizer", "magnitude_direction_change",
+    "lora_scaling", "SUPPORTED_LAYERS", "INITS", "loraplus_optimizer", "magnitude_direction_change",
     "query_weight_changes",
 ]
 
@@ -456,21 +456,37 @@ def query_weight_changes(model: nn.Module, base: nn.Module) -> list[tuple[float,
     return out
 
 
-def lora_plus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0,
-                        optimizer_cls: type = torch.optim.AdamW, **kwargs) -> torch.optim.Optimizer:
-    """LoRA+ (Hayou et al. 2024): the same optimizer with two learning rates, ``lr`` for every ``A`` and
-    ``lr · ratio`` for every ``B`` (and DoRA's magnitude vectors, as PEFT groups them), PEFT's
-    ``create_loraplus_optimizer`` (its docs use ``loraplus_lr_ratio=16``). ``kwargs`` go to ``optimizer_cls``."""
+def loraplus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0,
+                       optimizer_cls: type = torch.optim.AdamW, lr_embedding: float = 1e-6,
+                       **kwargs) -> torch.optim.Optimizer:
+    """LoRA+ (Hayou et al. 2024, notebook 08): one optimizer with two learning rates, ``lr`` for every ``A`` and
+    ``lr · ratio`` for every ``B``. The parameter groups are PEFT's ``create_loraplus_optimizer(model,
+    optimizer_cls, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=weight_decay)``, in its order: the
+    ``A`` factors; trainable embeddings (``lr_embedding``); ``B`` factors and other vectors (DoRA's
+    magnitudes) with ``weight_decay``; biases and norm weights at ``lr · ratio`` without decay. ``kwargs`` go
+    to ``optimizer_cls``."""
+    validate.require_module("model", model)
     lr = validate.require_real("lr", lr, min=0, min_open=True)
     ratio = validate.require_real("ratio", ratio, min=0, min_open=True)
-    groups: dict[str, list] = {"A": [], "B": []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups["B" if "lora_B" in name or p.ndim == 1 else "A"].append(p)
-    if not groups["A"] and not groups["B"]:
+    weight_decay = validate.require_real("weight_decay", weight_decay, min=0)
+    # PEFT decays every parameter but biases and those of nn.LayerNorm modules (transformers' ALL_LAYERNORM_LAYERS)
+    no_decay = {f"{m}.{p}" if m else p for m, module in model.named_modules()
+                for p, _ in module.named_parameters(recurse=False) if isinstance(module, nn.LayerNorm)}
+    groups: dict[str, list] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}  # embedding: LoRA on
+    for name, p in model.named_parameters():                                         # embeddings, not built here
+        if not p.requires_grad:
+            continue
+        if "lora_B" in name or p.ndim == 1:
+            groups["B_no_decay" if name in no_decay or "bias" in name else "B"].append(p)
+        else:
+            groups["A"].append(p)
+    if not any(groups.values()):
         raise ValueError("the model has no trainable parameters; apply_lora(model, ...) first")
-    return optimizer_cls([{"params": groups["A"], "lr": lr, "weight_decay": weight_decay},
-                          {"params": groups["B"], "lr": lr * ratio, "weight_decay": weight_decay}], lr=lr, **kwargs)
+    return optimizer_cls([{"params": groups["A"], "weight_decay": weight_decay, "lr": lr},
+                          {"params": groups["embedding"], "weight_decay": weight_decay, "lr": lr_embedding},
+                          {"params": groups["B"], "weight_decay": weight_decay, "lr": lr * ratio},
+                          {"params": groups["B_no_decay"], "weight_decay": 0.0, "lr": lr * ratio}],
+                         lr=lr, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -481,6 +497,40 @@ def lora_plus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, weight
 _PEFT_UNSUPPORTED = ("bias", "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern",
                      "exclude_modules", "lora_bias", "target_parameters", "layer_replication",
                      "trainable_token_indices")
+
+
+def peft_fields(config: LoRAConfig, target_modules, fan_in_fan_out: bool) -> dict:
+    """PEFT's ``LoraConfig`` fields for ``config`` (``target_modules`` resolved by the caller)."""
+    return {
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
+        # PEFT's flag for weights stored d_in × d_out (GPT-2's Conv1D); PEFT corrects it per layer type anyway.
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": config.use_rslora, "bias": "none", "init_lora_weights": True, "use_dora": config.use_dora,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def config_from_peft(fields: dict) -> LoRAConfig:
+    """The :class:`LoRAConfig` that PEFT's ``LoraConfig`` fields describe; settings this module does not
+    implement are refused by name."""
+    for name in _PEFT_UNSUPPORTED:
+        value = fields.get(name)
+        if not (value is None or value is False or value == "none" or value == [] or value == {}):
+            raise ValueError(f"this LoRA adapter uses {name}={value!r}, which peft_lab.lora does not implement")
+    for name in ("r", "lora_alpha", "target_modules"):
+        if name not in fields:
+            raise ValueError(f"the adapter's config lacks the LoRA field {name!r}")
+    if fields["target_modules"] == "all-linear":
+        raise ValueError('target_modules="all-linear" is not supported here; list the module names instead')
+    init = fields.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian", *INITS[1:]):
+        raise ValueError(f"this LoRA adapter uses init_lora_weights={init!r}; peft_lab.lora has {list(INITS)}")
+    # the weights are loaded next, so only an init that changes the base (PiSSA, OLoRA) matters here
+    return LoRAConfig(fields["r"], fields["lora_alpha"], fields.get("lora_dropout", 0.0) or 0.0,
+                      fields["target_modules"], bool(fields.get("use_rslora", False)),
+                      bool(fields.get("use_dora", False)), init if init in INITS[1:] else "default")
 
 
 def _to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -498,38 +548,13 @@ def _to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"a LoRA adapter initialised with init={config.init!r} changed the base weights (W − s·BA); "
                          "PEFT's file pairs it with the original base, so exporting it alone would not reproduce "
                          "this model. Export adapters trained from the default initialisation")
-    targets = config.target_modules
-    fields = {
-        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-        "target_modules": targets if isinstance(targets, str) else list(targets),
-        # PEFT's flag for weights stored d_in × d_out (GPT-2's Conv1D); PEFT corrects it per layer type anyway.
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers),
-        "use_rslora": config.use_rslora, "bias": "none", "init_lora_weights": True, "use_dora": config.use_dora,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
-        "alpha_pattern": {},
-    }
+    fields = peft_fields(config, config.target_modules, any(layer.fan_in_fan_out for layer in layers))
     return fields, lora_state_dict(model)
 
 
 def _from_peft(model: nn.Module, fields: dict) -> nn.Module:
     """Apply LoRA as PEFT's ``LoraConfig`` fields say (the weights are loaded after)."""
-    for name in _PEFT_UNSUPPORTED:
-        value = fields.get(name)
-        if not (value is None or value is False or value == "none" or value == [] or value == {}):
-            raise ValueError(f"this LoRA adapter uses {name}={value!r}, which peft_lab.lora does not implement")
-    for name in ("r", "lora_alpha", "target_modules"):
-        if name not in fields:
-            raise ValueError(f"the adapter's config lacks the LoRA field {name!r}")
-    if fields["target_modules"] == "all-linear":
-        raise ValueError('target_modules="all-linear" is not supported here; list the module names instead')
-    init = fields.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian", *INITS[1:]):
-        raise ValueError(f"this LoRA adapter uses init_lora_weights={init!r}; peft_lab.lora has {list(INITS)}")
-    # the weights are loaded next, so only an init that changes the base (PiSSA, OLoRA) matters here
-    config = LoRAConfig(fields["r"], fields["lora_alpha"], fields.get("lora_dropout", 0.0) or 0.0,
-                        fields["target_modules"], bool(fields.get("use_rslora", False)),
-                        bool(fields.get("use_dora", False)), init if init in INITS[1:] else "default")
-    return apply_lora(model, config=config)
+    return apply_lora(model, config=config_from_peft(fields))
 
 
 _LAYERS.register(

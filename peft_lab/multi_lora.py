@@ -34,14 +34,21 @@ from transformers.pytorch_utils import Conv1D
 
 from . import core, registry, validate
 from .arch import DEFAULT_TARGETS
-from .lora import LoRAConfig, lora_scaling
+from .lora import LoRAConfig, config_from_peft, lora_scaling, peft_fields
 
 __all__ = ["LoRAAdapters", "MultiLoRALinear", "add_lora_adapter", "set_active_adapter", "mixed_batch",
-           "lora_adapter_names", "lora_adapter_state_dict", "hotswap_lora_adapter", "merge_lora_adapters",
+           "lora_adapter_names", "lora_adapter_state_dict", "hotswap_adapter", "merge_adapters",
            "remove_lora_adapters", "COMBINATIONS", "BASE"]
 
+
 class LoRAAdapters(dict):
-    """The config of the whole method: adapter name → :class:`~peft_lab.lora.LoRAConfig`, in the order added."""
+    """The config of the whole method: adapter name → :class:`~peft_lab.lora.LoRAConfig`, in the order added.
+    ``bases`` records, for an adapter read from a file, the base model it was trained on (the file's
+    ``base_model_name_or_path``), so that adapters of different bases are not merged."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bases: dict[str, str] = {}
 
 
 BASE = "__base__"  #: the name that serves a row with the base model alone (PEFT's)
@@ -159,7 +166,7 @@ def add_lora_adapter(model: nn.Module, name: str, config: LoRAConfig | None = No
         _LAYERS.install(model, [(n, MultiLoRALinear(m)) for n, m in matched], LoRAAdapters())
     layers = _layers(model)
     if name in layers[0][1].lora_A:
-        raise ValueError(f"an adapter named {name!r} exists already; hotswap_lora_adapter replaces its weights")
+        raise ValueError(f"an adapter named {name!r} exists already; hotswap_adapter replaces its weights")
     targets = core.resolve_targets(model, config.target_modules, DEFAULT_TARGETS["lora"], SUPPORTED_LAYERS)
     unmatched = [n for n, _ in layers if not core.matches_target(n, targets)]
     if unmatched:
@@ -167,8 +174,17 @@ def add_lora_adapter(model: nn.Module, name: str, config: LoRAConfig | None = No
                          "a model here wraps the same layers")
     for _, layer in layers:
         layer.add(name, config)
-    core.get_config(model, "multi_lora")[name] = config
+    _record(model, name, config)
     return set_active_adapter(model, name)
+
+
+def _record(model: nn.Module, name: str, config: LoRAConfig, base: str | None = None) -> None:
+    """A new record with adapter ``name`` added (never changed in place, so a rollback restores the old one)."""
+    record = _configs(model)
+    record[name] = config
+    if base:
+        record.bases[name] = base
+    core.record_config(model, "multi_lora", record)
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> nn.Module:
@@ -217,18 +233,35 @@ def lora_adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tens
             for n, layer in layers for side in ("lora_A", "lora_B")}
 
 
+def _adapter_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as :func:`lora_adapter_state_dict` writes them, from ours or from PEFT's (``base_model.model.`` in
+    front, the adapter's name inside: ``…c_attn.lora_A.story.weight``)."""
+    out = {}
+    for key, t in state_dict.items():
+        key = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[-3] in ("lora_A", "lora_B") and parts[-1] == "weight":
+            parts = parts[:-2] + ["weight"]  # drop the adapter name PEFT puts between lora_A and weight
+        out[".".join(parts)] = t
+    return out
+
+
 @torch.no_grad()
-def hotswap_lora_adapter(model: nn.Module, name: str, state_dict: Mapping[str, torch.Tensor],
-                         alpha: float | None = None) -> nn.Module:
-    """Replace adapter ``name``'s weights in place (keys of :func:`lora_adapter_state_dict`; the same shapes), and
-    its scaling when ``alpha`` is given: no module is created or replaced, so a compiled graph of the model stays
-    valid (PEFT's ``hotswap_adapter``). Strict and all or nothing."""
-    expected = lora_adapter_state_dict(model, name)
-    core.load_adapter_state_dict({k: t for k, t in _live(model, name).items()}, state_dict, what=f"adapter {name!r}")
+def hotswap_adapter(model: nn.Module, name: str, state_dict, alpha: float | None = None) -> nn.Module:
+    """Replace adapter ``name``'s weights in place, and its scaling when ``alpha`` is given: no module is created
+    or replaced, so a compiled graph of the model stays valid (PEFT's ``hotswap_adapter``). ``state_dict`` is a
+    mapping with the keys of :func:`lora_adapter_state_dict` (PEFT's keys are accepted too) or a PEFT adapter
+    folder of the same rank and targets. Strict and all or nothing."""
+    layers = _layers(model)
+    if name not in layers[0][1].lora_A:
+        raise ValueError(f"no adapter named {name!r}; this model has {list(layers[0][1].lora_A)}")
+    if not isinstance(state_dict, Mapping):
+        from .interop import read_adapter_weights
+        state_dict = read_adapter_weights(validate.require_path("state_dict", state_dict))
+    core.load_adapter_state_dict(_live(model, name), _adapter_keys(state_dict), what=f"adapter {name!r}")
     if alpha is not None:
-        rank = next(iter(expected.values())).shape[0]
-        for _, layer in _layers(model):
-            layer.scaling[name] = lora_scaling(rank, alpha)
+        for _, layer in layers:
+            layer.scaling[name] = lora_scaling(layer.lora_A[name].out_features, alpha)
     return model
 
 
@@ -272,25 +305,40 @@ def _combine(factors: list[torch.Tensor], weights: torch.Tensor, kind: str, dens
 
 
 @torch.no_grad()
-def merge_lora_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], name: str,
-                        combination_type: str = "linear", density: float = 1.0) -> nn.Module:
-    """A new adapter ``name`` from ``adapters`` with ``weights`` (09.4), as PEFT's ``add_weighted_adapter``: same
-    rank for all but ``"cat"`` (which sums them), scaling 1 (α = r). ``density`` for TIES and DARE (DARE draws
-    from the global torch generator: seed it, as for PEFT, to get the same masks). The new adapter is active."""
+def merge_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[float], combination: str = "linear",
+                   density: float | None = None, new_name: str = "merged") -> nn.Module:
+    """A new adapter ``new_name`` from adapters ``names`` with ``weights`` (09.4), as PEFT's
+    ``add_weighted_adapter(names, weights, new_name, combination_type=combination, density=density)``: the same
+    rank for all but ``"cat"`` (whose rank is their sum), scaling 1 (α = r). ``density`` (the fraction kept) is
+    needed by TIES and DARE; DARE draws from the global torch generator: seed it, as for PEFT, to get the same
+    masks. The new adapter becomes the active one."""
     layers = _layers(model)
-    validate.require_str("combination_type", combination_type, choices=COMBINATIONS)
-    validate.require_str("name", name)
-    adapters, weights = list(adapters), [validate.require_real("weights", w) for w in weights]
+    validate.require_str("combination", combination, choices=COMBINATIONS)
+    validate.require_str("new_name", new_name)
+    if density is None:
+        if combination not in ("linear", "cat"):
+            raise ValueError(f"combination={combination!r} needs density, the fraction of entries kept "
+                             "(0 < density ≤ 1), e.g. density=0.5")
+        density = 1.0
+    if isinstance(names, str) or isinstance(weights, (str, int, float)):
+        raise TypeError(f"names and weights are lists, one weight per adapter; got {names!r}, {weights!r}")
+    name, combination_type = new_name, combination
+    adapters, weights = list(names), [validate.require_real("weights", w) for w in weights]
     have = list(layers[0][1].lora_A)
     if not adapters or len(adapters) != len(weights) or any(a not in have for a in adapters):
         raise ValueError(f"adapters must name adapters of this model ({have}), one weight each; got {adapters}, "
                          f"{weights}")
     if name in have:
         raise ValueError(f"an adapter named {name!r} exists already")
-    density = validate.require_real("density", density, min=0, max=1)
+    density = validate.require_real("density", density, min=0, max=1, min_open=True)
+    bases = core.get_config(model, "multi_lora").bases
+    trained_on = {bases.get(a, _base_name(model)) for a in adapters}
+    if len(trained_on) > 1:
+        raise ValueError(f"adapters {adapters} were trained on different base models {sorted(trained_on)}: a merge "
+                         "adds their updates to one base, so it is meaningful only for adapters of the same base")
     ranks = {layers[0][1].lora_A[a].out_features for a in adapters}
     if combination_type != "cat" and len(ranks) > 1:
-        raise ValueError(f"combination_type={combination_type!r} needs adapters of one rank, got ranks "
+        raise ValueError(f"combination={combination_type!r} needs adapters of one rank, got ranks "
                          f"{sorted(ranks)}; use 'cat'")
     kind = "linear" if len(adapters) == 1 and combination_type != "cat" else combination_type
     rank = sum(layers[0][1].lora_A[a].out_features for a in adapters) if kind == "cat" else ranks.pop()
@@ -310,6 +358,40 @@ def merge_lora_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequ
     return model
 
 
+def _base_name(model: nn.Module) -> str:
+    """The base a model's own adapters were trained on, by its last path component ("gpt2", "tiny")."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or "tiny"
+    return str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _to_peft_named(model: nn.Module, name: str | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT's fields and weights of one adapter (the only one when ``name`` is ``None``)."""
+    have = lora_adapter_names(model)
+    if name is None:
+        if len(have) != 1:
+            raise ValueError(f"this model holds adapters {have}: pass adapter_name= to say which one to export")
+        name = have[0]
+    tensors = lora_adapter_state_dict(model, name)
+    layers = _layers(model)
+    targets = sorted({n.rsplit(".", 1)[-1] for n, _ in layers})  # PEFT matches a target by the name's end
+    config = core.get_config(model, "multi_lora")[name]
+    return peft_fields(config, targets, any(layer.fan_in_fan_out for _, layer in layers)), tensors
+
+
+def _add_from_peft(model: nn.Module, fields: dict, tensors: Mapping[str, torch.Tensor], name: str) -> nn.Module:
+    """Add adapter ``name`` as PEFT's fields say and load its weights (PEFT's ``load_adapter(path, name)``)."""
+    config = config_from_peft(fields)
+    if config.use_dora or config.init != "default":
+        raise ValueError("a named adapter here is plain LoRA (no DoRA, no PiSSA/OLoRA base change); load this "
+                         "one alone, without adapter_name")
+    add_lora_adapter(model, name, config)
+    hotswap_adapter(model, name, tensors)
+    base = fields.get("base_model_name_or_path")
+    if base:
+        _record(model, name, config, str(base).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1])
+    return model
+
+
 def remove_lora_adapters(model: nn.Module) -> nn.Module:
     """Put the plain layers back (every adapter is dropped; the base was never changed)."""
     return _LAYERS.remove(model, merge=None)
@@ -317,7 +399,10 @@ def remove_lora_adapters(model: nn.Module) -> nn.Module:
 
 def _configs(model: nn.Module) -> LoRAAdapters:
     _layers(model)
-    return LoRAAdapters(core.get_config(model, "multi_lora"))
+    live = core.get_config(model, "multi_lora")
+    copy = LoRAAdapters(live)
+    copy.bases.update(live.bases)
+    return copy
 
 
 def _apply(model: nn.Module, configs: LoRAAdapters) -> nn.Module:
@@ -329,4 +414,5 @@ def _apply(model: nn.Module, configs: LoRAAdapters) -> nn.Module:
 _LAYERS.register(
     config_class=LoRAAdapters, apply=_apply,
     disable=_LAYERS.disable, remove=remove_lora_adapters, state_dict=_LAYERS.state_dict,
-    load_state_dict=_LAYERS.load_state_dict, config_of=_configs)
+    load_state_dict=_LAYERS.load_state_dict, config_of=_configs,
+    named_peft_type="LORA", to_peft_named=_to_peft_named, add_from_peft=_add_from_peft)

@@ -69,6 +69,9 @@ class Method:
       tensors)`` and ``from_peft(model, fields) -> model`` (applies the method as PEFT's ``adapter_config.json``
       says; the weights are loaded after) translate PEFT's format; ``peft_key_prefix`` goes before each
       saved key;
+    * ``named_peft_type`` with ``to_peft_named(model, name) -> (fields, tensors)`` and
+      ``add_from_peft(model, fields, tensors, name) -> model``: for a method that holds several named adapters,
+      one of them out and one more in (PEFT's ``adapter_name=``);
     * ``memory``: calculator kind → :class:`MethodShape` (bottleneck adapters have one per placement);
       ``memory_spec(config, model_config) -> dict``: the calculator's spec for one of its configs (targets left
       ``None`` resolved for that architecture), so ``estimate_memory(..., method=LoRAConfig(rank=8))`` works;
@@ -91,6 +94,9 @@ class Method:
     to_peft: Callable[[nn.Module], tuple] | None = None
     from_peft: Callable[[nn.Module, dict], nn.Module] | None = None
     peft_key_prefix: str = "base_model.model."
+    named_peft_type: str | None = None
+    to_peft_named: Callable[[nn.Module, str | None], tuple] | None = None
+    add_from_peft: Callable[[nn.Module, dict, Mapping, str], nn.Module] | None = None
     memory: Mapping[str, MethodShape] = field(default_factory=dict)
     memory_spec: Callable[[Any, Any], dict] | None = None
     layer_class: type | None = None

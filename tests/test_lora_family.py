@@ -11,7 +11,7 @@ from peft.optimizers import create_loraplus_optimizer
 
 import peft_lab
 from builders import small_gpt2, small_llama
-from peft_lab.lora import lora_plus_optimizer, lora_state_dict
+from peft_lab.lora import lora_state_dict, loraplus_optimizer
 from peft_lab.tolerance import assert_close
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
@@ -74,7 +74,7 @@ def test_lora_plus_step_equals_peft(use_dora):
         for k, v in lora_state_dict(ours).items():  # B ≠ 0, so both factors get gradients
             v.copy_(torch.randn(v.shape, generator=g) * 0.1 + (1.0 if v.ndim == 1 else 0.0))
     peft.set_peft_model_state_dict(theirs, {f"base_model.model.{k}": v for k, v in lora_state_dict(ours).items()})
-    opt_a = lora_plus_optimizer(ours, lr=1e-3, ratio=16, weight_decay=0.01)
+    opt_a = loraplus_optimizer(ours, lr=1e-3, ratio=16, weight_decay=0.01)
     opt_b = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
                                       loraplus_weight_decay=0.01)
     for model, opt in ((ours, opt_a), (theirs, opt_b)):
@@ -85,5 +85,25 @@ def test_lora_plus_step_equals_peft(use_dora):
     after = peft.get_peft_model_state_dict(theirs)
     for k, v in lora_state_dict(ours).items():
         assert_close(v, after[f"base_model.model.{k}"], reason="another library's backward, 2 AdamW steps", what=k)
-    lrs = sorted(group["lr"] for group in opt_a.param_groups)
-    assert lrs == [1e-3, 16e-3]
+    # the same groups in the same order: learning rate, decay and the shapes of their parameters
+    def groups(opt):
+        return [(g["lr"], g["weight_decay"], sorted(tuple(p.shape) for p in g["params"])) for g in opt.param_groups]
+    assert groups(opt_a) == groups(opt_b)
+    assert [g["lr"] for g in opt_a.param_groups if g["params"]] == [1e-3, 16e-3]
+
+
+def test_loraplus_groups_equal_peft_with_trainable_biases_and_norms():
+    """Biases and LayerNorm weights made trainable beside LoRA go where PEFT puts them (B's rate, no decay)."""
+    base = small_gpt2()
+    ours = peft_lab.apply_lora(copy.deepcopy(base), rank=4, alpha=8)
+    theirs = _peft(base)
+    for model in (ours, theirs):
+        for name, p in model.named_parameters():
+            if name.endswith("ln_f.weight") or name.endswith("c_proj.bias") or name.endswith("wpe.weight"):
+                p.requires_grad_(True)
+    opt_a = peft_lab.loraplus_optimizer(ours, lr=2e-3, ratio=8, weight_decay=0.1)
+    opt_b = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=2e-3, loraplus_lr_ratio=8,
+                                      loraplus_weight_decay=0.1)
+    for a, b in zip(opt_a.param_groups, opt_b.param_groups, strict=True):
+        assert (a["lr"], a["weight_decay"]) == (b["lr"], b["weight_decay"])
+        assert sorted(tuple(p.shape) for p in a["params"]) == sorted(tuple(p.shape) for p in b["params"])
