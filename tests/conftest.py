@@ -35,8 +35,23 @@ def small_gpt2():
     return build_from_config(cfg, device="cpu", seed=0)
 
 
+def _cost_rank(item) -> int:
+    """Longest first: a notebook under nbval (30–90 s, one process), a notebook on tiny-llama, a solutions
+    notebook, the website build, then the unit tests (seconds each)."""
+    path = str(item.path)
+    if type(item).__module__.startswith("nbval"):
+        return 2 if "solutions" in path else 0
+    if path.endswith("test_notebooks_llama.py"):
+        return 1
+    return 3 if path.endswith("test_site.py") else 4
+
+
 def pytest_collection_modifyitems(items):
-    """The tests that launch CPU ranks (test_scale_out's ``runs`` fixture starts torchrun) are ``slow``."""
+    """The tests that launch CPU ranks (test_scale_out's ``runs`` fixture starts torchrun) are ``slow``. Then the
+    long scopes go first: pytest-xdist hands scopes to its two processes in collection order, so a notebook
+    collected last would run alone at the end while the other process idles; the many short unit tests,
+    last, fill the gaps evenly (a stable sort keeps each scope's own order)."""
     for item in items:
         if "runs" in getattr(item, "fixturenames", ()) and item.module.__name__.endswith("test_scale_out"):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=_cost_rank)
