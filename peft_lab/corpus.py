@@ -15,6 +15,13 @@ file from a seed, so the data in ``data/`` can be rebuilt bit for bit and no thi
   ``verdict:``) and a small computation (judge each adjective, take the majority vote). With
   ``negation_rate > 0`` clauses may be negated ("was not warm" counts as negative): a harder variant that a
   tiny model learns far more slowly (the shipped task uses 0; notebook 01 shows why).
+* :func:`generate_sort_task` writes a second task, *word sorting* (notebook 09 trains one adapter per task)::
+
+      sort: the small rabbit goes with the cat , the ball or the park ? answer: cat
+
+  The answer names the group of the word: an animal goes with ``cat``, a thing with ``ball``, a place with
+  ``park``. The corpus uses these words in their places (animals and things after "found", places after
+  "went to the") but never asks which group a word belongs to, so the tiny model starts at chance (1/3).
 """
 from __future__ import annotations
 
@@ -191,3 +198,41 @@ def review_verdict(prompt: str) -> str:
         polarity = 1 if words[-1] in POSITIVE else -1
         score += -polarity if any(w in NEGATORS for w in words) else polarity
     return "good" if score > 0 else "bad"
+
+
+SORT_CHOICES = ("cat", "ball", "park")  #: the answers of the word-sorting task, one per group (one token each)
+SORT_GROUPS = {"cat": ANIMALS, "ball": OBJECTS, "park": PLACES}
+
+
+def sort_prompt(word: str, size: str | None = None) -> str:
+    """The word-sorting format: ``sort: the [size] <word> goes with the cat , the ball or the park ? answer:``."""
+    phrase = f"{size} {word}" if size else word
+    return f"sort: the {phrase} goes with the cat , the ball or the park ? answer:"
+
+
+def generate_sort_task(n: int, seed: int) -> list[dict]:
+    """``n`` word-sorting examples ``{"prompt", "answer"}`` (notebook 09's second task): the word is an animal, a
+    thing or a place of the corpus (never one of the three answers themselves, which would make it a copy), half
+    of them with a size in front; the answers are balanced over :data:`SORT_CHOICES` (as equal as ``n`` allows)
+    and the examples deterministic in ``seed``."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
+    rng = random.Random(seed)
+    want = [SORT_CHOICES[i % len(SORT_CHOICES)] for i in range(n)]
+    rng.shuffle(want)
+    out = []
+    for answer in want:
+        word = _a(rng, [w for w in SORT_GROUPS[answer] if w not in SORT_CHOICES])
+        size = _a(rng, SIZES) if rng.random() < 0.5 else None
+        out.append({"prompt": sort_prompt(word, size), "answer": answer})
+    return out
+
+
+def sort_answer(prompt: str) -> str:
+    """Recompute a word-sorting answer from its text alone (the word's group)."""
+    head = prompt.split(" goes with ", 1)[0]
+    word = head.split()[-1] if head.startswith("sort: the ") else ""
+    for answer, group in SORT_GROUPS.items():
+        if word in group:
+            return answer
+    raise ValueError(f"not a word-sorting prompt (no animal, thing or place before 'goes with'): {prompt!r}")

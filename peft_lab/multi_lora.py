@@ -38,7 +38,7 @@ from .lora import LoRAConfig, config_from_peft, lora_scaling, peft_fields
 
 __all__ = ["LoRAAdapters", "MultiLoRALinear", "add_lora_adapter", "set_active_adapter", "mixed_batch",
            "lora_adapter_names", "lora_adapter_state_dict", "hotswap_adapter", "merge_adapters",
-           "remove_lora_adapters", "COMBINATIONS", "BASE"]
+           "remove_lora_adapters", "elect_sign_mask", "COMBINATIONS", "BASE"]
 
 
 class LoRAAdapters(dict):
@@ -300,8 +300,15 @@ def _combine(factors: list[torch.Tensor], weights: torch.Tensor, kind: str, dens
     weighted = stacked * weights.view(-1, *([1] * (stacked.dim() - 1)))
     if kind in ("linear", "dare_linear"):
         return weighted.sum(0)
-    agree = stacked.sign() == torch.where(stacked.sum(0) >= 0, 1, -1)   # elect: the sign of the summed entries
+    agree = elect_sign_mask(stacked)
     return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)         # disjoint mean of the agreeing ones
+
+
+def elect_sign_mask(stacked: torch.Tensor) -> torch.Tensor:
+    """TIES' sign election (Yadav et al. 2023, §3, "elect"; PEFT's ``calculate_majority_sign_mask(method=
+    "total")``): per entry, the sign of the sum over the adapters (stacked on dim 0; a zero sum elects +), and
+    the mask of the entries that carry it — a trimmed (zero) entry carries no sign and is never in the mask."""
+    return stacked.sign() == torch.where(stacked.sum(0) >= 0, 1, -1)
 
 
 @torch.no_grad()
