@@ -35,6 +35,9 @@ def test_sign_election():
     assert not peft_lab.check("09.ex2", lambda t: peft_lab.multi_lora.elect_sign_mask(t), verbose=False)
     assert not peft_lab.check("09.ex2", lambda t: peft_lab.merge_adapters(t, [], []), verbose=False)
     assert not peft_lab.check("09.ex2", peft_lab.multi_lora.elect_sign_mask, verbose=False)
+    from peft.utils import merge_utils  # PEFT's election, handed in or called, is refused too
+    assert not peft_lab.check("09.ex2", lambda t: merge_utils.calculate_majority_sign_mask(t, method="total"),
+                              verbose=False)
     assert passes_and_leaves_the_rng_alone("09.ex2", elect)
 
 

@@ -57,7 +57,7 @@ def _sign_cases():
 @exercise("09.ex2", "Build TIES's sign election: elect(stacked) -> a boolean tensor of stacked's shape. stacked "
                     "holds N trimmed factors on dim 0; per entry the elected sign is the sign of the sum over the N "
                     "(a sum of exactly 0 elects +), and the mask is True where an adapter's entry has that sign. "
-                    "Pass the function itself (peft_lab's own election refuses to run while yours does).",
+                    "Pass the function itself (peft_lab's and PEFT's own elections refuse to run while yours does).",
           kind="build", hidden=lambda: [])
 def _elect(answer):
     import torch
@@ -66,7 +66,9 @@ def _elect(answer):
     from ..multi_lora import _combine, elect_sign_mask, merge_adapters
     for stacked in _sign_cases():
         want = calculate_majority_sign_mask(stacked, method="total")
-        got = run_student(answer, stacked.clone(), forbid=(elect_sign_mask, merge_adapters, _combine))
+        # PEFT's election too: handing it in (or calling it) answers without building anything
+        got = run_student(answer, stacked.clone(),
+                          forbid=(elect_sign_mask, merge_adapters, _combine, calculate_majority_sign_mask))
         if not isinstance(got, torch.Tensor) or got.shape != stacked.shape:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             return False, (f"elect returned {shape} for a stack of shape {tuple(stacked.shape)}: return one mask "
