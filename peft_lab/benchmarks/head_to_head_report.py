@@ -267,10 +267,16 @@ def movement_text(res: dict, other: dict) -> str:
             f"{e['transformers']} and peft {e['peft']}: {len(same)} of {len(ms)} methods chose the same learning "
             f"rate, and {identical} of the {both} runs made in both came out identical (validation curve, "
             "answer-token loss, held-out perplexity and test accuracy, to the digits the files keep)")
-    if alone:
-        text += (f"; {len(alone)} run(s) exist in one file only (" + "; ".join(
-            f"{n} at {lr:g}, seed {sd}" for _, n, lr, sd, _ in alone) + "): a rate added past a grid's edge "
+    widened = [k for k in alone if k[0] == "equal_budget"]      # a 300-step rate past a grid's edge
+    longer = [k for k in alone if k[0] == "equal_accuracy"]     # a run of a longer-budget grid
+    if widened:
+        text += (f"; {len(widened)} run(s) of the equal budget exist in one file only (" + "; ".join(
+            f"{n} at {lr:g}, seed {sd}" for _, n, lr, sd, _ in widened) + "): a rate added past a grid's edge "
             "by a different widening rule, not chosen in either")
+    if longer:
+        text += (f"; {len(longer)} run(s) of the longer budgets exist in one file only (" + "; ".join(
+            f"{n} at {lr:g}, seed {sd}, {st:,} steps" for _, n, lr, sd, st in longer) + "): rates of a "
+            "longer-budget grid that one of the two runs did not make")
     moved = [m for m in ms if m["budget_acc"][0] != m["budget_acc"][1] or m["ppl_on"][0] != m["ppl_on"][1]]
     if not moved:
         return text + ". Not one figure of the tables moved: on this CPU the library versions do not change these " \
