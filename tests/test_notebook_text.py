@@ -114,7 +114,8 @@ def test_solutions_do_not_copy_the_notebook(path):
 PRINT_WIDTH = 110   # the longest printed line a student should have to read (wide tables go out as Markdown)
 
 
-@pytest.mark.parametrize("path", STUDENT_NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", STUDENT_NOTEBOOKS + sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb")),
+                         ids=lambda p: p.name)
 def test_printed_lines_fit_the_page(path):
     """Every line a cell prints (stdout/stderr) is at most PRINT_WIDTH characters: longer lines wrap or scroll
     in Colab and in the rendered course."""
