@@ -171,8 +171,8 @@ class BottleneckAdapter(core.AdapterLayer):
             h = y
         else:
             if residual is None:
-                raise RuntimeError(f"the {self.placement} adapter did not receive x₁: its ResidualTap did not run "
-                                   "(was the block's norm replaced after apply_adapters?)")
+                raise RuntimeError(f"the {self.placement} adapter did not receive x₁: its ResidualTap "
+                                   "did not run (was the block's norm replaced after apply_adapters?)")
             h = y + residual if self.placement == "pfeiffer" else residual
         dtype = y.dtype
         new = (self.bottleneck(h.to(self.adapter_up.weight.dtype)) + y).to(dtype)  # (03.3): (s·f(h) + y)

@@ -306,8 +306,8 @@ class PrefixTuningModel(PrefixModel):
     (equations 04.1, 04.5), handed to the base model as its key/value cache."""
 
     def prefix_key_values(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's prefix ``(keys, values)``, both ``batch_size × h_kv × P × d_h`` (equation 04.1), in the
-        base model's dtype: PEFT's ``view(B, P, 2L, h_kv, d_h).permute(2, 0, 3, 1, 4).split(2)``."""
+        """Each layer's prefix ``(keys, values)``, both ``batch_size × h_kv × P × d_h`` (equation 04.1),
+        in the base model's dtype: PEFT's ``view(B, P, 2L, h_kv, d_h).permute(2, 0, 3, 1, 4).split(2)``."""
         c = self.prefix_config
         flat = self.prompt_encoder().to(self.base_model.dtype)
         kv = flat.unsqueeze(0).expand(batch_size, -1, -1)

@@ -66,7 +66,7 @@ def test_ia3_crash_and_non_function_are_readable(capsys):
     ok, why = verdict("06.ex1", lambda c: c.no_such_field)
     assert not ok and "AttributeError" in why
     assert peft_lab.check("06.ex1", 3584) is False
-    assert "answer is code: pass your function or class itself" in capsys.readouterr().out
+    assert "answer is code: pass your function or class itself" in " ".join(capsys.readouterr().out.split())
 
 
 # --- 06.ex2: the largest batch in a memory budget ------------------------------------------------------------

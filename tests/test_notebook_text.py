@@ -109,3 +109,18 @@ def test_solutions_do_not_copy_the_notebook(path):
             copies += [f"solution cell {j} repeats notebook cell {windows[w]}: {w[0]!r} …"
                        for k in range(len(lines) - 2) if (w := tuple(lines[k:k + 3])) in windows]
     assert not copies, "\n".join(copies)
+
+
+PRINT_WIDTH = 110   # the longest printed line a student should have to read (wide tables go out as Markdown)
+
+
+@pytest.mark.parametrize("path", STUDENT_NOTEBOOKS + sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb")),
+                         ids=lambda p: p.name)
+def test_printed_lines_fit_the_page(path):
+    """Every line a cell prints (stdout/stderr) is at most PRINT_WIDTH characters: longer lines wrap or scroll
+    in Colab and in the rendered course."""
+    nb = nbformat.read(path, as_version=4)
+    long = [f"cell {i}: {len(line)} characters: {line[:60]!r}…"
+            for i, cell in enumerate(nb.cells) for out in cell.get("outputs", []) if out.output_type == "stream"
+            for line in out.text.splitlines() if len(line) > PRINT_WIDTH]
+    assert not long, f"{path.name} prints lines over {PRINT_WIDTH} characters:\n" + "\n".join(long)

@@ -23,6 +23,10 @@ def test_leaves_plateau():
     assert prefix_budget.leaves_plateau([50, 100, 150], [0.5, 0.6, 0.9]) == 100
     assert prefix_budget.leaves_plateau([50, 100], [0.5, 0.59]) is None
     assert prefix_budget.leaves_plateau([50, 100], [0.5, 0.95], 0.9) == 100
+    # sustained: a touch of the level that falls back is not an exit (seed 1 of the committed prefix runs)
+    assert prefix_budget.leaves_plateau([50, 100, 150, 200, 250], [0.5, 0.63, 0.54, 0.65, 0.7]) == 200
+    assert prefix_budget.leaves_plateau([50, 100, 150], [0.5, 0.7, 0.55]) is None
+    assert prefix_budget.first_reaches([50, 100, 150], [0.5, 0.63, 0.54]) == 100
 
 
 def test_committed_results_are_complete_and_consistent():
@@ -39,4 +43,5 @@ def test_committed_results_are_complete_and_consistent():
             assert r["eval_step"][-1] == v["steps"]
             assert r["leaves_plateau_step"] == prefix_budget.leaves_plateau(r["eval_step"], r["accuracy"])
             assert r["reaches_90_step"] == prefix_budget.leaves_plateau(r["eval_step"], r["accuracy"], 0.9)
+            assert r["first_reaches_plateau_level_step"] == prefix_budget.first_reaches(r["eval_step"], r["accuracy"])
             assert r["final_accuracy"] == r["accuracy"][-1]

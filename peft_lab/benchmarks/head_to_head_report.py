@@ -8,6 +8,7 @@ two marker comments, and the ``plot_*`` functions draw the figures (seeds as poi
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import textwrap
 from pathlib import Path
@@ -63,6 +64,20 @@ def _ppl(x) -> str:
     return "—" if x is None else f"{x:,.1f}" if x >= 10 else f"{x:.2f}"
 
 
+def ppl_over_seeds(seeds: list[dict]) -> float:
+    """Held-out perplexity with the method on, over the seeds: their geometric mean (perplexities of one
+    method span orders of magnitude between seeds, so an arithmetic mean would be one seed's)."""
+    return math.exp(statistics.mean(math.log(s["ppl_on"]) for s in seeds))
+
+
+def _ppl_seeds(seeds: list[dict]) -> str:
+    """'geometric mean (min–max)' over the seeds, or the one seed's value marked as such."""
+    if len(seeds) == 1:
+        return f"{_ppl(seeds[0]['ppl_on'])} (1 seed)"
+    ppl = [s["ppl_on"] for s in seeds]
+    return f"{_ppl(ppl_over_seeds(seeds))} ({_ppl(min(ppl))}–{_ppl(max(ppl))})"
+
+
 def wall_to(res: dict, name: str, seeds: list[dict], target: float) -> str:
     """Seconds to ``target`` = steps to it × the median ms of one training step (all methods timed in
     alternation); mean over seeds, or how many seeds never reached it."""
@@ -102,7 +117,7 @@ def rows_equal_budget(res: dict) -> list[list[str]]:
         s0 = eb["seeds"][0]
         rows.append([name, lr, f"{c['trainable']:,}", _spread([s["test_acc"] for s in eb["seeds"]]),
                      _per_seed(eb["seeds"], 0.9), f"{c['ms_per_step']:.0f}", f"{c['memory_mib']['total']:.1f}",
-                     f"{_ppl(s0['ppl_on'])} / {_ppl(s0.get('ppl_off'))}"])
+                     f"{_ppl_seeds(eb['seeds'])} / {_ppl(s0.get('ppl_off'))}"])
     return rows
 
 
@@ -125,7 +140,7 @@ def rows_equal_accuracy(res: dict) -> list[list[str]]:
         rows.append([name, budget, _per_seed(ea["seeds"], 0.9), _per_seed(ea["seeds"], 0.95),
                      f"{wall_to(res, name, ea['seeds'], 0.9)} / {wall_to(res, name, ea['seeds'], 0.95)}",
                      _spread([s["test_acc"] for s in ea["seeds"]]), f"{c['trainable']:,}",
-                     f"{_ppl(s0['ppl_on'])} / {_ppl(s0.get('ppl_off'))}"])
+                     f"{_ppl_seeds(ea['seeds'])} / {_ppl(s0.get('ppl_off'))}"])
     return rows
 
 
@@ -252,10 +267,16 @@ def movement_text(res: dict, other: dict) -> str:
             f"{e['transformers']} and peft {e['peft']}: {len(same)} of {len(ms)} methods chose the same learning "
             f"rate, and {identical} of the {both} runs made in both came out identical (validation curve, "
             "answer-token loss, held-out perplexity and test accuracy, to the digits the files keep)")
-    if alone:
-        text += (f"; {len(alone)} run(s) exist in one file only (" + "; ".join(
-            f"{n} at {lr:g}, seed {sd}" for _, n, lr, sd, _ in alone) + "): a rate added past a grid's edge "
+    widened = [k for k in alone if k[0] == "equal_budget"]      # a 300-step rate past a grid's edge
+    longer = [k for k in alone if k[0] == "equal_accuracy"]     # a run of a longer-budget grid
+    if widened:
+        text += (f"; {len(widened)} run(s) of the equal budget exist in one file only (" + "; ".join(
+            f"{n} at {lr:g}, seed {sd}" for _, n, lr, sd, _ in widened) + "): a rate added past a grid's edge "
             "by a different widening rule, not chosen in either")
+    if longer:
+        text += (f"; {len(longer)} run(s) of the longer budgets exist in one file only (" + "; ".join(
+            f"{n} at {lr:g}, seed {sd}, {st:,} steps" for _, n, lr, sd, st in longer) + "): rates of a "
+            "longer-budget grid that one of the two runs did not make")
     moved = [m for m in ms if m["budget_acc"][0] != m["budget_acc"][1] or m["ppl_on"][0] != m["ppl_on"][1]]
     if not moved:
         return text + ". Not one figure of the tables moved: on this CPU the library versions do not change these " \
@@ -270,10 +291,11 @@ def movement_text(res: dict, other: dict) -> str:
 
 HEADERS = {
     "equal_budget": ["method", "lr (grid)", "trainable", "test accuracy, mean (min–max)",
-                     "steps to 90% val. (per seed)", "ms/step", "memory MiB", "held-out ppl on / off"],
+                     "steps to 90% val. (per seed)", "ms/step", "memory MiB",
+                     "held-out ppl on: geo. mean of seeds (min–max) / off"],
     "equal_accuracy": ["method", "steps at lr", "steps to 90% val.", "steps to 95% val.",
                        "wall time to 90% / 95%, s (steps × ms/step)", "test accuracy, mean (min–max)",
-                       "trainable", "held-out ppl on / off"],
+                       "trainable", "held-out ppl on at the end of that budget: geo. mean of seeds (min–max) / off"],
     "movement": ["method", "chosen lr", "test accuracy, equal budget (mean)", "test accuracy, equal accuracy (mean)",
                  "held-out ppl on (seed 0)"],
     "rates": ["method", "lr (seed 0)", "val. loss, answer token", "val. accuracy",
@@ -435,7 +457,8 @@ def _dots(ax, i: int, values: list, col: str) -> None:
 def plot_views(res: dict, target: float = 0.95):
     """The two views side by side. Top: test accuracy after the equal budget and after each method's
     equal-accuracy budget. Bottom: steps and wall time (steps × ms/step) to ``target`` validation accuracy.
-    Every seed is a point, the mean a dash."""
+    Every seed is a point, the mean a dash; in the equal-accuracy panels each method's tick names its budget in
+    steps, since the budgets differ (300 to 2,000)."""
     import matplotlib.pyplot as plt
     names = [n for n in res["methods"] if n in res["equal_budget"]]
     eq = [n for n in names if "seeds" in accuracy_view(res, n) and "seeds" in res["equal_accuracy"].get(n, {})
@@ -452,11 +475,15 @@ def plot_views(res: dict, target: float = 0.95):
         _dots(d, i, [None if s["steps_to"][key] is None else s["steps_to"][key] * ms / 1000 for s in seeds],
               colour(name))
     steps = res["setting"]["steps"]
+    # the equal-accuracy panels mix budgets (each method's own): every tick names its budget
+    eq_labels = [f"{n} ({accuracy_view(res, n)['steps']:,})" for n in eq]
     for ax, labels, ylabel, title in (
             (a, names, "test accuracy (%)", f"Equal budget: {steps} steps each"),
-            (b, eq, "test accuracy (%)", "Equal accuracy: at the end of each method's budget"),
-            (c, eq, f"steps to {target:.0%} val. accuracy", f"Equal accuracy: steps to {target:.0%}"),
-            (d, eq, f"seconds to {target:.0%} (steps × ms/step)", f"Equal accuracy: wall time to {target:.0%}")):
+            (b, eq_labels, "test accuracy (%)", "Equal accuracy: at the end of each method's budget (in brackets)"),
+            (c, eq_labels, f"steps to {target:.0%} val. accuracy", f"Equal accuracy: steps to {target:.0%} "
+                                                                  "(budget in brackets)"),
+            (d, eq_labels, f"seconds to {target:.0%} (steps × ms/step)",
+             f"Equal accuracy: wall time to {target:.0%} (budget in brackets)")):
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_xlim(-0.6, len(labels) - 0.4)
         ax.set_ylabel(ylabel)
@@ -588,7 +615,7 @@ def facts(res: dict) -> dict:
         "long_budget": longer, "regridded": regridded, "same_rate_only": [n for n in longer if n not in regridded],
         "prompt_final_val": [s["final_val_acc"] for s in view["prompt"]["seeds"]],
         "test_acc": {n: _mean(view[n]["seeds"]) for n in own},
-        "ppl_on": {n: view[n]["seeds"][0]["ppl_on"] for n in own}, "learned_ppl": learned,
+        "ppl_on": {n: ppl_over_seeds(view[n]["seeds"]) for n in own}, "learned_ppl": learned,
         "widest": widest, "widest_swing": swing[widest][0],
         "widest_runs": (swing[widest][1]["lr"], swing[widest][2]["lr"]),
         "vocab": vocab, "above_uniform": above_uniform,
@@ -603,12 +630,14 @@ def which_method_rows(f: dict) -> list[list[str]]:
                  else f"{f['reached95'][n]} of {f['seeds']} seeds")
         budget = f["long_budget"].get(n, f["steps"])
         rows.append([n, f"{f['stored'][n]:,}", f"{f['memory_mib'][n]:.1f}", steps,
-                     f"{_pct(f['test_acc'][n])} ({budget:,})", MERGES.get(n, "—"), _big(f["ppl_on"][n])])
+                     f"{_pct(f['test_acc'][n])} ({budget:,})", MERGES.get(n, "—"),
+                     f"{_big(f['ppl_on'][n])} ({budget:,})"])
     return rows
 
 
 WHICH_HEADER = ["method", "stored per task", "train MiB (tiny)", "steps to 95% (mean)",
-                "test acc. (budget, steps)", "merges?", "held-out ppl on"]
+                "test acc. (budget, steps)", "merges?",
+                "held-out ppl on, geo. mean of seeds (budget, steps)"]
 
 
 def render_argument(f: dict) -> str:
@@ -624,8 +653,8 @@ def render_argument(f: dict) -> str:
         "",
         f"*What memory does training need?* On the tiny model all methods lie within {f['memory_spread']:.1f}× of "
         "each other: activations, which every method keeps, dominate. At gpt2-small's size full fine-tuning needs "
-        f"{f['gpt2_full_over_lora']:.2f}× LoRA r=8's memory (§8); the saving is gradients and optimizer state, "
-        "and it grows with the model.",
+        f"{f['gpt2_full_over_lora']:.2f}× LoRA r=8's memory (§8); the saving (gradients, optimizer state) grows "
+        "with the model.",
         "",
         f"*How long to an accuracy?* {_cap(f['fastest'])} reached 95% in the fewest steps. At {f['steps']} steps "
         f"prefix tuning sat at the constant answer in {f['stuck_at_budget']['prefix']} of {f['seeds']} seeds and "
@@ -640,8 +669,9 @@ def render_argument(f: dict) -> str:
         "",
         "*What does inference cost, and what is forgotten?* LoRA, DoRA and IA3 merge and cost nothing at "
         "inference; adapters, prefixes and prompts keep their compute (§7). Every method but full fine-tuning "
-        "switches off to its frozen base exactly. With the method on, forgetting depends on the rate as much as on "
-        f"the method: the rate alone moved {f['widest']}'s held-out perplexity {f['widest_swing']:,.0f}×, and "
+        "switches off to its frozen base exactly. With the method on, the rate matters as much as the method: "
+        f"among rates reaching 90% validation accuracy (seed 0), the rate alone moved "
+        f"{f['widest']}'s held-out perplexity {f['widest_swing']:,.0f}×, and "
         f"{len(f['above_uniform'])} of the grids' runs ended above uniform guessing's {f['vocab']:,} — confidently "
         "wrong on ordinary text.",
     ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
+import textwrap
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,6 +144,10 @@ def _describe(err: BaseException, fn: Any) -> str:
     return f"{type(err).__name__}: {err}{where}"
 
 
+#: The longest line a notebook prints (course rule); check() wraps its verdict to it.
+PRINT_WIDTH = 110
+
+
 def check(id: str, answer: Any, verbose: bool = True) -> bool:
     """Check ``answer`` for exercise ``id``; print "Right"/"Not yet" with the reason; return the verdict."""
     _load_all()
@@ -168,7 +173,9 @@ def check(id: str, answer: Any, verbose: bool = True) -> bool:
                 raise
             ok, why = False, f"running your code raised {_describe(err, answer)}"
     if verbose:
-        print(f"{'Right' if ok else 'Not yet'} [{id}]: {why}")
+        # wrapped at 110 characters, the longest line a notebook prints (a reason can run to several sentences)
+        print(textwrap.fill(f"{'Right' if ok else 'Not yet'} [{id}]: {why}", width=PRINT_WIDTH,
+                            break_long_words=False, break_on_hyphens=False))
     return ok
 
 
