@@ -72,11 +72,12 @@ def test_the_package_pissa_is_not_an_answer():
         layer.weight.data.copy_(W)
         lora = peft_lab.LoRALinear(layer, rank=rank, alpha=s * rank, init="pissa")
         return lora.lora_A.weight, lora.lora_B.weight, layer.weight
+    from peft_lab.exercises import StudentCodeError
     for fn in (via_package, via_layer):
-        ok, why = verdict("08.ex2", fn)
-        assert not ok and "pissa_factors is what this exercise asks you to write" in why
-    ok, why = verdict("08.ex2", peft_lab.lora.pissa_factors)
-    assert not ok
+        with pytest.raises(StudentCodeError, match="pissa_factors is what this exercise asks you to write"):
+            verdict("08.ex2", fn)
+    with pytest.raises(StudentCodeError, match="the package's own answer"):
+        verdict("08.ex2", peft_lab.lora.pissa_factors)
 
 
 def _buggy(model, lr, ratio, total_steps):

@@ -94,33 +94,34 @@ FULL_GRID = (1e-4, 3e-4, 1e-3)
 LOW_GRID = (3e-4, 1e-3, 3e-3)   # LoRA+ (A's rate; B's is 16×), PiSSA and OLoRA (their factors start large)
 STEPS = 60                  # claims 1, 2, 5: 60 cosine steps of 16 reviews (under 100: "LoRA Without Regret"'s
                             # short-run regime, where it puts the ratio near 15×)
-EXAMPLES_SEEN = STEPS * 16  # claim 4 keeps the examples seen fixed: steps = EXAMPLES_SEEN / batch size
 FACT_STEPS = 120            # claim 3: 30 epochs of 64 facts at batch 16
 
 
-def _full_configs() -> tuple[Config, ...]:
+def _full_configs(steps: int = STEPS, fact_steps: int = FACT_STEPS) -> tuple[Config, ...]:
+    """The full plan; ``steps`` (reviews) and ``fact_steps`` (facts) scale it for a longer run (``--steps``)."""
+    S = steps
     # claim 1: full FT and LoRA r=16 run every rate on every seed (the forgetting claim reads all their runs)
-    out = [Config("full FT", "rate", FULL_GRID, kind="full", every_seed=True)]
-    out += [Config(f"LoRA r={r}", "rate", LORA_GRID, rank=r, every_seed=r == 16) for r in (1, 16, 64)]
+    out = [Config("full FT", "rate", FULL_GRID, kind="full", steps=S, every_seed=True)]
+    out += [Config(f"LoRA r={r}", "rate", LORA_GRID, rank=r, steps=S, every_seed=r == 16) for r in (1, 16, 64)]
     # rsLoRA's scale α/√r is √r times α/r: its grid starts lower by about that factor
-    out += [Config(f"rsLoRA r={r}", "rate", g, rank=r, use_rslora=True)
+    out += [Config(f"rsLoRA r={r}", "rate", g, rank=r, use_rslora=True, steps=S)
             for r, g in ((16, (1e-3, 3e-3, 1e-2)), (64, (3e-4, 1e-3, 3e-3)))]
     # placement at matched parameters: attention-only r=8 has 768·8 = 6,144 per block, every layer r=3 has 2,048·3
-    out += [Config("attention r=8", "placement", LORA_GRID, rank=8, targets=ATTENTION),
-            Config("all layers r=3", "placement", LORA_GRID, rank=3)]
+    out += [Config("attention r=8", "placement", LORA_GRID, rank=8, targets=ATTENTION, steps=S),
+            Config("all layers r=3", "placement", LORA_GRID, rank=3, steps=S)]
     # the family at r=16 (plain LoRA and rsLoRA r=16 come from claim 1)
-    out += [Config("LoRA+ r=16", "family", LOW_GRID, rank=16, loraplus_ratio=16.0),
-            Config("PiSSA r=16", "family", LOW_GRID, rank=16, init="pissa"),
-            Config("OLoRA r=16", "family", LOW_GRID, rank=16, init="olora"),
-            Config("DoRA r=16", "family", LORA_GRID, rank=16, use_dora=True)]
+    out += [Config("LoRA+ r=16", "family", LOW_GRID, rank=16, loraplus_ratio=16.0, steps=S),
+            Config("PiSSA r=16", "family", LOW_GRID, rank=16, init="pissa", steps=S),
+            Config("OLoRA r=16", "family", LOW_GRID, rank=16, init="olora", steps=S),
+            Config("DoRA r=16", "family", LORA_GRID, rank=16, use_dora=True, steps=S)]
     # claim 4: batch 64 at the examples seen of batch 16 (which comes from claim 1); a larger batch, larger rates
-    steps = EXAMPLES_SEEN // 64
-    out += [Config("full FT bs=64", "batch", (3e-4, 1e-3, 3e-3), kind="full", batch_size=64, steps=steps)]
-    out += [Config(f"LoRA r={r} bs=64", "batch", (1e-2, 3e-2, 1e-1), rank=r, batch_size=64, steps=steps)
+    big = S * 16 // 64     # batch 64 sees the examples of S steps at batch 16
+    out += [Config("full FT bs=64", "batch", (3e-4, 1e-3, 3e-3), kind="full", batch_size=64, steps=big)]
+    out += [Config(f"LoRA r={r} bs=64", "batch", (1e-2, 3e-2, 1e-1), rank=r, batch_size=64, steps=big)
             for r in (1, 64)]
     # claim 3: memorising random facts, full FT against the lowest and the highest rank
-    out += [Config("facts full FT", "capacity", (1e-3, 3e-3, 1e-2), kind="full", task="facts", steps=FACT_STEPS)]
-    out += [Config(f"facts LoRA r={r}", "capacity", (1e-2, 3e-2, 1e-1), rank=r, task="facts", steps=FACT_STEPS)
+    out += [Config("facts full FT", "capacity", (1e-3, 3e-3, 1e-2), kind="full", task="facts", steps=fact_steps)]
+    out += [Config(f"facts LoRA r={r}", "capacity", (1e-2, 3e-2, 1e-1), rank=r, task="facts", steps=fact_steps)
             for r in (1, 64)]
     return tuple(out)
 
@@ -266,12 +267,17 @@ def sweep(s: _Setting, p: Profile, c: Config) -> dict:
 _SETTING: dict[str, _Setting] = {}
 
 
-def _work(job: tuple[str, str]) -> tuple[str, dict]:
+def _profile(name: str, steps: tuple[int, int] | None) -> Profile:
+    return FULL if name == "full" and steps in (None, (STEPS, FACT_STEPS)) else (
+        Profile("full", _full_configs(*steps)) if name == "full" else PROFILES[name])
+
+
+def _work(job: tuple[str, str, tuple[int, int] | None]) -> tuple[str, dict]:
     """Worker: one configuration's sweep in this process, one thread."""
-    profile, name = job
+    profile, name, steps = job
     torch.set_num_threads(1)
     _quiet()
-    p = PROFILES[profile]
+    p = _profile(profile, steps)
     if profile not in _SETTING:
         _SETTING[profile] = _Setting(p)
     c = next(c for c in p.configs if c.name == name)
@@ -301,14 +307,15 @@ def run_profile(p: Profile, argv: list[str], out: Path | None, jobs: int = 1) ->
     torch.set_num_threads(1)
     res = {"environment": {**environment(argv), "jobs": jobs}, "complete": False,
            "setting": {k: v for k, v in asdict(p).items() if k not in ("configs", "extra")},
-           "alpha": ALPHA, "examples_seen_batch_claim": EXAMPLES_SEEN,
+           "alpha": ALPHA,
            "criterion": "lowest validation answer loss (mean over seeds where every seed runs every rate)",
            "configs": [c.name for c in p.configs], "sweeps": {}}
     save = (lambda: write_text_atomic(out, json.dumps(res, indent=1) + "\n")) if out else (lambda: None)
     s = _Setting(p)
     res["base"] = {"heldout_ppl": round(perplexity(s.base, s.tok, s.heldout), 4),
                    **{t: answer_scores(s.base, s.tok, v, ch) for t, (_, v, ch) in s.tasks.items()}}
-    jobs_list = [(p.name, c.name) for c in sorted(p.configs, key=lambda c: -_cost(c))]
+    steps = (p.configs[0].steps, next(c.steps for c in p.configs if c.task == "facts")) if p.name == "full" else None
+    jobs_list = [(p.name, c.name, steps) for c in sorted(p.configs, key=lambda c: -_cost(c))]
     done: dict[str, dict] = {}
 
     def collect(item: tuple[str, dict]) -> None:
@@ -339,9 +346,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="a few steps of a few configurations: the plumbing")
     ap.add_argument("--jobs", type=int, default=None,
                     help="processes of one thread each (default: one per CPU); the numbers do not depend on it")
+    ap.add_argument("--steps", type=int, nargs="+", default=None, metavar="N",
+                    help=f"the reviews' step budget (default {STEPS}) and the facts' (default twice it): a longer "
+                         "run of the same plan, for an idle machine")
     args = ap.parse_args(argv)
     _quiet()
-    p = SMOKE if args.smoke else FULL
+    p = SMOKE if args.smoke else FULL if args.steps is None else Profile(
+        "full", _full_configs(args.steps[0], args.steps[1] if len(args.steps) > 1 else 2 * args.steps[0]))
     jobs = args.jobs or max(1, min(os.cpu_count() or 1, len(p.configs)))
     run_profile(p, argv, args.out, jobs)
 

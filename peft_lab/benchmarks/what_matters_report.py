@@ -21,6 +21,22 @@ CLAIMS = ("rate ratio", "rank independence", "placement", "capacity", "batch siz
 RATIO_BAND = (5.0, 30.0)      # "about 10×, ≈15× in short runs": a factor 2 either side of 10–15
 NEAR_RANK = 10 ** 0.5         # "nearly independent of the rank": best rates within one grid step (×√10)
 FAMILY_PP = 2.0               # "within 1–2% of plain LoRA": accuracy points
+LEARNED = 0.75                # a configuration "learns the task" when its mean validation accuracy reaches this
+
+
+def not_learned(res: dict, names) -> dict | None:
+    """An *inconclusive* verdict naming the configurations among ``names`` that do not learn the review task at
+    their chosen rate (mean validation accuracy under :data:`LEARNED`): a claim about how well a method learns
+    cannot be read off runs that stay near chance. ``None`` when all of them learn it."""
+    sw = res["sweeps"]
+    low = {n: mean(r["val_acc"] for r in best_runs(sw[n])) for n in names}
+    low = {n: a for n, a in low.items() if a < LEARNED}
+    if not low:
+        return None
+    steps = sw[next(iter(low))]["config"]["steps"]
+    return {"verdict": VERDICTS[2], "not_learned": low,
+            "text": "not learned within the budget: " + ", ".join(f"{n} {100 * a:.0f}%" for n, a in low.items())
+                    + f" mean validation accuracy at its best rate after {steps} steps (under {LEARNED:.0%})"}
 
 
 def load(path: Path | str | None = None) -> dict:
@@ -91,6 +107,9 @@ def rate_ratio(res: dict) -> dict:
     """Claim 1a: LoRA r=16's best rate over full FT's, per seed (both ran every rate on every seed)."""
     sw = res["sweeps"]
     seeds = res["setting"]["seeds"]
+    stop = not_learned(res, ("full FT", "LoRA r=16"))
+    if stop:
+        return stop
     full = [interpolated_best(loss_by_rate(sw["full FT"], s)) for s in seeds]
     lora = [interpolated_best(loss_by_rate(sw["LoRA r=16"], s)) for s in seeds]
     ratios = [b / a for a, b in zip(full, lora)]
@@ -110,6 +129,9 @@ def rank_independence(res: dict) -> dict:
     """Claim 1b: under α/r the interpolated best rates of ranks 1–64 (mean loss over the seeds that ran each
     rate) lie within one grid step of each other; rsLoRA's α/√r is reported beside them."""
     sw = res["sweeps"]
+    stop = not_learned(res, [f"LoRA r={r}" for r in LORA_RANKS])
+    if stop:
+        return stop
     best = {r: interpolated_best(loss_by_rate(sw[f"LoRA r={r}"])) for r in LORA_RANKS if f"LoRA r={r}" in sw}
     rs = {r: interpolated_best(loss_by_rate(sw[f"rsLoRA r={r}"])) for r in (16, 64) if f"rsLoRA r={r}" in sw}
     spread = max(best.values()) / min(best.values())
@@ -126,6 +148,9 @@ def rank_independence(res: dict) -> dict:
 def placement(res: dict) -> dict:
     """Claim 2: every layer (r=3) against attention only (r=8), 6,144 trainable parameters per block each."""
     sw = res["sweeps"]
+    stop = not_learned(res, ("all layers r=3", "attention r=8"))
+    if stop and len(stop["not_learned"]) == 2:
+        return stop
     a, b = runs_at(sw["all layers r=3"]), runs_at(sw["attention r=8"])
     la, lb = [r["val_loss"] for r in a], [r["val_loss"] for r in b]
     s = separated(la, lb)
@@ -173,6 +198,9 @@ def batch_size(res: dict) -> dict:
     """Claim 4: the rise of validation loss from batch 16 to batch 64 (same examples seen, each at its own
     chosen rate), per seed, for full FT, LoRA r=1 and LoRA r=64."""
     sw = res["sweeps"]
+    stop = not_learned(res, ("full FT", "LoRA r=1", "LoRA r=64", "full FT bs=64", "LoRA r=1 bs=64", "LoRA r=64 bs=64"))
+    if stop:
+        return stop
     rise = {}
     for name in ("full FT", "LoRA r=1", "LoRA r=64"):
         small = [r["val_loss"] for r in best_runs(sw[name])]
@@ -192,6 +220,9 @@ FAMILY = ("LoRA r=16", "LoRA+ r=16", "PiSSA r=16", "OLoRA r=16", "rsLoRA r=16", 
 def family(res: dict) -> dict:
     """Claim 5: each variant at its own tuned rate against plain LoRA r=16, validation accuracy (points)."""
     sw = res["sweeps"]
+    stop = not_learned(res, ("LoRA r=16",))
+    if stop:
+        return stop
     acc = {n: [100 * r["val_acc"] for r in (best_runs(sw[n]) if n == "LoRA r=16" else runs_at(sw[n]))]
            for n in FAMILY}
     loss = {n: [r["val_loss"] for r in (best_runs(sw[n]) if n == "LoRA r=16" else runs_at(sw[n]))] for n in FAMILY}
@@ -226,7 +257,9 @@ def forgetting(res: dict) -> dict:
         if None not in full + lora:
             break
     else:
-        return {"verdict": VERDICTS[2], "target": None, "text": "a method never reaches 90% in some seed"}
+        return {"verdict": VERDICTS[2], "target": None,
+                "text": "no comparison at matched learning: in some seed full FT or LoRA r=16 reaches 90% validation "
+                        "accuracy at no rate"}
     sign = [(b < a) - (b > a) for a, b in zip(full, lora)]
     verdict = VERDICTS[0] if all(x > 0 for x in sign) else VERDICTS[1] if all(x < 0 for x in sign) else VERDICTS[2]
     return {"verdict": verdict, "target": target, "full_ppl": full, "lora_ppl": lora,
