@@ -17,6 +17,10 @@ SOLUTIONS = data_dir().parent / "notebooks" / "solutions" / "08_what_matters_sol
 
 
 def test_predicted_rate_within_a_factor_two():
+    if not _batch64():
+        ok, why = verdict("08.ex1", 1e-3)
+        assert not ok and "no batch-64 runs" in why
+        pytest.skip("the committed results file has no batch-64 runs (a stopped run): nothing to predict yet")
     lr = _batch64()["lora"]
     assert verdict("08.ex1", lr)[0] and verdict("08.ex1", 1.8 * lr)[0] and verdict("08.ex1", lr / 1.8)[0]
     ok, why = verdict("08.ex1", _batch64()["full"])
@@ -125,9 +129,13 @@ def test_solutions_notebook_answers_pass(exercise_id, capsys):
 
 def test_solution_of_the_prediction_passes():
     res = report.load()
-    ratio = sum(report.rate_ratio(res)["ratios"]) / len(res["setting"]["seeds"])
-    seed0 = res["setting"]["seeds"][0]
-    full = report.interpolated_best(report.loss_by_rate(res["sweeps"]["full FT bs=64"], seed=seed0))
-    # the solutions' reasoning; whether it lands within a factor 2 is what the measurement says
-    ok, why = verdict("08.ex1", full * ratio)
-    assert ("Right" if ok else "Not yet") and why
+    if not _batch64():
+        pytest.skip("the committed results file has no batch-64 runs (a stopped run)")
+    seeds = res["setting"]["seeds"]
+    full = [report.interpolated_best(report.loss_by_rate(res["sweeps"]["full FT"], s)) for s in seeds]
+    lora = [report.interpolated_best(report.loss_by_rate(res["sweeps"]["LoRA r=16"], s)) for s in seeds]
+    ratio = sum(b / a for a, b in zip(full, lora)) / len(seeds)
+    # the solutions' reasoning gets an answer with a reason, right or not: whether the ratio carries over to
+    # batch 64 is what the measurement says
+    ok, why = verdict("08.ex1", _batch64()["full"] * ratio)
+    assert why and ("carried over" in why) == ok

@@ -75,15 +75,22 @@ def results():
     return report.load()
 
 
-def test_committed_results_are_complete_with_three_seeds_and_every_claim(results):
-    assert results["complete"] and len(results["setting"]["seeds"]) >= 3
+def test_committed_results_have_three_seeds_and_a_verdict_for_every_claim(results):
+    """Every sweep in the file is whole (three seeds at its chosen rate, a grid of three or more, the chosen rate
+    the lowest loss); a claim whose sweeps the file lacks says "not measured", and only then."""
+    assert len(results["setting"]["seeds"]) >= 3
     assert results["configs"] == [c.name for c in wm.FULL.configs]
+    assert results["complete"] == (set(results["sweeps"]) == set(results["configs"]))
     for name, sw in results["sweeps"].items():
         assert len(sw["lrs"]) >= 3, name
         assert len(report.runs_at(sw)) == len(results["setting"]["seeds"]), name
         assert sw["chosen_lr"] == min(sw["lrs"], key=lambda lr: report.loss_by_rate(sw)[lr]), name
     v = report.verdicts(results)
-    assert list(v) == list(report.CLAIMS) and all(x["verdict"] in report.VERDICTS for x in v.values())
+    assert list(v) == list(report.CLAIMS)
+    for claim, x in v.items():
+        lacks = [n for n in report.NEEDS[claim] if n not in results["sweeps"]]
+        assert (x["verdict"] == report.NOT_MEASURED) == bool(lacks), claim
+        assert x["verdict"] in report.VERDICTS + (report.NOT_MEASURED,)
 
 
 def test_notebook_prints_the_committed_files_verdicts(results):

@@ -17,6 +17,7 @@ from ..paths import data_dir
 
 RESULTS = data_dir().parent / "notebooks" / "results" / "08_what_matters.json"
 VERDICTS = ("reproduced", "not reproduced", "inconclusive at this scale")
+NOT_MEASURED = "not measured"   # the results file lacks this claim's runs (a run stopped before its end)
 CLAIMS = ("rate ratio", "rank independence", "placement", "capacity", "batch size", "family", "forgetting")
 RATIO_BAND = (5.0, 30.0)      # "about 10×, ≈15× in short runs": a factor 2 either side of 10–15
 NEAR_RANK = 10 ** 0.5         # "nearly independent of the rank": best rates within one grid step (×√10)
@@ -269,11 +270,29 @@ def forgetting(res: dict) -> dict:
                     + f" (base {res['base']['heldout_ppl']:.2f})"}
 
 
+#: The sweeps each claim reads.
+NEEDS = {"rate ratio": ("full FT", "LoRA r=16"),
+         "rank independence": ("LoRA r=1", "LoRA r=16", "LoRA r=64"),
+         "placement": ("all layers r=3", "attention r=8"),
+         "capacity": ("facts full FT", "facts LoRA r=1", "facts LoRA r=64", "full FT", "LoRA r=1", "LoRA r=16",
+                      "LoRA r=64"),
+         "batch size": ("full FT", "LoRA r=1", "LoRA r=64", "full FT bs=64", "LoRA r=1 bs=64", "LoRA r=64 bs=64"),
+         "family": FAMILY,
+         "forgetting": ("full FT", "LoRA r=16")}
+_RULES = {"rate ratio": rate_ratio, "rank independence": rank_independence, "placement": placement,
+          "capacity": capacity, "batch size": batch_size, "family": family, "forgetting": forgetting}
+
+
 def verdicts(res: dict) -> dict[str, dict]:
-    """Every claim's verdict, numbers and a one-line summary."""
-    return {"rate ratio": rate_ratio(res), "rank independence": rank_independence(res),
-            "placement": placement(res), "capacity": capacity(res), "batch size": batch_size(res),
-            "family": family(res), "forgetting": forgetting(res)}
+    """Every claim's verdict, numbers and a one-line summary; ``not measured`` (naming what is missing) for a
+    claim whose sweeps the file does not have."""
+    out = {}
+    for claim in CLAIMS:
+        missing = [n for n in NEEDS[claim] if n not in res["sweeps"]]
+        out[claim] = ({"verdict": NOT_MEASURED, "missing": missing,
+                       "text": "the results file has no runs of " + ", ".join(missing)}
+                      if missing else _RULES[claim](res))
+    return out
 
 
 def verdict_line(claim: str, v: dict) -> str:
