@@ -221,9 +221,7 @@ FAMILY = ("LoRA r=16", "LoRA+ r=16", "PiSSA r=16", "OLoRA r=16", "rsLoRA r=16", 
 def family(res: dict) -> dict:
     """Claim 5: each variant at its own tuned rate against plain LoRA r=16, validation accuracy (points)."""
     sw = res["sweeps"]
-    stop = not_learned(res, ("LoRA r=16",))
-    if stop:
-        return stop
+    # no "not learned" guard: a variant that learns where plain LoRA does not is itself outside the claim's band
     acc = {n: [100 * r["val_acc"] for r in (best_runs(sw[n]) if n == "LoRA r=16" else runs_at(sw[n]))]
            for n in FAMILY}
     loss = {n: [r["val_loss"] for r in (best_runs(sw[n]) if n == "LoRA r=16" else runs_at(sw[n]))] for n in FAMILY}
