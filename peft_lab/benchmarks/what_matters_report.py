@@ -100,6 +100,11 @@ def loss_by_rate(sweep: dict, seed: int | None = None) -> dict[float, float]:
     return {lr: mean(v) for lr, v in out.items()}
 
 
+def choice_losses(sweep: dict, seeds) -> dict[float, float]:
+    """The losses the benchmark chose a rate by: the seeds' mean where every seed ran every rate, else seed 0's."""
+    return loss_by_rate(sweep, None if sweep["config"]["every_seed"] else list(seeds)[0])
+
+
 def _fmt_range(m, lo, hi, f="{:.3f}") -> str:
     return f"{f.format(m)} [{f.format(lo)}–{f.format(hi)}]"
 
@@ -133,8 +138,9 @@ def rank_independence(res: dict) -> dict:
     stop = not_learned(res, [f"LoRA r={r}" for r in LORA_RANKS])
     if stop:
         return stop
-    best = {r: interpolated_best(loss_by_rate(sw[f"LoRA r={r}"])) for r in LORA_RANKS if f"LoRA r={r}" in sw}
-    rs = {r: interpolated_best(loss_by_rate(sw[f"rsLoRA r={r}"])) for r in (16, 64) if f"rsLoRA r={r}" in sw}
+    seeds = res["setting"]["seeds"]
+    best = {r: interpolated_best(choice_losses(sw[f"LoRA r={r}"], seeds)) for r in LORA_RANKS if f"LoRA r={r}" in sw}
+    rs = {r: interpolated_best(choice_losses(sw[f"rsLoRA r={r}"], seeds)) for r in (16, 64) if f"rsLoRA r={r}" in sw}
     spread = max(best.values()) / min(best.values())
     edges = [r for r in best if sw[f"LoRA r={r}"]["edge"]]
     verdict = (VERDICTS[2] if edges else VERDICTS[0] if spread <= NEAR_RANK * 1.001 else
