@@ -64,7 +64,7 @@ __all__ = [
     "LoRAConfig", "LoRALinear", "DoRALinear", "apply_lora", "merge_lora", "unmerge_lora",
     "disable_lora", "remove_lora", "lora_layers", "lora_state_dict", "load_lora_state_dict", "lora_config",
     "lora_scaling", "SUPPORTED_LAYERS", "INITS", "loraplus_optimizer", "magnitude_direction_change",
-    "query_weight_changes",
+    "query_weight_changes", "pissa_factors", "olora_factors",
 ]
 
 #: Layer types LoRA can wrap here.
@@ -119,6 +119,25 @@ def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return c.alpha / math.sqrt(c.rank) if c.use_rslora else c.alpha / c.rank
 
 
+def pissa_factors(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PiSSA (Meng et al. 2024, §3; notebook 08 eqs. 08.4–08.5) on a ``d_out × d_in`` weight: with the SVD
+    ``W = U S Vᵀ``, ``B = U_r √(S_r/s)``, ``A = √(S_r/s) V_rᵀ`` (the r largest singular triplets, split evenly so
+    that ``s·B A = U_r S_r V_rᵀ``) and the residual ``W − s·B A``. Returns ``(A, B, W_res)``."""
+    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+    root = torch.sqrt(S[:rank] / scaling)
+    a, b = torch.diag(root) @ Vh[:rank], U[:, :rank] @ torch.diag(root)
+    return a, b, weight - scaling * b @ a
+
+
+def olora_factors(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OLoRA (Büyükakyüz 2024, §3; notebook 08 eq. 08.6) on a ``d_out × d_in`` weight: with ``W = Q R``,
+    ``B = Q_r`` (the first r orthonormal columns), ``A = R_r`` (the first r rows of R) and the residual
+    ``W − s·B A``. Returns ``(A, B, W_res)``."""
+    Q, R = torch.linalg.qr(weight)
+    a, b = R[:rank], Q[:, :rank]
+    return a, b, weight - scaling * b @ a
+
+
 class LoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` plus a trainable low-rank update (equations 02.1–02.7).
 
@@ -168,20 +187,13 @@ class LoRALinear(AdapterLayer):
             nn.init.zeros_(self.lora_B.weight)
             return
         w = core.stored_weight(self.base_layer)
-        dtype, r = w.dtype, self.rank
         weight = (w.T if self.fan_in_fan_out else w).detach().to(torch.float32)
-        if init == "pissa":
-            V, S, Uh = torch.linalg.svd(weight, full_matrices=False)
-            root = torch.sqrt(S[:r] / self.scaling)
-            a, b = torch.diag(root) @ Uh[:r], V[:, :r] @ torch.diag(root)
-        else:
-            Q, R = torch.linalg.qr(weight)
-            a, b = R[:r], Q[:, :r]
+        factors = pissa_factors if init == "pissa" else olora_factors
+        a, b, residual = factors(weight, self.rank, self.scaling)
         with torch.no_grad():
             self.lora_A.weight.copy_(a)
             self.lora_B.weight.copy_(b)
-            residual = weight - self.scaling * b @ a
-            w.copy_((residual.T if self.fan_in_fan_out else residual).to(dtype))
+            w.copy_((residual.T if self.fan_in_fan_out else residual).to(w.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """Equations (02.1) and (02.7): ``ΔW = s · B A`` in the base weight's layout (transposed for ``Conv1D``)."""

@@ -82,6 +82,7 @@ def train(
     pad_id: int = 0,
     progress: bool | None = None,
     desc: str = "train",
+    optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
 ) -> History:
     """AdamW on the trainable parameters of ``model`` for ``steps`` steps over ``examples``.
 
@@ -92,6 +93,9 @@ def train(
     ``PEFT_LAB_MAX_STEPS=N`` in the environment caps every run at N steps, the schedule fitted to the shorter
     run. The test command sets it to check quickly that every cell of a notebook runs on tiny-llama; the
     numbers such a run trains to are not meant to be read. Unset, nothing is capped.
+    ``optimizer(model)``, if given, builds the optimizer instead of ``AdamW(lr, weight_decay)`` — e.g. LoRA+'s
+    two rates (``lambda m: loraplus_optimizer(m, lr, 16)``, notebook 08); the schedule scales each of its
+    groups' own rates.
     """
     model = validate.require_module("model", model)
     steps = min(validate.require_int("steps", steps, min=1), _max_steps())
@@ -124,7 +128,13 @@ def train(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = params[0].device
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer is None:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        validate.require_callable("optimizer", optimizer)
+        opt = optimizer(model)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizer(model) must return a torch.optim.Optimizer, got {validate.describe(opt)}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup_steps, schedule))
     hist = History(trainable_params=sum(p.numel() for p in params))
 

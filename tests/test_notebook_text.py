@@ -21,7 +21,7 @@ from peft_lab.run_notebooks import ROOT, all_notebooks
 
 STUDENT_NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 # A method notebook derives and builds one family of methods; it gets one exercise of each active kind.
-METHOD_WORDS = ("lora", "adapters", "prefix", "scale_out")
+METHOD_WORDS = ("lora", "adapters", "prefix", "scale_out", "what_matters")
 ACTIVE_KINDS = ("predict", "build", "debug")
 
 FORBIDDEN = {

@@ -15,7 +15,7 @@ from peft_lab.run_notebooks import ROOT, execute
 # The notebooks whose parameters cell reads the model name (every method notebook; test_arch checks that each
 # one does). The solutions load "tiny" by name, so on tiny-llama they would run exactly what nbval runs.
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if "arch.model_name(" in p.read_text())
-assert [p.name[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06", "07", "09"], NOTEBOOKS
+assert [p.name[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06", "07", "08", "09"], NOTEBOOKS
 
 pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
 

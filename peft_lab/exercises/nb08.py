@@ -1,0 +1,178 @@
+"""Exercises of notebook 08 (what matters in practice). Expected answers are computed, not stored: the best rate
+from the committed results of ``benchmarks.what_matters`` (read by :mod:`~peft_lab.benchmarks.what_matters_report`),
+PiSSA's factors by ``peft_lab.lora.pissa_factors``, LoRA+'s rates by PyTorch's own optimizer and scheduler.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from . import as_number, exercise, first_failure, run_student
+
+
+@lru_cache(maxsize=None)
+def _batch64() -> dict:
+    """Full FT's and LoRA r=1's best rates at batch 64 (interpolated as notebook 08 §4 does), from the file."""
+    from ..benchmarks import what_matters_report as report
+    res = report.load()
+    sw = res["sweeps"]
+    if "full FT bs=64" not in sw or "LoRA r=1 bs=64" not in sw:
+        return {}                       # the committed file stopped before its batch-64 runs
+    full = report.interpolated_best(report.loss_by_rate(sw["full FT bs=64"], seed=res["setting"]["seeds"][0]))
+    lora = report.interpolated_best(report.loss_by_rate(sw["LoRA r=1 bs=64"], seed=res["setting"]["seeds"][0]))
+    return {"full": full, "lora": lora}
+
+
+def _forms(x: float) -> list[str]:
+    return [f"{x:.2g}", f"{x:.3g}", f"{x:.2e}", f"{x:.1e}"]
+
+
+@exercise("08.ex1", "Predict: §7 prints full fine-tuning's best learning rate at batch 64 (seed 0, interpolated as "
+                    "in §4). From it and the ratio you measured in §4, predict LoRA r=1's best rate at batch 64 "
+                    "(seed 0, interpolated the same way). Within a factor of 2 counts as right.",
+          kind="predict", hidden=lambda: _forms(_batch64()["lora"]) if _batch64() else [])
+def _predict_rate(answer):
+    from numbers import Real
+    answer = as_number(answer)
+    if isinstance(answer, bool) or not isinstance(answer, Real) or not answer > 0:
+        raise TypeError("predict one positive number, a learning rate such as 1e-3")
+    b = _batch64()
+    if not b:
+        return False, "the results file has no batch-64 runs yet, so there is nothing to compare with"
+    ratio = b["lora"] / b["full"]
+    off = answer / b["lora"]
+    why = (f"the file's best rate for LoRA r=1 at batch 64 is {b['lora']:.2g}, {ratio:.0f}× full FT's {b['full']:.2g} "
+           f"(your prediction is {off:.2g}× it).")
+    if 0.5 <= off <= 2:
+        return True, why + " The ratio of §4 carried over to another batch size."
+    if math.isclose(answer, b["full"], rel_tol=0.3):
+        return False, ("that is full fine-tuning's own rate: LoRA's factors start at B = 0 and move the weight "
+                       "through a product, so its best rate is far higher. Use the ratio of §4.")
+    return False, (f"your prediction is {off:.2g}× the measured rate. Multiply full FT's rate by the ratio §4 "
+                   "measured at batch 16, and ask whether a batch 4× larger should change that ratio.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 08.ex2 (build): PiSSA's initialisation from an SVD
+# ----------------------------------------------------------------------------------------------------------
+
+#: (d_out, d_in, rank, scaling): tall, wide and square weights, s = α/r below, at and above 1.
+_PISSA_CASES = [(24, 16, 4, 2.0), (16, 40, 3, 1.0), (32, 32, 8, 0.5), (12, 20, 1, 16.0)]
+
+
+def _pissa_case(fn, case, seed: int) -> str | None:
+    import torch
+
+    from ..lora import pissa_factors
+    d_out, d_in, r, s = case
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
+    A_ref, B_ref, res_ref = pissa_factors(W, r, s)
+    where = f"for a {d_out} × {d_in} weight, rank {r}, s = {s:g}"
+    out = run_student(fn, W.clone(), r, s, forbid=(pissa_factors,))
+    if not (isinstance(out, tuple) and len(out) == 3):
+        return "return three tensors: (A, B, W_res)"
+    A, B, res = (torch.as_tensor(t).detach().to(torch.float32) for t in out)
+    if tuple(A.shape) != (r, d_in) or tuple(B.shape) != (d_out, r) or tuple(res.shape) != (d_out, d_in):
+        return (f"shapes {tuple(A.shape)}, {tuple(B.shape)}, {tuple(res.shape)} {where}; want A: r × d_in "
+                f"{(r, d_in)}, B: d_out × r {(d_out, r)}, W_res like W {(d_out, d_in)}")
+    tol = 1e-4
+    if not torch.allclose(res + s * B @ A, W, atol=tol):
+        return f"W_res + s·B A should give W back exactly {where}: the residual is W − s·B A (08.5)"
+    if not torch.allclose(s * B @ A, s * B_ref @ A_ref, atol=tol):
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        low = U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:]
+        if torch.allclose(s * B @ A, low, atol=tol):
+            return f"s·B A is built from the r *smallest* singular values {where}; PiSSA takes the largest"
+        if torch.allclose(B @ A, s * B_ref @ A_ref, atol=tol):
+            return f"B A (without s) is the top-r part {where}: divide the singular values by s, so s·B A is"
+        return f"s·B A should be W's best rank-{r} approximation, U_r S_r V_rᵀ (08.4) {where}"
+    want = torch.diag(torch.linalg.svdvals(W)[:r] / s)
+    if not (torch.allclose(B.T @ B, want, atol=tol) and torch.allclose(A @ A.T, want, atol=tol)):
+        return (f"the product is right but the split is not {where}: PiSSA gives B and A each √(S_r / s), so that "
+                "BᵀB = A Aᵀ = S_r / s (08.4); both factors then start at the same scale")
+    return None
+
+
+@exercise("08.ex2", "Build PiSSA's initialisation: write pissa_init(W, rank, s) for a d_out × d_in weight W that "
+                    "returns (A, B, W_res) with A: rank × d_in, B: d_out × rank built from the top-rank singular "
+                    "triplets of W (equation 08.4) and W_res = W − s·B A (08.5). check() runs it on four random "
+                    "weights and compares with peft_lab's (which refuses to run meanwhile).",
+          kind="build", hidden=lambda: [])
+def _pissa(answer):
+    reason = first_failure(_PISSA_CASES, lambda case, seed: _pissa_case(answer, case, seed), seed=800)
+    if reason is not None:
+        return False, reason
+    return True, (f"on {len(_PISSA_CASES)} weights (tall, wide, square; s from 0.5 to 16) your factors rebuild W, "
+                  "their product is W's best rank-r part, and each carries √(S_r/s): PEFT's "
+                  "init_lora_weights='pissa' computes the same.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 08.ex3 (debug): a LoRA+ optimizer whose schedule gives B and A the same rate
+# ----------------------------------------------------------------------------------------------------------
+
+def _debug_model():
+    import torch
+
+    from ..lora import apply_lora
+    from ..models import load_base_model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base, _ = load_base_model("tiny", device="cpu")
+        return apply_lora(base, rank=4, alpha=8, target_modules=["c_attn", "c_fc"])
+
+
+def _rates(opt, kind: str) -> set[float]:
+    ids = {id(p) for n, p in _named if f"lora_{kind}" in n}
+    return {g["lr"] for g in opt.param_groups for p in g["params"] if id(p) in ids}
+
+
+_named: list = []
+
+
+@exercise("08.ex3", "Debug: loraplus_with_schedule(model, lr, ratio, total_steps) in §8 should give every B "
+                    "factor `ratio` times A's learning rate at every step of a one-cycle schedule whose peak for A "
+                    "is lr — but B and A end up with the same rate. Fix it and pass the fixed function to check(); "
+                    "it steps your scheduler through a run and reads both rates at every step.",
+          kind="debug", hidden=lambda: [])
+def _loraplus_debug(answer):
+    import torch
+    model = _debug_model()
+    _named[:] = list(model.named_parameters())
+    lr, ratio, total = 2e-3, 16.0, 20
+    out = run_student(answer, model, lr, ratio, total)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        return False, "return (optimizer, scheduler), as the notebook's version does"
+    opt, sched = out
+    if not isinstance(opt, torch.optim.Optimizer):
+        return False, f"the first value should be a torch optimizer, got {type(opt).__name__}"
+    trainable = [p for _, p in _named if p.requires_grad]
+    held = [p for g in opt.param_groups for p in g["params"]]
+    if len(held) != len(trainable) or {id(p) for p in held} != {id(p) for p in trainable}:
+        return False, "every trainable LoRA factor must sit in exactly one parameter group"
+    peak_a, worst = 0.0, None
+    for step in range(total):
+        a, b = _rates(opt, "A"), _rates(opt, "B")
+        if len(a) != 1 or len(b) != 1:
+            return False, "all A factors should share one rate, and all B factors another"
+        (ra,), (rb,) = a, b
+        peak_a = max(peak_a, ra)
+        if not math.isclose(rb, ratio * ra, rel_tol=1e-6) and worst is None:
+            worst = (step, ra, rb)
+        opt.step()
+        if sched is not None:
+            sched.step()
+    if worst is not None:
+        step, ra, rb = worst
+        same = math.isclose(ra, rb, rel_tol=1e-6)
+        return False, (f"at step {step} A's rate is {ra:.3g} and B's {rb:.3g}"
+                       + (" — the same: something sets every group's rate after you built the groups. Which "
+                          "argument of the scheduler decides each group's peak?" if same else
+                          f" — B should have {ratio:g}× A's rate at every step"))
+    if sched is None:
+        return False, "keep the one-cycle schedule: return the scheduler too"
+    if not math.isclose(peak_a, lr, rel_tol=1e-3):
+        return False, f"A's peak rate is {peak_a:.3g}; it should be lr = {lr:g} (B's, {ratio:g}× that)"
+    return True, (f"B's rate is {ratio:g}× A's at all {total} steps and A peaks at lr: a scheduler that takes one "
+                  "max_lr for every group overwrites the groups' own rates — give it one per group.")
