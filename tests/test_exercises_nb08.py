@@ -59,19 +59,35 @@ def _no_residual(W, rank, s):
     return A, B, W
 
 
+def _stored(fn):
+    """A d_out × d_in answer turned into one for a Conv1D weight, stored d_in × d_out (the exercise's input)."""
+    def on_conv1d(W_stored, rank, s):
+        A, B, res = fn(W_stored.T, rank, s)
+        return A, B, res.T
+    on_conv1d.__name__ = fn.__name__
+    return on_conv1d
+
+
+def _residual_not_stored(W_stored, rank, s):    # the residual left in the d_out × d_in view
+    A, B, res = _good(W_stored.T, rank, s)
+    return A, B, res
+
+
 def test_pissa_build_right_and_wrong():
-    assert passes_and_leaves_the_rng_alone("08.ex2", _good)
-    for fn, words in ((_no_scaling, "divide the singular values by s"), (_smallest, "smallest"),
-                      (_all_in_b, "split"), (_no_residual, "W_res + s·B A")):
+    assert passes_and_leaves_the_rng_alone("08.ex2", _stored(_good))
+    for fn, words in ((_stored(_no_scaling), "divide the singular values by s"), (_stored(_smallest), "smallest"),
+                      (_stored(_all_in_b), "split"), (_stored(_no_residual), "W_res + s·B A"),
+                      (_good, "transpose it first"), (_residual_not_stored, "layer's layout")):
         ok, why = verdict("08.ex2", fn)
         assert not ok and words in why, (fn.__name__, why)
 
 
 def test_the_package_pissa_is_not_an_answer():
-    def via_package(W, rank, s):
-        return peft_lab.lora.pissa_factors(W, rank, s)
+    def via_package(W_stored, rank, s):
+        return peft_lab.lora.pissa_factors(W_stored.T, rank, s)
 
-    def via_layer(W, rank, s):
+    def via_layer(W_stored, rank, s):
+        W = W_stored.T
         layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
         layer.weight.data.copy_(W)
         lora = peft_lab.LoRALinear(layer, rank=rank, alpha=s * rank, init="pissa")

@@ -41,13 +41,13 @@ def _predict_rate(answer):
         return False, "the results file has no batch-64 runs yet, so there is nothing to compare with"
     ratio = b["lora"] / b["full"]
     off = answer / b["lora"]
-    why = (f"the file's best rate for LoRA r=1 at batch 64 is {b['lora']:.2g}, {ratio:.0f}× full FT's {b['full']:.2g} "
-           f"(your prediction is {off:.2g}× it).")
     if 0.5 <= off <= 2:
-        return True, why + " The ratio of §4 carried over to another batch size."
-    if math.isclose(answer, b["full"], rel_tol=0.3):
+        return True, (f"the file's best rate for LoRA r=1 at batch 64 is {b['lora']:.2g}, {ratio:.2g}× full FT's "
+                      f"{b['full']:.2g} (your prediction is {off:.2g}× it). Compare that ratio with §4's at batch "
+                      "16: whether it carries over to another batch size is part of claim 4.")
+    if math.isclose(answer, b["full"], rel_tol=0.3) and not 0.5 <= ratio <= 2:
         return False, ("that is full fine-tuning's own rate: LoRA's factors start at B = 0 and move the weight "
-                       "through a product, so its best rate is far higher. Use the ratio of §4.")
+                       "through a product, so its best rate differs. Use the ratio of §4.")
     return False, (f"your prediction is {off:.2g}× the measured rate. Multiply full FT's rate by the ratio §4 "
                    "measured at batch 16, and ask whether a batch 4× larger should change that ratio.")
 
@@ -68,17 +68,29 @@ def _pissa_case(fn, case, seed: int) -> str | None:
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
     A_ref, B_ref, res_ref = pissa_factors(W, r, s)
-    where = f"for a {d_out} × {d_in} weight, rank {r}, s = {s:g}"
-    out = run_student(fn, W.clone(), r, s, forbid=(pissa_factors,))
+    where = f"for a Conv1D storing a {d_out} × {d_in} map as {d_in} × {d_out}, rank {r}, s = {s:g}"
+    out = run_student(fn, W.T.clone(), r, s, forbid=(pissa_factors,))   # GPT-2's Conv1D stores Wᵀ
     if not (isinstance(out, tuple) and len(out) == 3):
         return "return three tensors: (A, B, W_res)"
     A, B, res = (torch.as_tensor(t).detach().to(torch.float32) for t in out)
-    if tuple(A.shape) != (r, d_in) or tuple(B.shape) != (d_out, r) or tuple(res.shape) != (d_out, d_in):
-        return (f"shapes {tuple(A.shape)}, {tuple(B.shape)}, {tuple(res.shape)} {where}; want A: r × d_in "
-                f"{(r, d_in)}, B: d_out × r {(d_out, r)}, W_res like W {(d_out, d_in)}")
+    if tuple(A.shape) == (r, d_out) and tuple(B.shape) == (d_in, r) and d_in != d_out:
+        return (f"A is {tuple(A.shape)} {where}: A multiplies the input x (d_in = {d_in}), so it is r × d_in. You "
+                "decomposed the stored matrix as if it were d_out × d_in: transpose it first")
+    if tuple(A.shape) != (r, d_in) or tuple(B.shape) != (d_out, r):
+        return (f"shapes {tuple(A.shape)}, {tuple(B.shape)} {where}; want A: r × d_in {(r, d_in)}, "
+                f"B: d_out × r {(d_out, r)}")
+    if tuple(res.shape) != (d_in, d_out):
+        return (f"W_res is {tuple(res.shape)} {where}: it goes back into the Conv1D, which stores its weight "
+                f"d_in × d_out {(d_in, d_out)} — return it in the layer's layout")
+    res = res.T                                                           # compare in the d_out × d_in view
+    tol = 1e-4
+    if d_in == d_out and torch.allclose(s * B @ A, (s * B_ref @ A_ref).T, atol=tol):
+        return (f"s·B A is the transpose of what it should be {where}: you decomposed the stored matrix Wᵀ; "
+                "transpose it first, so that A acts on the input")
     tol = 1e-4
     if not torch.allclose(res + s * B @ A, W, atol=tol):
-        return f"W_res + s·B A should give W back exactly {where}: the residual is W − s·B A (08.5)"
+        return (f"W_res + s·B A should give W back exactly {where}: the residual is W − s·B A (08.5), stored "
+                "transposed")
     if not torch.allclose(s * B @ A, s * B_ref @ A_ref, atol=tol):
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         low = U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:]
@@ -94,18 +106,20 @@ def _pissa_case(fn, case, seed: int) -> str | None:
     return None
 
 
-@exercise("08.ex2", "Build PiSSA's initialisation: write pissa_init(W, rank, s) for a d_out × d_in weight W that "
-                    "returns (A, B, W_res) with A: rank × d_in, B: d_out × rank built from the top-rank singular "
-                    "triplets of W (equation 08.4) and W_res = W − s·B A (08.5). check() runs it on four random "
-                    "weights and compares with peft_lab's (which refuses to run meanwhile).",
+@exercise("08.ex2", "Build PiSSA's initialisation for GPT-2's Conv1D: write pissa_init(W_stored, rank, s), where "
+                    "W_stored is a Conv1D weight — the d_out × d_in map W stored transposed, d_in × d_out. Return "
+                    "(A, B, W_res) with A: rank × d_in, B: d_out × rank from the top-rank singular triplets of W "
+                    "(equation 08.4), and W_res = W − s·B A (08.5) in the layer's stored layout, d_in × d_out. "
+                    "check() runs it on four random weights and compares with peft_lab's (which refuses to run "
+                    "meanwhile).",
           kind="build", hidden=lambda: [])
 def _pissa(answer):
     reason = first_failure(_PISSA_CASES, lambda case, seed: _pissa_case(answer, case, seed), seed=800)
     if reason is not None:
         return False, reason
     return True, (f"on {len(_PISSA_CASES)} weights (tall, wide, square; s from 0.5 to 16) your factors rebuild W, "
-                  "their product is W's best rank-r part, and each carries √(S_r/s): PEFT's "
-                  "init_lora_weights='pissa' computes the same.")
+                  "their product is W's best rank-r part, each carries √(S_r/s), and the residual goes back in the "
+                  "layer's own layout: PEFT's init_lora_weights='pissa' computes the same on a Conv1D.")
 
 
 # ----------------------------------------------------------------------------------------------------------
