@@ -15,9 +15,10 @@ A batch of ``--batch`` rows, the rows spread evenly over N adapters of rank ``--
 * **gathered**: stacked factors indexed per row and one batched product (09.3), Punica's idea.
 
 Printed per N: tokens per second of each, their ratios to *grouped* (the median over rounds of per-round
-ratios, interleaved rounds), and the memory of N adapters (their factors) against N merged copies of the
-model. On a GPU the picture changes: kernel launches, not arithmetic, dominate small products, which is what
-one gathered kernel (SGMV/BGMV) saves; a CPU shows the arithmetic and Python overhead only.
+ratios, interleaved rounds), the fastest way by those ratios, and the memory of N adapters (their factors) and
+of one base plus N adapters against N merged copies of the model. On a GPU the picture changes: kernel
+launches, not arithmetic, dominate small products, which is what one gathered kernel (SGMV/BGMV) saves; a CPU
+shows the arithmetic and Python overhead only.
 """
 from __future__ import annotations
 
@@ -115,12 +116,13 @@ def print_table(name: str, rows: list[dict]) -> None:
     print(f"\n{name} (swap = merged, swapping)")
     print(f"{'N':>3}" + "".join(f"{SHORT[w] + ' tok/s':>16}" for w in ways)
           + "".join(f"{SHORT[w] + '/grouped':>18}" for w in ways if w != "grouped")
-          + f"{'fastest':>10}{'N adapters':>14}{'N merged copies':>17}")
+          + f"{'fastest':>10}{'N adapters':>14}{'base + N adapters':>19}{'N merged copies':>17}")
     for r in rows:
         speeds = "".join(f"{r['tokens_per_s'][w]:>16,.0f}" for w in ways)
         ratios = "".join(f"{r['time_ratio_to_grouped'][w]:>18.2f}" for w in ways if w != "grouped")
+        held = r["copies_bytes"] / r["n"] + r["adapter_bytes"]          # one base (copies / N) and the N adapters
         print(f"{r['n']:>3}{speeds}{ratios}{SHORT[fastest(r)]:>10}{r['adapter_bytes'] / 2**20:>10.2f} MiB"
-              f"{r['copies_bytes'] / 2**20:>13.1f} MiB")
+              f"{held / 2**20:>15.2f} MiB{r['copies_bytes'] / 2**20:>13.1f} MiB")
 
 
 def main(argv=None) -> None:
