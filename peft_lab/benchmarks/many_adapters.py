@@ -15,9 +15,10 @@ A batch of ``--batch`` rows, the rows spread evenly over N adapters of rank ``--
 * **gathered**: stacked factors indexed per row and one batched product (09.3), Punica's idea.
 
 Printed per N: tokens per second of each, their ratios to *grouped* (the median over rounds of per-round
-ratios, interleaved rounds), and the memory of N adapters (their factors) against N merged copies of the
-model. On a GPU the picture changes: kernel launches, not arithmetic, dominate small products, which is what
-one gathered kernel (SGMV/BGMV) saves; a CPU shows the arithmetic and Python overhead only.
+ratios, interleaved rounds), the fastest way by those ratios, and the memory of N adapters (their factors) and
+of one base plus N adapters against N merged copies of the model. On a GPU the picture changes: kernel
+launches, not arithmetic, dominate small products, which is what one gathered kernel (SGMV/BGMV) saves; a CPU
+shows the arithmetic and Python overhead only.
 """
 from __future__ import annotations
 
@@ -103,17 +104,25 @@ def summary(results: list[dict], tokens: int) -> list[dict]:
     return rows
 
 
+def fastest(row: dict) -> str:
+    """The fastest way at one N by the paired ratios to grouped (grouped's own ratio is 1): the same statistic
+    as the ratios the table prints, so "fastest" and the ratios cannot disagree."""
+    ratios = {"grouped": 1.0, **row["time_ratio_to_grouped"]}
+    return min(ratios, key=ratios.get)
+
+
 def print_table(name: str, rows: list[dict]) -> None:
     ways = list(rows[0]["tokens_per_s"])
     print(f"\n{name} (swap = merged, swapping)")
     print(f"{'N':>3}" + "".join(f"{SHORT[w] + ' tok/s':>16}" for w in ways)
           + "".join(f"{SHORT[w] + '/grouped':>18}" for w in ways if w != "grouped")
-          + f"{'N adapters':>14}{'N merged copies':>17}")
+          + f"{'fastest':>10}{'N adapters':>14}{'base + N adapters':>19}{'N merged copies':>17}")
     for r in rows:
         speeds = "".join(f"{r['tokens_per_s'][w]:>16,.0f}" for w in ways)
         ratios = "".join(f"{r['time_ratio_to_grouped'][w]:>18.2f}" for w in ways if w != "grouped")
-        print(f"{r['n']:>3}{speeds}{ratios}{r['adapter_bytes'] / 2**20:>10.2f} MiB"
-              f"{r['copies_bytes'] / 2**20:>13.1f} MiB")
+        held = r["copies_bytes"] / r["n"] + r["adapter_bytes"]          # one base (copies / N) and the N adapters
+        print(f"{r['n']:>3}{speeds}{ratios}{SHORT[fastest(r)]:>10}{r['adapter_bytes'] / 2**20:>10.2f} MiB"
+              f"{held / 2**20:>15.2f} MiB{r['copies_bytes'] / 2**20:>13.1f} MiB")
 
 
 def main(argv=None) -> None:
@@ -137,7 +146,7 @@ def main(argv=None) -> None:
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "load_start": _load()}
     print(f"{machine_line(args)}, rank {args.rank}; tokens/s: median of interleaved rounds; ratio to grouped: "
-          "median of per-round ratios (> 1: slower than grouped)")
+          "median of per-round ratios (> 1: slower than grouped); fastest: by those ratios")
     record.update(threads=torch.get_num_threads(), rank=args.rank, batch=args.batch, seq=args.seq,
                   repeats=args.repeats or 9, rows_per_adapter="row b belongs to adapter b mod N", models={})
     for name in args.models:

@@ -57,7 +57,8 @@ def _sign_cases():
 @exercise("09.ex2", "Build TIES's sign election: elect(stacked) -> a boolean tensor of stacked's shape. stacked "
                     "holds N trimmed factors on dim 0; per entry the elected sign is the sign of the sum over the N "
                     "(a sum of exactly 0 elects +), and the mask is True where an adapter's entry has that sign. "
-                    "Pass the function itself (peft_lab's and PEFT's own elections refuse to run while yours does).",
+                    "Pass the function itself (the grader runs it; peft_lab's and PEFT's own elections are switched "
+                    "off meanwhile).",
           kind="build", hidden=lambda: [])
 def _elect(answer):
     import torch
@@ -107,7 +108,7 @@ def _grouped_case(seed: int):
 @exercise("09.ex3", "Debug: grouped_delta(x, rows, deltas) should return the adapters' part of a mixed batch "
                     "(09.2): for each adapter one sub-batch of its rows, deltas[name](x[rows of name]), and zeros "
                     "for '__base__' rows, with row b of the result belonging to row b of x. The notebook's version "
-                    "gives wrong outputs whenever the batch is not already sorted by adapter. Fix it and pass the "
+                    "gives wrong outputs unless each adapter's rows are contiguous in the batch. Fix it and pass the "
                     "fixed function.", kind="debug", hidden=lambda: [])
 def _grouped(answer):
     import torch
