@@ -122,10 +122,11 @@ class MultiLoRALinear(core.AdapterLayer):
         """(09.3): stacked factors indexed per row, one batched product; a base row uses an all-zero slot."""
         names = list(self.lora_A)
         if len({self.lora_A[n].out_features for n in names}) > 1:
-            raise ValueError("the gathered mixed batch stacks the factors, so every adapter needs the same rank")
+            raise ValueError("the gathered mixed batch stacks the factors: every adapter needs the same rank")
         zero_a = torch.zeros_like(self.lora_A[names[0]].weight)
+        zero_b = torch.zeros_like(self.lora_B[names[0]].weight)
         A = torch.stack([self.lora_A[n].weight for n in names] + [zero_a])              # (N+1) × r × d_in
-        B = torch.stack([self.lora_B[n].weight for n in names] + [torch.zeros_like(self.lora_B[names[0]].weight)])
+        B = torch.stack([self.lora_B[n].weight for n in names] + [zero_b])              # (N+1) × d_out × r
         s = torch.tensor([self.scaling[n] for n in names] + [0.0], dtype=x.dtype, device=x.device)
         idx = torch.tensor([names.index(a) if a != BASE else len(names) for a in self.rows], device=x.device)
         flat = x.reshape(x.shape[0], -1, x.shape[-1])                                    # B × T × d_in
