@@ -409,13 +409,15 @@ class LayerMethod:
 
     ``suffix``: the public functions' common suffix (``"lora"`` for ``apply_lora``, ``merge_lora``, ...), which
     messages name; ``supported``: the layer types it may wrap; ``companions``: other module types it puts into
-    the model that remove must unwrap too (bottleneck adapters' ``ResidualTap``).
+    the model that remove must unwrap too (bottleneck adapters' ``ResidualTap``); ``apply_hint``: the call that
+    puts the method on a model, as messages name it (``apply_<suffix>(model, ...)`` unless given).
     """
 
     def __init__(self, name: str, layer_class: type, label: str, suffix: str,
-                 supported: tuple[type, ...] = (), companions: tuple[type, ...] = ()):
+                 supported: tuple[type, ...] = (), companions: tuple[type, ...] = (), apply_hint: str | None = None):
         self.name, self.layer_class, self.label, self.suffix = name, layer_class, label, suffix
         self.supported, self.companions = supported, companions
+        self.apply_hint = apply_hint or f"apply_{suffix}(model, ...)"
 
     def register(self, **fields):
         """Register the method (:func:`peft_lab.registry.register`); its name, label, layer class and
@@ -435,7 +437,7 @@ class LayerMethod:
     def require(self, model: nn.Module, action: str | None = None) -> list[tuple[str, AdapterLayer]]:
         """The layers, or ``ValueError`` when there are none; with ``action``, refused inside the method's disable
         block (which restores the layers' merged state when it ends, undoing or doubling the action)."""
-        layers = require_layers(model, self.layer_class, self.label, f"apply_{self.suffix}(model, ...)")
+        layers = require_layers(model, self.layer_class, self.label, self.apply_hint)
         if action and any(layer.disabled for _, layer in layers):
             raise ValueError(f"{action} inside `with disable_{self.suffix}(model):` is not allowed: the block "
                              f"restores the layers' merged state when it ends. Call {action} after the block")

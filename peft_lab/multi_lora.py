@@ -137,7 +137,8 @@ class MultiLoRALinear(core.AdapterLayer):
         return f"adapters={list(self.lora_A)}, active={self.active!r}, fan_in_fan_out={self.fan_in_fan_out}"
 
 
-_LAYERS = core.LayerMethod("multi_lora", MultiLoRALinear, "LoRA adapters", "lora_adapters", SUPPORTED_LAYERS)
+_LAYERS = core.LayerMethod("multi_lora", MultiLoRALinear, "LoRA adapters", "lora_adapters", SUPPORTED_LAYERS,
+                           apply_hint="add_lora_adapter(model, name, ...)")
 
 
 def _layers(model: nn.Module) -> list[tuple[str, MultiLoRALinear]]:

@@ -51,6 +51,16 @@ def ctx(tiny):
     return Ctx(tiny)
 
 
+def _two(c):
+    """A small model with named LoRA adapters 'a' and 'b'."""
+    return peft_lab.add_lora_adapter(peft_lab.add_lora_adapter(c.small(), "a", rank=2), "b", rank=2)
+
+
+def _enter(context):
+    with context:
+        pass
+
+
 def _merged_then_train(c):
     m = c.lora()
     peft_lab.merge_lora(m)
@@ -435,6 +445,29 @@ CASES = [
     ("interop", "import into str", lambda c, t: peft_lab.import_peft_adapter("model", t), TypeError, ["model"]),
     ("interop", "import missing folder", lambda c, t: peft_lab.import_peft_adapter(c.small(), t / "nope"),
      FileNotFoundError, ["path"]),
+    # --- many adapters on one base (multi_lora) and LoRA+ ------------------------------------------------
+    ("multi_lora", "adapter named __base__", lambda c, t: peft_lab.add_lora_adapter(c.small(), "__base__"),
+     ValueError, ["reserved"]),
+    ("multi_lora", "adapter name int", lambda c, t: peft_lab.add_lora_adapter(c.small(), 3), TypeError, ["name"]),
+    ("multi_lora", "names of a plain model", lambda c, t: peft_lab.lora_adapter_names(c.small()), ValueError,
+     ["add_lora_adapter"]),
+    ("multi_lora", "activate unknown", lambda c, t: peft_lab.set_active_adapter(_two(c), "nope"), ValueError,
+     ["nope", "'a'"]),
+    ("multi_lora", "state dict unknown", lambda c, t: peft_lab.lora_adapter_state_dict(_two(c), "nope"),
+     ValueError, ["nope"]),
+    ("multi_lora", "mixed batch str", lambda c, t: _enter(peft_lab.mixed_batch(_two(c), "a")), TypeError,
+     ["adapter_names"]),
+    ("multi_lora", "mixed batch how", lambda c, t: _enter(peft_lab.mixed_batch(_two(c), ["a"], how="bgmv")),
+     ValueError, ["how", "gathered"]),
+    ("multi_lora", "hotswap wrong keys", lambda c, t: peft_lab.hotswap_adapter(_two(c), "a", {"x": torch.ones(1)}),
+     ValueError, ["adapter 'a'"]),
+    ("multi_lora", "merge svd", lambda c, t: peft_lab.merge_adapters(_two(c), ["a", "b"], [1, 1], combination="svd"),
+     ValueError, ["combination", "ties"]),
+    ("multi_lora", "remove from plain", lambda c, t: peft_lab.remove_lora_adapters(c.small()), ValueError,
+     ["add_lora_adapter"]),
+    ("lora", "LoRA+ lr str", lambda c, t: peft_lab.loraplus_optimizer(c.lora(), lr="1e-3"), TypeError, ["lr"]),
+    ("lora", "LoRA+ ratio 0", lambda c, t: peft_lab.loraplus_optimizer(c.lora(), lr=1e-3, ratio=0), ValueError,
+     ["ratio"]),
     # --- adapters, AdapterHub --------------------------------------------------------------------------
     ("adapters", "bottleneck_dim str", lambda c, t: peft_lab.apply_adapters(c.small(), bottleneck_dim="8"),
      TypeError, ["bottleneck_dim", "'8'"]),
