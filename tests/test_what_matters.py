@@ -101,3 +101,48 @@ def test_notebook_prints_the_committed_files_verdicts(results):
     outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     for claim, v in report.verdicts(results).items():
         assert report.verdict_line(claim, v) in outputs, (claim, v["verdict"])
+
+
+def test_guard_keeps_the_measured_numbers_after_its_reason():
+    measured = {"verdict": report.VERDICTS[0], "ratios": [9.0], "text": "ratio 9.0×"}
+    assert report.guarded(None, measured) is measured
+    stop = {"verdict": report.VERDICTS[2], "not_learned": {"LoRA r=16": 0.5}, "text": "not learned"}
+    out = report.guarded(stop, measured)
+    assert out["verdict"] == report.VERDICTS[2] and out["measured"] == report.VERDICTS[0]
+    assert out["ratios"] == [9.0] and out["text"].startswith("not learned") and "ratio 9.0×" in out["text"]
+
+
+def _needs(results, claim):
+    if any(n not in results["sweeps"] for n in report.NEEDS[claim]):
+        pytest.skip(f"the committed file has no runs for {claim}")
+
+
+def test_rate_ratio_always_reports_the_measured_ratio(results):
+    """08.ex1 asks for §4's ratio: it is printed whether or not the guard stops the verdict."""
+    _needs(results, "rate ratio")
+    v = report.rate_ratio(results)
+    assert len(v["ratios"]) == len(results["setting"]["seeds"]) and f"mean {report.mean(v['ratios']):.1f}×" in v["text"]
+
+
+def test_capacity_is_inconclusive_when_full_fine_tuning_does_not_memorise_the_facts(results):
+    import copy
+    _needs(results, "capacity")
+    res = copy.deepcopy(results)
+    for r in res["sweeps"]["facts full FT"]["runs"]:
+        r["val_acc"] = 0.5
+    v = report.capacity(res)
+    assert v["verdict"] == report.VERDICTS[2] and "facts full FT" in v["not_learned"]
+
+
+def test_family_reads_every_configuration_at_seed_0s_rate(results):
+    """One rule for all six, plain LoRA included: the runs at the rate of seed 0's lowest validation loss."""
+    _needs(results, "family")
+    seeds = results["setting"]["seeds"]
+    v = report.family(results)
+    for n in report.FAMILY:
+        sw = results["sweeps"][n]
+        losses = report.loss_by_rate(sw, seeds[0])
+        assert v["rates"][n] == min(losses, key=losses.get), n
+        if not sw["config"]["every_seed"]:
+            assert v["rates"][n] == sw["chosen_lr"], n
+        assert v["seeds_acc"][n] == [100 * r["val_acc"] for r in report.runs_at(sw, v["rates"][n])], n

@@ -34,10 +34,22 @@ def not_learned(res: dict, names) -> dict | None:
     low = {n: a for n, a in low.items() if a < LEARNED}
     if not low:
         return None
-    steps = sw[next(iter(low))]["config"]["steps"]
+    steps = {sw[n]["config"]["steps"] for n in low}
+    each = (lambda n: f" ({sw[n]['config']['steps']} steps)") if len(steps) > 1 else (lambda n: "")
+    after = "" if len(steps) > 1 else f" after {steps.pop()} steps"
     return {"verdict": VERDICTS[2], "not_learned": low,
-            "text": "not learned within the budget: " + ", ".join(f"{n} {100 * a:.0f}%" for n, a in low.items())
-                    + f" mean validation accuracy at its best rate after {steps} steps (under {LEARNED:.0%})"}
+            "text": "not learned within the budget: "
+                    + ", ".join(f"{n} {100 * a:.0f}%{each(n)}" for n, a in low.items())
+                    + f" mean validation accuracy at its best rate{after} (under {LEARNED:.0%})"}
+
+
+def guarded(stop: dict | None, result: dict) -> dict:
+    """``result`` unchanged when ``stop`` is ``None``; else the *inconclusive* verdict of ``stop`` with the
+    measured numbers kept and printed after the reason (they are read, with care, by notebook 08 and 08.ex1)."""
+    if stop is None:
+        return result
+    return {**result, **stop, "measured": result["verdict"],
+            "text": stop["text"] + "; measured anyway (not a test of the claim): " + result["text"]}
 
 
 def load(path: Path | str | None = None) -> dict:
@@ -64,6 +76,13 @@ def runs_at(sweep: dict, lr: float | None = None) -> list[dict]:
     """The runs of a sweep at rate ``lr`` (its chosen rate by default), one per seed, in seed order."""
     lr = sweep["chosen_lr"] if lr is None else lr
     return sorted((r for r in sweep["runs"] if r["lr"] == lr), key=lambda r: r["seed"])
+
+
+def seed0_runs(sweep: dict, seeds) -> list[dict]:
+    """The runs (one per seed) at the rate that gave seed 0 the lowest validation loss: the rule the benchmark
+    uses for every configuration that chose on seed 0, applied also to one that ran every rate on every seed."""
+    losses = loss_by_rate(sweep, list(seeds)[0])
+    return runs_at(sweep, min(losses, key=losses.get))
 
 
 def best_runs(sweep: dict) -> list[dict]:
@@ -113,9 +132,6 @@ def rate_ratio(res: dict) -> dict:
     """Claim 1a: LoRA r=16's best rate over full FT's, per seed (both ran every rate on every seed)."""
     sw = res["sweeps"]
     seeds = res["setting"]["seeds"]
-    stop = not_learned(res, ("full FT", "LoRA r=16"))
-    if stop:
-        return stop
     full = [interpolated_best(loss_by_rate(sw["full FT"], s)) for s in seeds]
     lora = [interpolated_best(loss_by_rate(sw["LoRA r=16"], s)) for s in seeds]
     ratios = [b / a for a, b in zip(full, lora)]
@@ -123,9 +139,10 @@ def rate_ratio(res: dict) -> dict:
     verdict = (VERDICTS[0] if all(lo <= x <= hi for x in ratios) else
                VERDICTS[1] if all(x < lo for x in ratios) or all(x > hi for x in ratios) else VERDICTS[2])
     grid = sw["LoRA r=16"]["chosen_lr"] / sw["full FT"]["chosen_lr"]
-    return {"verdict": verdict, "ratios": ratios, "full_best": full, "lora_best": lora, "grid_ratio": grid,
-            "text": f"best rate LoRA r=16 / full FT per seed {', '.join(f'{x:.1f}×' for x in ratios)} "
-                    f"(grid choices {grid:.3g}×); the claim's band {lo:g}–{hi:g}×"}
+    return guarded(not_learned(res, ("full FT", "LoRA r=16")), {
+        "verdict": verdict, "ratios": ratios, "full_best": full, "lora_best": lora, "grid_ratio": grid,
+        "text": f"best rate LoRA r=16 / full FT per seed {', '.join(f'{x:.1f}×' for x in ratios)} "
+                f"(mean {mean(ratios):.1f}×; grid choices {grid:.3g}×); the claim's band {lo:g}–{hi:g}×"})
 
 
 LORA_RANKS = (1, 16, 64)
@@ -135,9 +152,6 @@ def rank_independence(res: dict) -> dict:
     """Claim 1b: under α/r the interpolated best rates of ranks 1–64 (mean loss over the seeds that ran each
     rate) lie within one grid step of each other; rsLoRA's α/√r is reported beside them."""
     sw = res["sweeps"]
-    stop = not_learned(res, [f"LoRA r={r}" for r in LORA_RANKS])
-    if stop:
-        return stop
     seeds = res["setting"]["seeds"]
     best = {r: interpolated_best(choice_losses(sw[f"LoRA r={r}"], seeds)) for r in LORA_RANKS if f"LoRA r={r}" in sw}
     rs = {r: interpolated_best(choice_losses(sw[f"rsLoRA r={r}"], seeds)) for r in (16, 64) if f"rsLoRA r={r}" in sw}
@@ -149,22 +163,25 @@ def rank_independence(res: dict) -> dict:
             f" (max/min {spread:.1f}×)")
     if len(rs) == 2:
         text += f"; α/√r: r=16 {rs[16]:.2g}, r=64 {rs[64]:.2g} ({rs[16] / rs[64]:.1f}× lower at r=64)"
-    return {"verdict": verdict, "best": best, "rslora_best": rs, "spread": spread, "edges": edges, "text": text}
+    return guarded(not_learned(res, [f"LoRA r={r}" for r in LORA_RANKS]),
+                   {"verdict": verdict, "best": best, "rslora_best": rs, "spread": spread, "edges": edges,
+                    "text": text})
 
 
 def placement(res: dict) -> dict:
-    """Claim 2: every layer (r=3) against attention only (r=8), 6,144 trainable parameters per block each."""
+    """Claim 2: every layer (r=3) against attention only (r=8), 6,144 trainable parameters per block each.
+    Inconclusive only when *both* stay near chance: when one learns and the other does not, that is the
+    comparison itself (the learner's seeds lie below the other's in validation loss)."""
     sw = res["sweeps"]
-    stop = not_learned(res, ("all layers r=3", "attention r=8"))
-    if stop and len(stop["not_learned"]) == 2:
-        return stop
     a, b = runs_at(sw["all layers r=3"]), runs_at(sw["attention r=8"])
     la, lb = [r["val_loss"] for r in a], [r["val_loss"] for r in b]
     s = separated(la, lb)
     verdict = VERDICTS[0] if s < 0 else VERDICTS[1] if s > 0 else VERDICTS[2]
-    return {"verdict": verdict, "all_loss": rng(la), "attention_loss": rng(lb),
-            "all_acc": rng(r["val_acc"] for r in a), "attention_acc": rng(r["val_acc"] for r in b),
-            "text": f"val loss every layer r=3 {_fmt_range(*rng(la))} vs attention r=8 {_fmt_range(*rng(lb))}"}
+    stop = not_learned(res, ("all layers r=3", "attention r=8"))
+    return guarded(stop if stop and len(stop["not_learned"]) == 2 else None, {
+        "verdict": verdict, "all_loss": rng(la), "attention_loss": rng(lb),
+        "all_acc": rng(r["val_acc"] for r in a), "attention_acc": rng(r["val_acc"] for r in b),
+        "text": f"val loss every layer r=3 {_fmt_range(*rng(la))} vs attention r=8 {_fmt_range(*rng(lb))}"})
 
 
 CAPACITY_RANKS = (1, 64)
@@ -174,7 +191,10 @@ def capacity(res: dict) -> dict:
     """Claim 3: on the facts, the final training loss of each rank against full FT (at each one's chosen
     rate, three seeds); the same gap on the reviews (claim 1's best-rate runs). Reproduced when rank 1 is behind
     full FT on the facts, the gap narrows with rank and is larger on the facts than on the reviews; not
-    reproduced when the facts show no gap at rank 1 or the gap does not narrow with rank."""
+    reproduced when the facts show no gap at rank 1 or the gap does not narrow with rank. Guarded (inconclusive
+    unless learned) on the reference runs only: full FT must memorise the facts, and full FT and LoRA r=1 must
+    learn the reviews (the reviews gap is read off them); rank 1's and rank 64's facts runs are not guarded,
+    since falling short on the facts is what the claim predicts for a low rank."""
     sw = res["sweeps"]
     full = [r["train_loss"] for r in runs_at(sw["facts full FT"])]
     ranks = {r: [x["train_loss"] for x in runs_at(sw[f"facts LoRA r={r}"])] for r in CAPACITY_RANKS}
@@ -194,20 +214,18 @@ def capacity(res: dict) -> dict:
     else:
         verdict = VERDICTS[2]
     opens = (f"no gap from rank {min(closed)} up" if closed else f"a gap at every rank tried (up to {max(ranks)})")
-    return {"verdict": verdict, "facts_full": rng(full), "facts": {r: rng(v) for r, v in ranks.items()},
+    return guarded(not_learned(res, ("facts full FT", "full FT", "LoRA r=1")), {
+            "verdict": verdict, "facts_full": rng(full), "facts": {r: rng(v) for r, v in ranks.items()},
             "facts_gaps": gaps, "reviews_gaps": rev_gaps, "closed_from": min(closed) if closed else None,
             "text": "facts: final train loss full FT " + _fmt_range(*rng(full)) + "; " +
                     ", ".join(f"r={r} {mean(v):.3f}" for r, v in ranks.items()) + f"; {opens}; reviews gap r=1 "
-                    f"{rev_gaps[1]:+.3f} vs facts {gaps[1]:+.3f}"}
+                    f"{rev_gaps[1]:+.3f} vs facts {gaps[1]:+.3f}"})
 
 
 def batch_size(res: dict) -> dict:
     """Claim 4: the rise of validation loss from batch 16 to batch 64 (same examples seen, each at its own
     chosen rate), per seed, for full FT, LoRA r=1 and LoRA r=64."""
     sw = res["sweeps"]
-    stop = not_learned(res, ("full FT", "LoRA r=1", "LoRA r=64", "full FT bs=64", "LoRA r=1 bs=64", "LoRA r=64 bs=64"))
-    if stop:
-        return stop
     rise = {}
     for name in ("full FT", "LoRA r=1", "LoRA r=64"):
         small = [r["val_loss"] for r in best_runs(sw[name])]
@@ -216,28 +234,32 @@ def batch_size(res: dict) -> dict:
     worse = [separated(rise[n], rise["full FT"]) for n in ("LoRA r=1", "LoRA r=64")]
     verdict = (VERDICTS[0] if all(w > 0 for w in worse) else
                VERDICTS[1] if all(w < 0 for w in worse) else VERDICTS[2])
-    return {"verdict": verdict, "rise": {n: rng(v) for n, v in rise.items()},
-            "text": "val loss rise batch 16 → 64: " + ", ".join(f"{n} {_fmt_range(*rng(v), f='{:+.3f}')}"
-                                                               for n, v in rise.items())}
+    stop = not_learned(res, ("full FT", "LoRA r=1", "LoRA r=64", "full FT bs=64", "LoRA r=1 bs=64", "LoRA r=64 bs=64"))
+    return guarded(stop, {"verdict": verdict, "rise": {n: rng(v) for n, v in rise.items()},
+                          "text": "val loss rise batch 16 → 64: " + ", ".join(
+                              f"{n} {_fmt_range(*rng(v), f='{:+.3f}')}" for n, v in rise.items())})
 
 
 FAMILY = ("LoRA r=16", "LoRA+ r=16", "PiSSA r=16", "OLoRA r=16", "rsLoRA r=16", "DoRA r=16")
 
 
 def family(res: dict) -> dict:
-    """Claim 5: each variant at its own tuned rate against plain LoRA r=16, validation accuracy (points)."""
+    """Claim 5: each variant at its own tuned rate against plain LoRA r=16, validation accuracy (points). One
+    rule for all six: the three seeds at the rate seed 0 chose (:func:`seed0_runs`), plain LoRA included.
+    No "not learned" guard: the claim is that the family lands together at whatever level, so a variant that
+    learns where plain LoRA does not is itself a gap of more than 2 points."""
     sw = res["sweeps"]
-    # no "not learned" guard: a variant that learns where plain LoRA does not is itself outside the claim's band
-    acc = {n: [100 * r["val_acc"] for r in (best_runs(sw[n]) if n == "LoRA r=16" else runs_at(sw[n]))]
-           for n in FAMILY}
-    loss = {n: [r["val_loss"] for r in (best_runs(sw[n]) if n == "LoRA r=16" else runs_at(sw[n]))] for n in FAMILY}
+    runs = {n: seed0_runs(sw[n], res["setting"]["seeds"]) for n in FAMILY}
+    acc = {n: [100 * r["val_acc"] for r in runs[n]] for n in FAMILY}
+    loss = {n: [r["val_loss"] for r in runs[n]] for n in FAMILY}
     base = mean(acc["LoRA r=16"])
     diff = {n: mean(v) - base for n, v in acc.items() if n != "LoRA r=16"}
     outside = [n for n, v in acc.items() if n != "LoRA r=16" and
                (min(v) > base + FAMILY_PP or max(v) < base - FAMILY_PP)]
     verdict = (VERDICTS[0] if all(abs(d) <= FAMILY_PP for d in diff.values()) else
                VERDICTS[1] if outside else VERDICTS[2])
-    return {"verdict": verdict, "acc": {n: rng(v) for n, v in acc.items()},
+    return {"verdict": verdict, "acc": {n: rng(v) for n, v in acc.items()}, "seeds_acc": acc,
+            "rates": {n: runs[n][0]["lr"] for n in FAMILY},
             "loss": {n: rng(v) for n, v in loss.items()},
             "diff_pp": diff, "outside": outside,
             "text": f"val accuracy LoRA {base:.1f}%; " + ", ".join(f"{n.split()[0]} {d:+.1f}" for n, d in diff.items())
